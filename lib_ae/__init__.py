@@ -1,0 +1,43 @@
+"""Attend-and-Excite (Chefer et al., SIGGRAPH 2023) as a small host-agnostic torch library.
+
+    capture = AttentionCapture(unet)                      # per-instance hooks on the cross-attention modules
+    engine = AttendAndExcite(capture, ExciteConfig())     # official defaults
+    plan = engine.plan(steps)                             # step sizes, steps to alter, refinement steps
+    latent, report = engine.step(latent, i, plan, selections, run_unet)   # one sampler step's update
+    capture.remove()
+
+`TokenSelection` says which conditioning columns are subjects; `InSamplerExcitation` applies the update in place on
+the tensor a sampler hands to its first model call of a step (k-diffusion sigma space or VP space).
+"""
+
+from .capture import AttentionCapture, CaptureError, attention_probabilities, cross_attention_modules
+from .config import OFFICIAL_THRESHOLDS, REFERENCE_STEPS, ConfigError, ExciteConfig, StepPlan
+from .engine import AttendAndExcite, StepReport, UNetRunner, frozen_parameters
+from .loss import TokenSelection, excite_loss, official_gaussian_kernel, smooth, subject_maps, subject_maxima
+from .sampling import InSamplerExcitation, LatentSpace, StepClock, sigma_space_gradient_scale
+
+__all__ = [
+    "AttendAndExcite",
+    "AttentionCapture",
+    "CaptureError",
+    "ConfigError",
+    "ExciteConfig",
+    "InSamplerExcitation",
+    "LatentSpace",
+    "OFFICIAL_THRESHOLDS",
+    "REFERENCE_STEPS",
+    "StepClock",
+    "StepPlan",
+    "StepReport",
+    "TokenSelection",
+    "UNetRunner",
+    "attention_probabilities",
+    "cross_attention_modules",
+    "excite_loss",
+    "frozen_parameters",
+    "official_gaussian_kernel",
+    "sigma_space_gradient_scale",
+    "smooth",
+    "subject_maps",
+    "subject_maxima",
+]

@@ -1,0 +1,177 @@
+"""Differentiable capture of cross-attention probabilities from a UNet, through per-instance forward hooks.
+
+Works on any attention module that carries `to_q`, `to_k` and `heads` and receives its text context as keyword
+`context` (CompVis ldm / sgm `CrossAttention`, as called by their `BasicTransformerBlock`) or `encoder_hidden_states`
+(diffusers `Attention`). Hooks live on module instances, so A1111's class-level `forward` swaps (attention optimisations)
+leave them in place; the layer's own output is untouched, whatever attention kernel produced it.
+
+Only layers whose query length equals the requested map size are captured; for them the probabilities
+softmax(q k^T * scale) are recomputed per head in float32 (float64 if the model runs in float64) on the autograd graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+logger = logging.getLogger(__name__)
+
+
+class _ForwardComplete(BaseException):
+    """Raised from the last needed layer to abort the rest of a gradient forward; never escapes `record`.
+
+    A BaseException so that host or third-party wrappers with `except Exception` around the UNet let it through.
+    """
+
+
+class CaptureError(RuntimeError):
+    """The UNet has no cross-attention at the requested map size (e.g. 16x16 asked on a 1024x1024 SDXL latent)."""
+
+
+def is_attention_module(module: nn.Module) -> bool:
+    return all(hasattr(module, name) for name in ("to_q", "to_k", "heads"))
+
+
+def cross_attention_modules(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Attention modules that may receive a text context, in definition (= execution) order.
+
+    Self-attention modules (`attn1`) carry the same attributes but never get a context; they are hooked out of the list
+    by name where the naming is known and filtered at run time otherwise.
+    """
+    return [(name, m) for name, m in unet.named_modules() if is_attention_module(m) and not name.endswith("attn1")]
+
+
+@dataclass
+class _Accumulator:
+    height: int
+    width: int
+    total: torch.Tensor | None = None
+    maps_count: int = 0
+    layers: list[str] | None = None
+
+
+class AttentionCapture:
+    """Hooks on every cross-attention module of `unet`; records only inside `record()`.
+
+    Usage:
+        capture = AttentionCapture(unet)           # attaches hooks (idle: one flag test per attention call)
+        with capture.record(16, 16) as rec:
+            unet(latent, t, context=cond)          # may be cut short after the last 16x16 layer
+        maps = rec.maps()                          # (B, 16, 16, T), mean over layers and heads, on the graph
+        capture.remove()                           # detaches every hook, no trace left
+    """
+
+    def __init__(self, unet: nn.Module, *, early_stop: bool = True) -> None:
+        self.unet = unet
+        self.early_stop = early_stop
+        self._names: dict[nn.Module, str] = {}
+        self._handles: list[RemovableHandle] = []
+        self._active: _Accumulator | None = None
+        # Execution-ordered names of the layers that matched a given map size on a full forward, so later forwards
+        # can stop right after the last of them.
+        self._last_layer: dict[tuple[int, int], str] = {}
+        for name, module in cross_attention_modules(unet):
+            self._names[module] = name
+            self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
+        if not self._handles:
+            raise CaptureError("no attention modules with to_q/to_k/heads found in this UNet")
+        logger.debug("attention capture attached to %d modules", len(self._handles))
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    @property
+    def module_names(self) -> list[str]:
+        return list(self._names.values())
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._names.clear()
+        self._active = None
+
+    @contextlib.contextmanager
+    def record(self, height: int, width: int) -> Iterator["Recording"]:
+        """Capture the maps of size height x width during the forward run inside this block."""
+        if not self._handles:
+            raise CaptureError("attention capture was removed")
+        accumulator = _Accumulator(height, width, layers=[])
+        self._active = accumulator
+        recording = Recording(accumulator)
+        try:
+            yield recording
+        except _ForwardComplete:
+            pass
+        finally:
+            self._active = None
+        if accumulator.layers and (height, width) not in self._last_layer:
+            self._last_layer[(height, width)] = accumulator.layers[-1]
+        if accumulator.total is None:
+            raise CaptureError(
+                f"no cross-attention layer with {height}x{width} maps ran; choose an attention resolution this model has"
+            )
+
+    def _on_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        acc = self._active
+        if acc is None:
+            return
+        hidden = args[0] if args else kwargs.get("x", kwargs.get("hidden_states"))
+        context = kwargs.get("context", kwargs.get("encoder_hidden_states"))
+        if context is None and len(args) > 1:
+            context = args[1]
+        if context is None or hidden is None or hidden.shape[1] != acc.height * acc.width:
+            return
+        probs = attention_probabilities(module, hidden, context)  # (B, heads, N, T)
+        summed = probs.sum(dim=1)
+        acc.total = summed if acc.total is None else acc.total + summed
+        acc.maps_count += probs.shape[1]
+        name = self._names.get(module, "?")
+        assert acc.layers is not None
+        acc.layers.append(name)
+        if self.early_stop and self._last_layer.get((acc.height, acc.width)) == name:
+            raise _ForwardComplete()
+
+
+class Recording:
+    """The maps of one recorded forward."""
+
+    def __init__(self, accumulator: _Accumulator) -> None:
+        self._acc = accumulator
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self._acc.layers or [])
+
+    def maps(self) -> torch.Tensor:
+        """(B, h, w, T): mean over all captured layers and heads, like the reference's `aggregate_attention`."""
+        acc = self._acc
+        if acc.total is None:
+            raise CaptureError("nothing was captured")
+        mean = acc.total / acc.maps_count
+        return mean.reshape(mean.shape[0], acc.height, acc.width, mean.shape[-1])
+
+
+def attention_probabilities(module: nn.Module, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T * scale) per head, (B, heads, N, T), in float32 at least, differentiable w.r.t. `hidden`."""
+    heads: int = module.heads
+    q = module.to_q(hidden)
+    k = module.to_k(context)
+    dim_head = q.shape[-1] // heads
+    scale = getattr(module, "scale", dim_head**-0.5)
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    batch = q.shape[0]
+    q = q.to(dtype).reshape(batch, -1, heads, dim_head).transpose(1, 2)
+    k = k.to(dtype).reshape(k.shape[0], -1, heads, dim_head).transpose(1, 2)
+    if k.shape[0] != batch:
+        k = k.expand(batch, -1, -1, -1)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        return scores.softmax(dim=-1)
