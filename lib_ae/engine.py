@@ -201,7 +201,7 @@ class AttendAndExcite:
         if grads is not None:
             per_row_finite = torch.isfinite(grads.flatten(1)).all(dim=1).tolist()
             finite = [f and g for f, g in zip(finite, per_row_finite)]
-        loss_values = [float(l) if f else math.nan for l, f in zip(losses, finite)]
+        loss_values = [float(l.detach()) if f else math.nan for l, f in zip(losses, finite)]
         return _Evaluation(loss_values, maxima, grads.detach() if grads is not None else None, finite)
 
 

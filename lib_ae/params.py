@@ -1,0 +1,730 @@
+"""The single declarative spec of the user-facing Attend-and-Excite parameters.
+
+Everything the user can set is declared once, in `PARAMS`; the rest derives from it:
+
+* the UI (built in `scripts/`): one component per `ParamSpec`, in `PARAMS` order, labelled `ParamSpec.label`
+  (labels are also the ui-config.json keys, so they are unique and must not change lightly);
+* the HTTP API: `alwayson_scripts["Attend and Excite"]["args"]` is either the positional list in `PARAMS` order or a
+  single dict keyed by field name (`from_script_args`); `api_arg_info()` documents both;
+* the infotext: `to_infotext` / `from_infotext`, one readable key per parameter (`ParamSpec.infotext_key`);
+* X/Y/Z plot axes: the specs with `xyz=True`, values parsed with `parse_value`;
+* validation: `ParamSpec.parse` for one value, `validate` / `AEParams.__post_init__` for a whole set.
+
+STABILITY. `PARAMS` order is the positional API order that clients (scripts, saved API payloads) rely on, and the
+infotext keys are written into images forever. New parameters are therefore only ever *appended* to `PARAMS`, with
+a default that reproduces the previous behaviour; existing names, positions and infotext keys never change
+(tests/test_params.py freezes them).
+
+STRICTNESS. Values are checked, never guessed: a bool field takes a bool (or the strings "true"/"false", because
+A1111's infotext and API machinery hand over strings), a number field takes an int/float (not a bool) or a numeric
+string, a text field takes text. Every problem of a set of arguments is collected and reported at once in a
+`ParamsError`, each message naming the parameter, what was expected and what was given.
+
+CANONICAL TEXT. The two text parameters are stored in a canonical spelling, so that equal settings compare equal
+and survive the infotext round trip: subjects as "cat, red car" (split on commas, whitespace collapsed, empty items and
+case-insensitive duplicates dropped), thresholds as "0:0.05, 10:0.5, 20:0.8" (sorted by step; "none" when empty).
+
+This module is host-free (no `modules.*`, no gradio, no pydantic), so it is unit-tested on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import numbers
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+import numpy as np
+
+from .config import REFERENCE_STEPS, ExciteConfig
+
+logger = logging.getLogger(__name__)
+
+ParamKind = Literal["bool", "int", "float", "str"]
+
+INFOTEXT_FORMAT = "v1"
+"""Value written under the presence key "AE" (the `enabled` parameter's infotext key).
+
+The key's presence says that A&E was on for the image; its value names the version of *this* set of infotext keys and
+their meaning, so that a later release can read old images. It is deliberately not "AE" itself (A1111 writes a
+parameter whose value equals its key as the bare key, which its own parser then cannot read back) and not a
+number-x-number value (which A1111's parser splits into two keys)."""
+
+INFOTEXT_KEY_PATTERN = re.compile(r"\w[\w \-/]+")
+"""A1111's infotext key syntax (`infotext_utils.re_param_code`): keys that do not fully match are not parsed back."""
+
+_A1111_IMAGE_SIZE = re.compile(r"^(\d+)x(\d+)$")
+"""Values of this shape are split by A1111's parser into "<key>-1" and "<key>-2" (it is meant for "Size: 512x512")."""
+
+OFFICIAL_THRESHOLDS_TEXT = "0:0.05, 10:0.5, 20:0.8"
+EMPTY_THRESHOLDS_TEXT = "none"
+"""Canonical spelling of "no iterative refinement": a non-empty word, because A1111 drops empty infotext values."""
+
+ENABLED_WITHOUT_SUBJECTS = "AE is enabled but no subject words are given (AE subjects: e.g. 'cat, red car')"
+
+
+class ParamsError(ValueError):
+    """Invalid A&E parameters; `messages` holds one precise, human message per problem."""
+
+    def __init__(self, messages: Sequence[str]) -> None:
+        self.messages: list[str] = list(messages)
+        super().__init__("\n".join(self.messages))
+
+
+class _ValueProblem(ValueError):
+    """One value did not pass its spec; the message is complete and user-facing."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Text parameters: subjects and thresholds
+
+
+def parse_subjects(text: str) -> list[str]:
+    """Split subject text into subjects: commas separate, items are stripped, runs of whitespace become one space,
+    empty items are dropped, and a later item equal to an earlier one ignoring case is dropped (order kept).
+
+    A subject may be a phrase ("red car"); CLIP lower-cases prompts, so "Cat" and "cat" are the same subject.
+    """
+    subjects: list[str] = []
+    seen: set[str] = set()
+    for item in text.split(","):
+        subject = " ".join(item.split())
+        if not subject:
+            continue
+        key = subject.lower()
+        if key in seen:
+            logger.debug("AE subjects: dropping duplicate subject %r", subject)
+            continue
+        seen.add(key)
+        subjects.append(subject)
+    return subjects
+
+
+def format_subjects(subjects: Sequence[str]) -> str:
+    """The canonical subjects text: "cat, red car"."""
+    return ", ".join(subjects)
+
+
+def _subject_problems(subjects: Sequence[str], key: str) -> list[str]:
+    problems = []
+    for subject in subjects:
+        # A subject wrapped in double quotes is nearly always an attempt to group a phrase (commas already do that),
+        # and it is the one spelling A1111's infotext parser would unquote on the way back, corrupting the value.
+        if subject[0] == '"' and subject[-1] == '"':
+            problems.append(
+                f"{key}: {subject!r} is wrapped in double quotes; write subjects without them "
+                f"(commas separate subjects, a subject may be a phrase)"
+            )
+    return problems
+
+
+def parse_thresholds(text: str) -> dict[int, float]:
+    """Parse "step:threshold" pairs separated by commas, e.g. "0:0.05, 10:0.5, 20:0.8".
+
+    Steps are refinement step indices for `REFERENCE_STEPS` (50) sampling steps; the step plan scales them to the
+    actual step count, so only 0..49 can ever be reached. Thresholds are in [0, 1]. Empty text or "none" means no
+    iterative refinement. Raises `ParamsError` listing every bad entry.
+    """
+    thresholds, problems = _parse_thresholds(text, _spec_key("thresholds"))
+    if problems:
+        raise ParamsError(problems)
+    return thresholds
+
+
+def _parse_thresholds(text: str, key: str) -> tuple[dict[int, float], list[str]]:
+    thresholds: dict[int, float] = {}
+    problems: list[str] = []
+    if text.strip().lower() in ("", EMPTY_THRESHOLDS_TEXT):
+        return thresholds, problems
+    example = f"e.g. {OFFICIAL_THRESHOLDS_TEXT!r}, or 'none'"
+    for entry in text.split(","):
+        entry = entry.strip()
+        if not entry:
+            continue  # a trailing comma changes nothing
+        step_text, colon, value_text = entry.partition(":")
+        if not colon:
+            problems.append(f"{key}: {entry!r} is not a step:threshold pair ({example})")
+            continue
+        step = _parse_whole(step_text.strip())
+        if step is None or not 0 <= step < REFERENCE_STEPS:
+            problems.append(
+                f"{key}: in {entry!r} the step must be a whole number from 0 to {REFERENCE_STEPS - 1} "
+                f"(steps are given for {REFERENCE_STEPS} sampling steps and scaled to the actual count)"
+            )
+            continue
+        try:
+            threshold = float(value_text.strip())
+        except ValueError:
+            threshold = math.nan
+        if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+            problems.append(f"{key}: in {entry!r} the threshold must be a number between 0 and 1")
+            continue
+        if step in thresholds:
+            problems.append(f"{key}: step {step} is given more than once")
+            continue
+        thresholds[step] = threshold
+    return thresholds, problems
+
+
+def format_thresholds(thresholds: Mapping[int, float]) -> str:
+    """Canonical text of a thresholds mapping: sorted by step, shortest exact float spelling; "none" when empty."""
+    if not thresholds:
+        return EMPTY_THRESHOLDS_TEXT
+    return ", ".join(f"{int(step)}:{float(value)!r}" for step, value in sorted(thresholds.items()))
+
+
+def _parse_whole(text: str) -> int | None:
+    """A whole number written as digits ("10"), nothing else (no sign, no decimals)."""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def _canonical_subjects(value: str | Sequence[str], key: str) -> str:
+    if isinstance(value, str):
+        subjects = parse_subjects(value)
+    else:
+        problems = []
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                problems.append(f"{key}: item {index} of the list must be text, got {_show(item)}")
+            elif "," in item:
+                problems.append(
+                    f"{key}: item {index} of the list contains a comma ({item!r}); give one subject per item"
+                )
+        if problems:
+            raise _ValueProblem("\n".join(problems))
+        subjects = parse_subjects(", ".join(value))
+    problems = _subject_problems(subjects, key)
+    if problems:
+        raise _ValueProblem("\n".join(problems))
+    return format_subjects(subjects)
+
+
+def _canonical_thresholds(value: str, key: str) -> str:
+    thresholds, problems = _parse_thresholds(value, key)
+    if problems:
+        raise _ValueProblem("\n".join(problems))
+    return format_thresholds(thresholds)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The spec
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParamSpec:
+    """One user-facing parameter.
+
+    `label`: the UI label; unique, because ui-config.json keys are built from it.
+    `minimum`/`maximum`: inclusive range of a number. `step`: the UI slider's step; for an int parameter the value
+    must also lie on the grid `minimum + k * step` (kernel_size: 1, 3, 5, ... is "odd"), for a float it is only the
+    UI's granularity.
+    `infotext_key`: the key written into the image's generation parameters (A1111 key syntax, "AE " prefix).
+    `xyz`: offered as an X/Y/Z plot axis.
+    `canonical`: for text parameters, validates the text and returns its canonical spelling.
+    `accepts_list`: a text parameter that may also be given as a list of strings (subjects).
+    """
+
+    name: str
+    label: str
+    kind: ParamKind
+    default: bool | int | float | str
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None
+    infotext_key: str
+    help: str
+    xyz: bool = True
+    canonical: Callable[[Any, str], str] | None = field(default=None, compare=False, repr=False)
+    accepts_list: bool = False
+
+    def __post_init__(self) -> None:
+        if not INFOTEXT_KEY_PATTERN.fullmatch(self.infotext_key):
+            raise ValueError(f"{self.name}: infotext key {self.infotext_key!r} is not readable by A1111's parser")
+        if self.kind in ("int", "float") and (self.minimum is None or self.maximum is None or self.step is None):
+            raise ValueError(f"{self.name}: a number parameter needs minimum, maximum and step")
+
+    def parse(self, raw: Any) -> bool | int | float | str:
+        """The typed, validated value of `raw`; raises `_ValueProblem` with a complete message otherwise."""
+        if self.kind == "bool":
+            return self._parse_bool(raw)
+        if self.kind == "int":
+            return self._parse_int(raw)
+        if self.kind == "float":
+            return self._parse_float(raw)
+        return self._parse_str(raw)
+
+    def expected(self) -> str:
+        """What a valid value looks like, in words (for messages and documentation)."""
+        if self.kind == "bool":
+            return "true or false"
+        if self.kind == "str":
+            return "text or a list of texts" if self.accepts_list else "text"
+        assert self.minimum is not None and self.maximum is not None and self.step is not None
+        if self.kind == "int":
+            grid = self._int_grid()
+            if self.step != 1 and len(grid) <= 16:
+                return "one of " + ", ".join(str(v) for v in grid)
+            return f"a whole number between {self.minimum:g} and {self.maximum:g}"
+        return f"a number between {self.minimum:g} and {self.maximum:g}"
+
+    def _problem(self, raw: Any) -> _ValueProblem:
+        return _ValueProblem(f"{self.infotext_key}: expected {self.expected()}, got {_show(raw)}")
+
+    def _parse_bool(self, raw: Any) -> bool:
+        if isinstance(raw, (bool, np.bool_)):  # numpy's bool is a bool too (e.g. from a dataframe of settings)
+            return bool(raw)
+        if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
+            return raw.strip().lower() == "true"
+        raise self._problem(raw)
+
+    def _number(self, raw: Any) -> float | int:
+        """int/float (never bool) or a numeric string, finite and in range; anything else is a problem."""
+        if isinstance(raw, (bool, np.bool_)) or not isinstance(raw, (numbers.Real, str)):
+            raise self._problem(raw)
+        value: float | int
+        if isinstance(raw, str):
+            try:
+                value = float(raw.strip())
+            except ValueError:
+                raise self._problem(raw) from None
+        elif isinstance(raw, numbers.Integral):
+            value = int(raw)
+        else:
+            value = float(raw)
+        assert self.minimum is not None and self.maximum is not None
+        # Comparing first keeps huge ints (10**400) out of float(); NaN fails every comparison.
+        if not (self.minimum <= value <= self.maximum) or not math.isfinite(value):
+            raise self._problem(raw)
+        return value
+
+    def _parse_int(self, raw: Any) -> int:
+        value = self._number(raw)
+        # 20.0 (a gradio slider or JSON client) and "20" are the whole number 20; 20.5 is not a whole number.
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise self._problem(raw)
+            value = int(value)
+        if value not in self._int_grid():
+            raise self._problem(raw)
+        return value
+
+    def _int_grid(self) -> range:
+        assert self.minimum is not None and self.maximum is not None and self.step is not None
+        return range(int(self.minimum), int(self.maximum) + 1, int(self.step))
+
+    def _parse_float(self, raw: Any) -> float:
+        return float(self._number(raw))
+
+    def _parse_str(self, raw: Any) -> str:
+        if isinstance(raw, str):
+            text = raw
+        elif self.accepts_list and isinstance(raw, (list, tuple)):
+            text = raw  # type: ignore[assignment]  # the canonicaliser checks the items
+        else:
+            raise self._problem(raw)
+        return self.canonical(text, self.infotext_key) if self.canonical is not None else text
+
+
+PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec(
+        name="enabled",
+        label="Enable Attend and Excite",
+        kind="bool",
+        default=False,
+        infotext_key="AE",
+        help="Run Attend-and-Excite on this generation.",
+    ),
+    ParamSpec(
+        name="subjects",
+        label="Subject words",
+        kind="str",
+        default="",
+        infotext_key="AE subjects",
+        help="Words or phrases of the prompt that must appear in the image, separated by commas, e.g. 'cat, red car'. "
+        "Each must occur in the prompt as written; the first occurrence is used.",
+        canonical=_canonical_subjects,
+        accepts_list=True,
+    ),
+    ParamSpec(
+        name="scale_factor",
+        label="Scale factor",
+        kind="float",
+        default=20.0,
+        minimum=0.0,
+        maximum=100.0,
+        step=0.5,
+        infotext_key="AE scale factor",
+        help="Step size of the latent update (official: 20). Larger pushes harder and may distort the image.",
+    ),
+    ParamSpec(
+        name="alter_fraction",
+        label="Fraction of steps updated",
+        kind="float",
+        default=0.5,
+        minimum=0.0,
+        maximum=1.0,
+        step=0.01,
+        infotext_key="AE steps fraction",
+        help="Fraction of the sampling steps, from the start, whose latent is updated (official: 25 of 50 = 0.5).",
+    ),
+    ParamSpec(
+        name="thresholds",
+        label="Refinement thresholds",
+        kind="str",
+        default=OFFICIAL_THRESHOLDS_TEXT,
+        infotext_key="AE thresholds",
+        help="step:threshold pairs. At these steps the latent is refined until every subject's attention reaches the "
+        f"threshold. Steps are for {REFERENCE_STEPS} sampling steps and scaled to the actual count; 'none' = no "
+        "refinement.",
+        canonical=_canonical_thresholds,
+    ),
+    ParamSpec(
+        name="max_refinement_steps",
+        label="Max refinement iterations",
+        kind="int",
+        default=20,
+        minimum=0,
+        maximum=100,
+        step=1,
+        infotext_key="AE refinement iterations",
+        help="Most update iterations at one refinement step (official: 20).",
+    ),
+    ParamSpec(
+        name="smooth_attentions",
+        label="Smooth attention maps",
+        kind="bool",
+        default=True,
+        infotext_key="AE smoothing",
+        help="Gaussian-smooth each subject's attention map before taking its maximum (official: on).",
+    ),
+    ParamSpec(
+        name="sigma",
+        label="Smoothing sigma",
+        kind="float",
+        default=0.5,
+        minimum=0.05,
+        maximum=5.0,
+        step=0.05,
+        infotext_key="AE sigma",
+        help="Sigma of the smoothing kernel (official: 0.5).",
+    ),
+    ParamSpec(
+        name="kernel_size",
+        label="Smoothing kernel size",
+        kind="int",
+        default=3,
+        minimum=1,
+        maximum=15,
+        step=2,
+        infotext_key="AE kernel size",
+        help="Side of the smoothing kernel, odd (official: 3).",
+    ),
+    ParamSpec(
+        name="attention_res",
+        label="Attention map size (0 = auto)",
+        kind="int",
+        default=0,
+        minimum=0,
+        maximum=128,
+        step=1,
+        infotext_key="AE attention size",
+        help="Side of the square cross-attention maps the loss reads; 0 = 1/32 of the image (16 at 512x512).",
+    ),
+    ParamSpec(
+        name="normalize_eot",
+        label="Prompt-only softmax (SD2.1 mode)",
+        kind="bool",
+        default=False,
+        infotext_key="AE prompt-only softmax",
+        help="Re-softmax over the prompt's own tokens only, without the end-of-text padding "
+        "(the official SD 2.1 mode).",
+    ),
+    ParamSpec(
+        name="apply_to_hires",
+        label="Also on the hires fix pass",
+        kind="bool",
+        default=False,
+        infotext_key="AE hires",
+        help="Also run on the second (hires fix) pass; the official method only runs on the first.",
+        xyz=False,  # hires on/off is what the built-in hires axes already vary; this one only doubles the A&E cost
+    ),
+)
+"""Stable positional API order: only ever append (see the module docstring)."""
+
+PARAM_NAMES: tuple[str, ...] = tuple(spec.name for spec in PARAMS)
+PARAMS_BY_NAME: Mapping[str, ParamSpec] = {spec.name: spec for spec in PARAMS}
+
+
+def _spec_key(name: str) -> str:
+    return PARAMS_BY_NAME[name].infotext_key
+
+
+def _default(name: str) -> Any:
+    return PARAMS_BY_NAME[name].default
+
+
+def xyz_params() -> tuple[ParamSpec, ...]:
+    """The parameters offered as X/Y/Z plot axes, in `PARAMS` order."""
+    return tuple(spec for spec in PARAMS if spec.xyz)
+
+
+def parse_value(name: str, raw: Any) -> bool | int | float | str:
+    """Typed, validated value of one parameter (e.g. an X/Y/Z axis value); raises `ParamsError`."""
+    if name not in PARAMS_BY_NAME:
+        raise ParamsError([_unknown_name(name)])
+    try:
+        return PARAMS_BY_NAME[name].parse(raw)
+    except _ValueProblem as problem:
+        raise ParamsError(str(problem).split("\n")) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The parameter set
+
+
+@dataclass(frozen=True)
+class AEParams:
+    """One complete, valid set of user parameters (defaults from `PARAMS`; field order = `PARAMS` order).
+
+    Construction validates every field (raising `ParamsError`) and stores the canonical form: numbers as int/float,
+    subjects and thresholds in canonical text (see the module docstring).
+    """
+
+    enabled: bool = _default("enabled")
+    subjects: str = _default("subjects")
+    scale_factor: float = _default("scale_factor")
+    alter_fraction: float = _default("alter_fraction")
+    thresholds: str = _default("thresholds")
+    max_refinement_steps: int = _default("max_refinement_steps")
+    smooth_attentions: bool = _default("smooth_attentions")
+    sigma: float = _default("sigma")
+    kernel_size: int = _default("kernel_size")
+    attention_res: int = _default("attention_res")
+    normalize_eot: bool = _default("normalize_eot")
+    apply_to_hires: bool = _default("apply_to_hires")
+
+    def __post_init__(self) -> None:
+        values = validate({spec.name: getattr(self, spec.name) for spec in PARAMS})
+        for name, value in values.items():
+            object.__setattr__(self, name, value)  # frozen: canonical values are set once, here
+
+    @property
+    def subject_list(self) -> list[str]:
+        """The subjects as a list, in the order given."""
+        return parse_subjects(self.subjects)
+
+    @property
+    def threshold_map(self) -> dict[int, float]:
+        """Refinement thresholds keyed by step at `REFERENCE_STEPS` steps."""
+        return parse_thresholds(self.thresholds)
+
+    def to_config(self) -> ExciteConfig:
+        """The engine configuration (the official defaults give exactly `ExciteConfig()`)."""
+        side = self.attention_res
+        return ExciteConfig(
+            scale_factor=self.scale_factor,
+            alter_fraction=self.alter_fraction,
+            thresholds=self.threshold_map,
+            max_refinement_steps=self.max_refinement_steps,
+            smooth_attentions=self.smooth_attentions,
+            sigma=self.sigma,
+            kernel_size=self.kernel_size,
+            attention_res=None if side == 0 else (side, side),
+            normalize_eot=self.normalize_eot,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """Field name -> value: the API's dict form."""
+        return {spec.name: getattr(self, spec.name) for spec in PARAMS}
+
+    def as_args(self) -> list[Any]:
+        """The API's positional form, in `PARAMS` order."""
+        return [getattr(self, spec.name) for spec in PARAMS]
+
+    def replace(self, **changes: Any) -> "AEParams":
+        """A copy with some fields changed (validated like any construction), e.g. for an X/Y/Z cell."""
+        return dataclasses.replace(self, **changes)
+
+
+def validate(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate a full or partial field-name -> raw value mapping; returns every field, typed and canonical.
+
+    Missing fields take their defaults. Raises `ParamsError` with all problems, including the cross-field rule that
+    an enabled A&E needs at least one subject.
+    """
+    problems: list[str] = []
+    for name in values:
+        if name not in PARAMS_BY_NAME:
+            problems.append(_unknown_name(name))
+    result: dict[str, Any] = {}
+    for spec in PARAMS:
+        raw = values.get(spec.name, spec.default)
+        try:
+            result[spec.name] = spec.parse(raw)
+        except _ValueProblem as problem:
+            problems.extend(str(problem).split("\n"))
+    if result.get("enabled") is True and result.get("subjects") == "":
+        problems.append(ENABLED_WITHOUT_SUBJECTS)
+    if problems:
+        raise ParamsError(problems)
+    return result
+
+
+def from_script_args(args: Sequence[Any]) -> AEParams:
+    """The parameters from A1111's slice of script args (UI or `alwayson_scripts[...]["args"]`).
+
+    Two forms:
+    (a) positional, in `PARAMS` order; fewer values than parameters leave the rest at their defaults, more is an error;
+    (b) a dict as the first arg, keyed by field name, e.g. `{"enabled": true, "subjects": ["cat", "dog"]}`; missing
+        keys take their defaults (so `enabled` must be given to switch A&E on), unknown keys are an error. The args
+        after the dict are ignored: A1111's API fills the rest of the script's slice with the UI defaults.
+    Raises `ParamsError` listing every problem.
+    """
+    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+        raise ParamsError([f"AE: script args must be a list, got {_show(args)}"])
+    if args and isinstance(args[0], Mapping):
+        mapping = args[0]
+        problems = [
+            f"AE: dict keys must be parameter names (text), got {_show(key)}"
+            for key in mapping
+            if not isinstance(key, str)
+        ]
+        named = {key: value for key, value in mapping.items() if isinstance(key, str)}
+    else:
+        problems = []
+        if len(args) > len(PARAMS):
+            problems.append(
+                f"AE: got {len(args)} positional args but there are only {len(PARAMS)} parameters "
+                f"({', '.join(PARAM_NAMES)})"
+            )
+        named = dict(zip(PARAM_NAMES, args))
+    try:
+        values = validate(named)
+    except ParamsError as error:
+        raise ParamsError(problems + error.messages) from None
+    if problems:
+        raise ParamsError(problems)
+    return AEParams(**values)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Infotext
+
+
+def to_infotext(params: AEParams) -> dict[str, str | int | float | bool]:
+    """The generation-parameter entries for `p.extra_generation_params`; empty when A&E is disabled.
+
+    "AE: v1" marks that A&E was on (see `INFOTEXT_FORMAT`); every other parameter follows under its infotext key,
+    always all of them, so an image records the complete settings even when they are defaults. Values are plain
+    str/int/float/bool; A1111 renders and quotes them (`infotext_utils.quote`).
+    """
+    if not params.enabled:
+        return {}
+    entries: dict[str, str | int | float | bool] = {PARAMS_BY_NAME["enabled"].infotext_key: INFOTEXT_FORMAT}
+    for spec in PARAMS:
+        if spec.name != "enabled":
+            entries[spec.infotext_key] = getattr(params, spec.name)
+    return entries
+
+
+def from_infotext(fields: Mapping[str, Any], *, strict: bool = False) -> dict[str, Any]:
+    """Field name -> typed value for every A&E key in parsed infotext fields (A1111 hands over strings).
+
+    `enabled` is always in the result: True iff any A&E key is present, so pasting an infotext without A&E switches
+    the checkbox off. A text value A1111's parser split as "number x number" (a subject like "3x4") is rejoined.
+    A value that does not parse is skipped with a warning (a hand-edited infotext should not break a paste), or with
+    `strict` raises `ParamsError` listing every such value.
+    """
+    result: dict[str, Any] = {}
+    problems: list[str] = []
+    present = False
+    for spec in PARAMS:
+        raw = _infotext_value(fields, spec)
+        if raw is None:
+            continue
+        present = True
+        if spec.name == "enabled":
+            if str(raw) != INFOTEXT_FORMAT:
+                logger.warning("AE infotext format %r is not %r; reading the keys it shares", raw, INFOTEXT_FORMAT)
+            continue
+        try:
+            result[spec.name] = spec.parse(raw)
+        except _ValueProblem as problem:
+            problems.extend(str(problem).split("\n"))
+    if problems:
+        if strict:
+            raise ParamsError(problems)
+        for message in problems:
+            logger.warning("ignoring an infotext value: %s", message)
+    return {"enabled": present, **result}
+
+
+def _infotext_value(fields: Mapping[str, Any], spec: ParamSpec) -> Any:
+    key = spec.infotext_key
+    if key in fields:
+        return fields[key]
+    if spec.kind == "str" and f"{key}-1" in fields and f"{key}-2" in fields:
+        # A1111's parser turned "3x4" into "<key>-1": "3", "<key>-2": "4" (it is meant for sizes); undo it exactly.
+        return f"{fields[f'{key}-1']}x{fields[f'{key}-2']}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Documentation
+
+
+def api_arg_info() -> list[dict[str, Any]]:
+    """One entry per parameter in positional order: name, label, default value, minimum, maximum, step (as in A1111's
+    /sdapi/v1/script-info), plus the accepted values in words and the help text."""
+    return [
+        {
+            "name": spec.name,
+            "label": spec.label,
+            "value": spec.default,
+            "minimum": spec.minimum,
+            "maximum": spec.maximum,
+            "step": spec.step,
+            "accepts": spec.expected(),
+            "help": spec.help,
+        }
+        for spec in PARAMS
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _unknown_name(name: object) -> str:
+    return f"AE: unknown parameter {name!r}; valid names are {', '.join(PARAM_NAMES)}"
+
+
+def _show(value: Any) -> str:
+    """`'abc' (str)`: the value, shortened, and its type, for messages (module-qualified unless built in, so that
+    numpy's `bool` is not mistaken for Python's)."""
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    kind = type(value)
+    name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return f"{text} ({name})"
+
+
+def _check_spec_consistency() -> None:
+    """The spec and `AEParams` must agree: same names in the same order, same defaults, unique labels and keys."""
+    fields = [f.name for f in dataclasses.fields(AEParams)]
+    if fields != list(PARAM_NAMES):
+        raise AssertionError(f"AEParams fields {fields} != PARAMS {list(PARAM_NAMES)}")
+    for attribute in ("name", "label", "infotext_key"):
+        seen = [getattr(spec, attribute) for spec in PARAMS]
+        if len(set(seen)) != len(seen):
+            raise AssertionError(f"duplicate ParamSpec.{attribute} in {seen}")
+    for spec in PARAMS:
+        if spec.parse(spec.default) != spec.default:
+            raise AssertionError(f"{spec.name}: the default {spec.default!r} is not canonical")
+
+
+_check_spec_consistency()

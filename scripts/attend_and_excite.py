@@ -1,0 +1,690 @@
+"""Attend-and-Excite for the AUTOMATIC1111 Stable Diffusion WebUI v1.10.1: the one file the WebUI loads from us.
+
+The algorithm lives in `lib_ae` (plain torch, no WebUI imports); this file adapts it to the host:
+
+1. Host facade: the few WebUI objects used here, typed as Protocols; every `modules.*` import is in this section.
+2. Parameters: script args (+ X/Y/Z overrides) -> `lib_ae.params.AEParams`; the infotext keys we own.
+3. Sampling: one `AttentionCapture` per UNet (module-level registry), and a wrapper on the sampler's CFG denoiser
+   `forward` that applies the A&E update in place to the sampler's own latent at the first model call of each step
+   (docs: host-api.md §0.3, §2.7, §3).
+4. The Script: an AlwaysVisible accordion whose controls are generated from `lib_ae.params.PARAMS`.
+5. Settings (defaults of the advanced controls) and X/Y/Z plot axes, registered through `script_callbacks`.
+
+When A&E is disabled the hooks return at once: nothing is attached or wrapped and no infotext key is written, so the
+output is bit-identical to a WebUI without the extension. Any failure inside A&E is logged, reported in the image's
+infotext under "AE error", and sampling continues without A&E: the image is never lost.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import weakref
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import gradio as gr
+import torch
+
+# -- 1. Host facade ---------------------------------------------------------------------------------------------------
+# The WebUI modules this extension uses (A1111 v1.10.1, commit 82a973c0). `shared.opts` / `shared.state` are read as
+# attributes at call time, never bound at import.
+from modules import devices, prompt_parser, script_callbacks, scripts, shared
+from modules.ui_components import InputAccordion
+
+from lib_ae import AttendAndExcite, AttentionCapture, CaptureError, InSamplerExcitation, StepClock, StepReport
+from lib_ae.loss import TokenSelection
+from lib_ae.params import (
+    PARAM_NAMES,
+    PARAMS,
+    PARAMS_BY_NAME,
+    AEParams,
+    ParamsError,
+    ParamSpec,
+    from_infotext,
+    from_script_args,
+    parse_value,
+    to_infotext,
+    xyz_params,
+)
+from lib_ae.sampling import LatentSpace
+from lib_ae.tokens import SubjectLocation, locate_subjects
+
+logger = logging.getLogger("lib_ae.webui")
+
+
+class SamplerConfig(Protocol):
+    """sd_samplers_common.SamplerData (L11-18): the sampler's name as the user picked it."""
+
+    name: str
+
+
+class PromptChunk(Protocol):
+    """sd_hijack_clip.PromptChunk (L10-21): 77 token ids, [BOS, 75 prompt tokens (EOS-padded), EOS]."""
+
+    tokens: list[int]
+
+
+class TextEncoder(Protocol):
+    """The CLIP wrapper that cuts prompts into chunks (sd_hijack_clip.TextConditionalModel, L30-174)."""
+
+    id_start: int
+    id_end: int
+    id_pad: int
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]: ...
+
+    def process_texts(self, texts: list[str]) -> tuple[list[list[PromptChunk]], int]: ...
+
+    def empty_chunk(self) -> PromptChunk: ...
+
+
+class Denoiser(Protocol):
+    """sd_samplers_cfg_denoiser.CFGDenoiser (L33-311): `step` is the index of the current model call (reset by
+    Sampler.initialize, +1 at the end of forward); `steps` / `total_steps` are set by Sampler.launch_sampling."""
+
+    step: int
+    steps: int
+    total_steps: int
+    inner_model: Callable[..., torch.Tensor]
+    forward: Callable[..., torch.Tensor]
+
+
+class Sampler(Protocol):
+    config: SamplerConfig | None
+    model_wrap_cfg: Denoiser
+
+
+class Processing(Protocol):
+    """processing.StableDiffusionProcessing (L137-): the fields read here."""
+
+    prompts: list[str]
+    steps: int
+    extra_generation_params: dict[str, Any]
+    sampler: Sampler
+    sd_model: Any
+
+
+# -- 2. Parameters ----------------------------------------------------------------------------------------------------
+
+TITLE = "Attend and Excite"
+AE_ERROR_KEY = "AE error"
+"""Infotext key for what went wrong (invalid args, subjects not found, unsupported sampler, a failure)."""
+INFOTEXT_KEYS: tuple[str, ...] = tuple(spec.infotext_key for spec in PARAMS) + (AE_ERROR_KEY,)
+XYZ_OVERRIDES = "_ae_xyz"
+"""Attribute of a processing object holding {parameter name: value} set by our X/Y/Z axes (host-api §8)."""
+MAX_ERROR_TEXT = 300
+
+
+def requested_params(args: Sequence[Any], overrides: Mapping[str, Any]) -> AEParams | None:
+    """The parameters of this generation, or None when A&E is off. Raises `ParamsError`.
+
+    `args` is our slice of `p.script_args` (positional in `PARAMS` order, or a dict first, the API form); X/Y/Z
+    `overrides` replace single values. Only the enable flag is looked at before deciding that A&E is off, so a
+    disabled script never complains about its other values.
+    """
+    if args and isinstance(args[0], Mapping):
+        named = dict(args[0])
+    else:
+        named = dict(zip(PARAM_NAMES, args))
+    named.update(overrides)
+    if not parse_value("enabled", named.get("enabled", PARAMS_BY_NAME["enabled"].default)):
+        return None
+    # Without overrides the args go through unchanged, so that e.g. too many positional values are reported.
+    return from_script_args([named] if overrides else list(args))
+
+
+def xyz_overrides(p: Processing) -> Mapping[str, Any]:
+    overrides: Mapping[str, Any] = getattr(p, XYZ_OVERRIDES, None) or {}
+    return overrides
+
+
+def clear_infotext(p: Processing) -> None:
+    """Drop our keys: X/Y/Z cells share one `extra_generation_params` dict (a shallow copy of p per cell)."""
+    for key in INFOTEXT_KEYS:
+        p.extra_generation_params.pop(key, None)
+
+
+def report_problem(p: Processing, message: str) -> None:
+    """Log `message` and add it (once) to the "AE error" infotext entry of this generation."""
+    logger.warning("%s: %s", TITLE, message)
+    existing = p.extra_generation_params.get(AE_ERROR_KEY)
+    parts = existing.split("; ") if isinstance(existing, str) and existing else []
+    if message not in parts:
+        parts.append(message)
+    text = "; ".join(parts)
+    p.extra_generation_params[AE_ERROR_KEY] = (
+        text if len(text) <= MAX_ERROR_TEXT else text[: MAX_ERROR_TEXT - 3] + "..."
+    )
+
+
+# -- 3. Sampling ------------------------------------------------------------------------------------------------------
+
+UNSUPPORTED_SAMPLERS = frozenset({"UniPC", "DPM fast", "DPM adaptive", "Restart"})
+"""Their model calls do not map to sampler steps (host-api §3): UniPC corrects from a state the model never sees,
+DPM fast/adaptive choose their own evaluations, Restart adds re-noising segments."""
+TIMESTEP_SAMPLERS = frozenset({"DDIM", "DDIM CFG++", "PLMS"})
+"""CompVisSampler family (sd_samplers_timesteps.py L11-16): the latent is the VP latent and `sigma` the timestep."""
+
+_captures: dict[int, weakref.ReferenceType[AttentionCapture]] = {}
+"""id(UNet) -> its capture. Weak: the hooks on the UNet's modules keep a capture alive exactly as long as its UNet,
+so an unloaded checkpoint is not kept in memory by this registry."""
+
+
+def capture_for(unet: torch.nn.Module) -> AttentionCapture:
+    """The capture on `unet`, attached on first use; captures on other UNets (a previous model) are removed."""
+    ref = _captures.get(id(unet))
+    capture = ref() if ref is not None else None
+    if capture is not None and capture.unet is unet and capture.attached:
+        return capture
+    remove_captures()
+    capture = AttentionCapture(unet)
+    _captures[id(unet)] = weakref.ref(capture)
+    logger.debug("attention capture attached to %d layers", len(capture.module_names))
+    return capture
+
+
+def remove_captures() -> None:
+    """Detach every capture (model change, script unload): no hook of ours stays on any module."""
+    for ref in list(_captures.values()):
+        capture = ref()
+        if capture is not None:
+            capture.remove()
+    _captures.clear()
+
+
+def free_memory() -> None:
+    gc.collect()
+    devices.torch_gc()
+
+
+def unsupported_reason(p: Processing) -> str | None:
+    """Why A&E cannot run on this model/sampler, in words; None when it can."""
+    model = p.sd_model
+    if getattr(model, "is_sd3", False):
+        return "SD3 models are not supported (no UNet cross-attention); A&E was not applied"
+    name = sampler_name(p)
+    if name in UNSUPPORTED_SAMPLERS:
+        return f"sampler {name} is not supported (its model calls do not follow the steps); try Euler, DPM++ 2M or DDIM"
+    if getattr(getattr(model, "model", None), "diffusion_model", None) is None:
+        return "this model has no ldm/sgm UNet (model.diffusion_model); A&E was not applied"
+    return None
+
+
+class UnsupportedModel(Exception):
+    """The loaded model lacks something A&E needs; the message says what."""
+
+
+def sampler_name(p: Processing) -> str:
+    config = getattr(p.sampler, "config", None)
+    return str(getattr(config, "name", None) or getattr(p, "sampler_name", "?"))
+
+
+def text_encoder(sd_model: Any) -> TextEncoder:
+    """The CLIP wrapper whose chunks make the conditioning columns. SD1/SD2: `cond_stage_model` itself. SDXL: the
+    conditioner, whose `process_texts`/`tokenize` delegate to its first embedder that has them, CLIP-L
+    (sd_models_xl.py L65-87); the token ids BOS/EOS/pad live on that embedder (sd_hijack_clip.py L342-344)."""
+    model = sd_model.cond_stage_model
+    if hasattr(model, "id_start"):
+        encoder: TextEncoder = model
+        return encoder
+    for embedder in getattr(model, "embedders", []):
+        if hasattr(embedder, "process_texts") and hasattr(embedder, "id_start"):
+            found: TextEncoder = embedder
+            return found
+    raise UnsupportedModel("its text encoder does not cut prompts into A1111 chunks, so subjects cannot be located")
+
+
+def make_condition_dict(sd_model: Any, cond: Any, image_cond: torch.Tensor | None) -> dict[str, Any]:
+    """The UNet conditioning of CFGDenoiser.forward (sd_samplers_cfg_denoiser.py L192-200): unCLIP models take the
+    image embedding as `c_adm`; SDXL conds are dicts (crossattn/vector); SD1/SD2 a tensor. A new dict every call:
+    A1111's apply_model casts the dict's entries in place (sd_hijack_unet.py L40-50)."""
+    if getattr(sd_model.model, "conditioning_key", None) == "crossattn-adm":
+        return {"c_crossattn": [cond], "c_adm": image_cond}
+    if isinstance(cond, dict):
+        return {**cond, "c_concat": [image_cond]}
+    return {"c_crossattn": [cond], "c_concat": [image_cond]}
+
+
+def select_rows(cond: Any, rows: torch.Tensor) -> Any:
+    return {key: value[rows] for key, value in cond.items()} if isinstance(cond, dict) else cond[rows]
+
+
+# No @dataclass in this file: A1111 executes script files without registering them in sys.modules
+# (script_loading.py L10-16), and dataclasses looks the defining module up there to resolve string annotations.
+
+
+class _PromptTokens:
+    """One sub-prompt's prompt-editing schedule: end step and 77-id chunks of each entry (shorter entries padded with
+    empty chunks to the longest, as A1111 encodes them together: sd_hijack_clip.py L210-217)."""
+
+    def __init__(self, ends: list[int], chunks: list[list[list[int]]]) -> None:
+        self.ends = ends
+        self.chunks = chunks
+
+
+class SamplingPass:
+    """A&E over one sampler run (txt2img, a hires pass, or one img2img batch)."""
+
+    def __init__(
+        self,
+        p: Processing,
+        params: AEParams,
+        den: Denoiser,
+        engine: AttendAndExcite,
+        encoder: TextEncoder,
+        space: LatentSpace,
+        *,
+        is_hr: bool,
+        plms: bool,
+    ) -> None:
+        self.p = p
+        self.params = params
+        self.den = den
+        self.engine = engine
+        self.encoder = encoder
+        self.space: LatentSpace = space
+        self.is_hr = is_hr
+        self.plms = plms
+        self.excitation: InSamplerExcitation | None = None
+        self.active = True
+        self._schedules: dict[str, _PromptTokens] = {}
+        self._locations: dict[tuple[str, int], SubjectLocation] = {}
+        self._subject_ids: dict[str, list[int]] = {}
+
+    def before_model_call(self, x: torch.Tensor, sigma: torch.Tensor, kwargs: Mapping[str, Any]) -> None:
+        """Called by the wrapped forward with the sampler's own tensor; updates it in place at the first call of an
+        active step. Never raises an Exception: a failure turns A&E off for the rest of this pass."""
+        if not self.active:
+            return
+        failure: str | None = None
+        textinfo = shared.state.textinfo
+        try:
+            self._update(x, sigma, kwargs)
+        except Exception as error:  # includes torch.cuda.OutOfMemoryError; InterruptedException is a BaseException
+            logger.exception("%s failed at model call %d; sampling continues without it", TITLE, self.den.step)
+            detail = (str(error).splitlines() or [""])[0][:120]  # e.g. CUDA's multi-line out-of-memory text
+            failure = f"stopped at model call {self.den.step} ({type(error).__name__}: {detail})"
+        finally:
+            shared.state.textinfo = textinfo
+        if failure is not None:
+            # Outside the except block, so the traceback (and the tensors it references) is already released.
+            self.active = False
+            report_problem(self.p, failure)
+            free_memory()
+
+    def _update(self, x: torch.Tensor, sigma: torch.Tensor, kwargs: Mapping[str, Any]) -> None:
+        call = self.den.step
+        if self.excitation is None or call == 0:
+            self.excitation = self._start()
+        index = self._clock_index(call)
+        excitation = self.excitation
+        step = excitation.clock.step_of(index) if index is not None else None
+        if step is None or step >= excitation.plan.steps or not excitation.plan.is_active(step):
+            return
+        if self.p.sd_model.model.diffusion_model is not self.engine.capture.unet:
+            # The refiner (sd_samplers_common.apply_refiner) swapped the model during this pass.
+            self.active = False
+            report_problem(self.p, "the model changed during sampling (refiner); A&E stopped there")
+            return
+        cond, image_cond = kwargs["cond"], kwargs["image_cond"]
+        conds_list, tensor = prompt_parser.reconstruct_multicond_batch(cond, call)
+        selections = [self._selection(b, cond, call) for b in range(len(conds_list))]
+        if all(selection is None for selection in selections):
+            return
+        # Each image's loss uses its first AND sub-prompt, whose row is the first of its rows in `tensor` (L168, L203).
+        first_rows = torch.as_tensor([rows[0][0] for rows in conds_list], device=x.device)
+
+        def run_unet(latent_rows: torch.Tensor, rows: torch.Tensor) -> object:
+            # The cond-only pass of CFGDenoiser.forward for these images; `inner_model` maps the sampler's space
+            # (sigma, or the timestep for DDIM/PLMS) to the UNet's input.
+            cond_rows = select_rows(tensor, first_rows.to(rows.device)[rows])
+            image_rows = image_cond[rows.to(image_cond.device)] if image_cond is not None else None
+            conditioning = make_condition_dict(self.p.sd_model, cond_rows, image_rows)
+            return self.den.inner_model(latent_rows, sigma[rows.to(sigma.device)], cond=conditioning)
+
+        max_iterations = self.params.max_refinement_steps
+
+        def on_iteration(step: int, iteration: int) -> None:
+            shared.state.textinfo = f"{TITLE}: step {step + 1}, refinement {iteration}/{max_iterations}"
+
+        shared.state.textinfo = f"{TITLE}: step {step + 1}"
+        report = excitation.before_model_call(
+            index,  # type: ignore[arg-type]  # not None here
+            x,
+            sigma,
+            selections,
+            run_unet,
+            should_stop=lambda: bool(shared.state.interrupted or shared.state.skipped),
+            on_iteration=on_iteration,
+        )
+        if report is not None:
+            log_report(report)
+
+    def _start(self) -> InSamplerExcitation:
+        """The step plan, built at the first model call: only then are den.steps/total_steps set (launch_sampling
+        runs after process_before_every_sampling)."""
+        steps = int(self.den.steps)
+        calls_per_step = max(1, int(self.den.total_steps) // steps)
+        plan = self.engine.plan(steps)
+        logger.debug(
+            "%s: %d steps, %d model calls per step, %d altered, refinement at %s",
+            TITLE,
+            steps,
+            calls_per_step,
+            plan.alter_steps,
+            dict(plan.refinement_thresholds),
+        )
+        return InSamplerExcitation(self.engine, plan, self.space, StepClock(calls_per_step))
+
+    def _clock_index(self, call: int) -> int | None:
+        """The call index StepClock understands. PLMS makes two model calls in its first step (the second one on a
+        temporary latent) and one per step after (sd_samplers_timesteps_impl.py L109-137)."""
+        if not self.plms:
+            return call
+        return None if call == 1 else max(0, call - 1)
+
+    def _selection(self, b: int, cond: Any, call: int) -> TokenSelection | None:
+        """Image b's subject columns in the conditioning row in effect at model call `call`."""
+        prompts = getattr(self.p, "hr_prompts", None) if self.is_hr else self.p.prompts
+        if not prompts or b >= len(prompts):
+            return None
+        indexes, texts, _ = prompt_parser.get_multicond_prompt_list([prompts[b]])
+        text = texts[indexes[0][0][0]]
+        tokens = self._prompt_tokens(text)
+        schedule = cond.batch[b][0].schedules
+        if [entry.end_at_step for entry in schedule] != tokens.ends:
+            self._report_once(b, f"could not follow the prompt editing schedule of {text!r}; image skipped")
+            return None
+        # The entry reconstruct_multicond_batch uses at this call (prompt_parser.py L331-335).
+        target = next((i for i, end in enumerate(tokens.ends) if call <= end), 0)
+        key = (text, target)
+        if key not in self._locations:
+            location = locate_subjects(
+                tokens.chunks[target],
+                self.params.subject_list,
+                self._encode,
+                bos_id=self.encoder.id_start,
+                eos_id=self.encoder.id_end,
+                pad_id=self.encoder.id_pad,
+                normalize_eot=self.params.normalize_eot,
+            )
+            for message in location.messages:
+                self._report_once(b, message.removeprefix("AE: "))
+            self._locations[key] = location
+        return self._locations[key].selection
+
+    def _prompt_tokens(self, text: str) -> _PromptTokens:
+        if text not in self._schedules:
+            base_steps, hires_steps = self._schedule_steps()
+            schedule = prompt_parser.get_learned_conditioning_prompt_schedules(
+                [text], base_steps, hires_steps, shared.opts.use_old_scheduling
+            )[0]
+            batch_chunks, _ = self.encoder.process_texts([entry_text for _, entry_text in schedule])
+            width = max(len(chunks) for chunks in batch_chunks)
+            empty = list(self.encoder.empty_chunk().tokens)
+            chunks = [[list(c.tokens) for c in entry] + [empty] * (width - len(entry)) for entry in batch_chunks]
+            self._schedules[text] = _PromptTokens([int(end) for end, _ in schedule], chunks)
+        return self._schedules[text]
+
+    def _schedule_steps(self) -> tuple[int, int | None]:
+        """The step counts A1111 built this pass's prompt schedules with: first pass `total_steps` of the sampler
+        (processing.py L493-503, stored as p.firstpass_steps); hires pass (firstpass_steps, hires total steps)
+        (L1499-1511)."""
+        p = self.p
+        multiplier = max(1, int(self.den.total_steps) // int(self.den.steps))
+        base = int(getattr(p, "firstpass_steps", 0) or p.steps * multiplier)
+        if not self.is_hr:
+            return base, None
+        hires = (getattr(p, "hr_second_pass_steps", 0) or p.steps) * multiplier
+        return base, hires
+
+    def _encode(self, subject: str) -> list[int]:
+        if subject not in self._subject_ids:
+            self._subject_ids[subject] = [int(t) for t in self.encoder.tokenize([subject])[0]]
+        return self._subject_ids[subject]
+
+    def _report_once(self, b: int, message: str) -> None:
+        prompts = self.p.prompts
+        suffix = f" (image {b + 1})" if len(set(prompts)) > 1 else ""
+        report_problem(self.p, message + suffix)
+
+
+def log_report(report: StepReport) -> None:
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug(
+            "%s step %d: loss %s, refinement iterations %s%s",
+            TITLE,
+            report.step,
+            [None if v is None else round(v, 4) for v in report.loss],
+            report.refinement_iterations,
+            " (interrupted)" if report.interrupted else "",
+        )
+
+
+def install(p: Processing, params: AEParams) -> None:
+    """Set A&E up for the sampler run about to start (called from process_before_every_sampling)."""
+    reason = unsupported_reason(p)
+    if reason is not None:
+        report_problem(p, reason)
+        return
+    try:
+        capture = capture_for(p.sd_model.model.diffusion_model)
+        engine = AttendAndExcite(capture, params.to_config())
+        encoder = text_encoder(p.sd_model)
+    except (CaptureError, UnsupportedModel) as error:
+        report_problem(p, f"A&E was not applied: {error}")
+        return
+    den = p.sampler.model_wrap_cfg
+    name = sampler_name(p)
+    timesteps = name in TIMESTEP_SAMPLERS or type(den).__name__ == "CFGDenoiserTimesteps"
+    sampling_pass = SamplingPass(
+        p=p,
+        params=params,
+        den=den,
+        engine=engine,
+        encoder=encoder,
+        space="vp" if timesteps else "sigma",
+        is_hr=bool(getattr(p, "is_hr_pass", False)),
+        plms=name == "PLMS",
+    )
+    wrap_forward(den, sampling_pass)
+
+
+def wrap_forward(den: Denoiser, sampling_pass: SamplingPass) -> None:
+    """Make `den.forward` (an instance attribute, used by nn.Module.__call__) run A&E before the original forward.
+    Idempotent per denoiser: img2img reuses one sampler for every batch (processing.py L1607), so a second install
+    replaces our wrapper instead of stacking another."""
+    original: Callable[..., torch.Tensor] = getattr(den.forward, "_ae_original", den.forward)
+
+    def forward(x: torch.Tensor, sigma: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        sampling_pass.before_model_call(x, sigma, kwargs)
+        return original(x, sigma, *args, **kwargs)
+
+    forward._ae_original = original  # type: ignore[attr-defined]
+    den.forward = forward
+
+
+# -- 4. The Script ----------------------------------------------------------------------------------------------------
+
+MAIN_PARAMS = frozenset({"enabled", "subjects"})
+"""Shown in the accordion itself; every other parameter is in its "Advanced" section."""
+
+
+def setting_key(spec: ParamSpec) -> str:
+    return f"ae_default_{spec.name}"
+
+
+def initial_value(spec: ParamSpec) -> Any:
+    """A control's initial value: the user's default from Settings (section 5) if valid, else the spec's default.
+    A1111 also takes the API's default args from these values (api.py L315-333 calls ui())."""
+    if spec.name in MAIN_PARAMS:
+        return spec.default
+    raw = getattr(shared.opts, setting_key(spec), spec.default)
+    try:
+        return parse_value(spec.name, raw)
+    except ParamsError as error:
+        logger.warning("%s: ignoring the setting %s (%s)", TITLE, setting_key(spec), "; ".join(error.messages))
+        return spec.default
+
+
+def make_control(spec: ParamSpec, value: Any, elem_id: str) -> Any:
+    """The gradio control of one parameter: Checkbox (bool), Slider (number, with the spec's range), Textbox (text)."""
+    if spec.kind == "bool":
+        return gr.Checkbox(value=value, label=spec.label, info=spec.help, elem_id=elem_id)
+    if spec.kind in ("int", "float"):
+        assert spec.minimum is not None and spec.maximum is not None  # ParamSpec requires a range for numbers
+        return gr.Slider(
+            minimum=spec.minimum,
+            maximum=spec.maximum,
+            step=spec.step,
+            value=value,
+            label=spec.label,
+            info=spec.help,
+            elem_id=elem_id,
+        )
+    return gr.Textbox(value=value, label=spec.label, info=spec.help, lines=1, elem_id=elem_id)
+
+
+def pasted_value(name: str) -> Callable[[dict[str, Any]], Any]:
+    """Infotext paste reader for one parameter: its typed value, None (no change) when absent. For `enabled`: whether
+    the infotext has any A&E key, so pasting parameters without A&E switches it off."""
+
+    def read(fields: dict[str, Any]) -> Any:
+        return from_infotext(fields).get(name)
+
+    return read
+
+
+class AttendAndExciteScript(scripts.Script):
+    def title(self) -> str:
+        return TITLE
+
+    def show(self, is_img2img: bool) -> Any:
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img: bool) -> list[Any]:
+        controls: dict[str, Any] = {}
+        enabled = PARAMS_BY_NAME["enabled"]
+        with InputAccordion(False, label=enabled.label, elem_id=self.elem_id(enabled.name)) as accordion:
+            controls[enabled.name] = accordion
+            for spec in PARAMS:
+                if spec.name in MAIN_PARAMS and spec.name != enabled.name:
+                    controls[spec.name] = make_control(spec, initial_value(spec), self.elem_id(spec.name))
+            with gr.Accordion("Advanced", open=False, elem_id=self.elem_id("advanced")):
+                for spec in PARAMS:
+                    if spec.name not in MAIN_PARAMS:
+                        controls[spec.name] = make_control(spec, initial_value(spec), self.elem_id(spec.name))
+        # Pasting infotext (infotext_utils.connect_paste L477-, Api.apply_infotext api.py L363-): text and number
+        # parameters by key (A1111 casts to the control's type); the enable flag and the booleans through a reader,
+        # because the API casts with bool(), which would read "False" as True.
+        self.infotext_fields = [
+            (controls[spec.name], pasted_value(spec.name) if spec.kind == "bool" else spec.infotext_key)
+            for spec in PARAMS
+        ]
+        # "Send to img2img/inpaint" copies the controls whose infotext field is one of these keys (L169-175).
+        self.paste_field_names = [spec.infotext_key for spec in PARAMS if spec.kind != "bool"]
+        return [controls[name] for name in PARAM_NAMES]  # positional API order = PARAMS order
+
+    def process(self, p: Processing, *args: Any) -> None:
+        params = self._params(p, args, report=True)
+        if params is not None:
+            p.extra_generation_params.update(to_infotext(params))
+
+    def process_before_every_sampling(self, p: Processing, *args: Any, **kwargs: Any) -> None:
+        params = self._params(p, args, report=False)
+        if params is None:
+            return
+        if getattr(p, "is_hr_pass", False) and not params.apply_to_hires:
+            return
+        install(p, params)
+
+    @staticmethod
+    def _params(p: Processing, args: Sequence[Any], *, report: bool) -> AEParams | None:
+        """This generation's parameters, None when A&E is off or the args are invalid (reported once, by process)."""
+        try:
+            params = requested_params(args, xyz_overrides(p))
+        except ParamsError as error:
+            if report:
+                clear_infotext(p)
+                report_problem(p, "invalid settings, A&E not applied: " + "; ".join(error.messages))
+            return None
+        if report:
+            clear_infotext(p)  # pops nothing unless an earlier X/Y/Z cell left keys in the shared dict
+        return params
+
+
+# -- 5. Settings and X/Y/Z --------------------------------------------------------------------------------------------
+
+SETTINGS_SECTION = ("attend_and_excite", TITLE)
+XYZ_PREFIX = "[AE] "
+
+
+def on_ui_settings() -> None:
+    """Settings > Attend and Excite: the initial values of the "Advanced" controls (and of the positional API args)."""
+    for spec in PARAMS:
+        if spec.name in MAIN_PARAMS:
+            continue
+        component: Any
+        component_args: dict[str, Any] | None = None
+        if spec.kind == "bool":
+            component = gr.Checkbox
+        elif spec.kind in ("int", "float"):
+            component = gr.Slider
+            component_args = {"minimum": spec.minimum, "maximum": spec.maximum, "step": spec.step}
+        else:
+            component = gr.Textbox
+        option = shared.OptionInfo(
+            spec.default,
+            f"Default: {spec.label}",
+            component,
+            component_args,
+            section=SETTINGS_SECTION,
+            category_id="sd",
+        )
+        shared.opts.add_option(setting_key(spec), option.info(spec.help))
+
+
+def xyz_apply(name: str) -> Callable[[Any, Any, Sequence[Any]], None]:
+    def apply(p: Any, x: Any, xs: Sequence[Any]) -> None:
+        # A new dict per cell: the cell's p is a shallow copy of the original.
+        setattr(p, XYZ_OVERRIDES, {**(getattr(p, XYZ_OVERRIDES, None) or {}), name: x})
+
+    return apply
+
+
+def xyz_confirm(name: str) -> Callable[[Any, Sequence[Any]], None]:
+    def confirm(p: Any, xs: Sequence[Any]) -> None:
+        for x in xs:
+            try:
+                parse_value(name, x)
+            except ParamsError as error:
+                raise RuntimeError("; ".join(error.messages)) from None
+
+    return confirm
+
+
+def register_xyz_axes() -> None:
+    """Append our axes to the X/Y/Z plot script before the UI is built (its options are frozen by its ui())."""
+    xyz = next((d.module for d in scripts.scripts_data if d.script_class.__module__ == "xyz_grid.py"), None)
+    if xyz is None:
+        logger.debug("%s: X/Y/Z plot script not found; no axes added", TITLE)
+        return
+    if any(getattr(option, "label", "").startswith(XYZ_PREFIX) for option in xyz.axis_options):
+        return
+    types: dict[str, Callable[[Any], Any]] = {"bool": str, "int": int, "float": float, "str": str}
+    for spec in xyz_params():
+        choices = (lambda: ["True", "False"]) if spec.kind == "bool" else None
+        xyz.axis_options.append(
+            xyz.AxisOption(
+                XYZ_PREFIX + spec.label,
+                types[spec.kind],
+                xyz_apply(spec.name),
+                confirm=xyz_confirm(spec.name),
+                choices=choices,
+            )
+        )
+
+
+script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_before_ui(register_xyz_axes)
+script_callbacks.on_script_unloaded(remove_captures)
