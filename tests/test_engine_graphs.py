@@ -1,0 +1,87 @@
+"""The CUDA-graph evaluation path (`AttendAndExcite(cuda_graphs=True)` with a `GraphableRunner`) computes exactly what
+the eager path computes. On the CPU `_GraphEvaluations` runs the very computation it would capture on a GPU (device-side
+loss, no host synchronization inside), so comparing it with the eager engine here checks the arithmetic of what is
+replayed; the H200 benchmark (tests/benchmark-h200.json, `final_latent_max_abs_diff_vs_eager`) checks the replay."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lib_ae import AttendAndExcite, AttentionCapture, ExciteConfig, StepReport, TokenSelection
+from lib_ae.engine import GraphableRunner
+from support.models import SD1_LIKE, make_unet
+
+SIDE = 16  # latent side: 4x4 maps (1/4 of the latent)
+
+
+@pytest.fixture(scope="module")
+def unet() -> torch.nn.Module:
+    return make_unet(SD1_LIKE, seed=3, dtype=torch.float64)
+
+
+def inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(batch, 4, SIDE, SIDE, generator=g, dtype=torch.float64)
+    t = torch.tensor([700.0, 420.0][:batch], dtype=torch.float64)
+    context = torch.randn(batch, 77, SD1_LIKE.context_dim, generator=g, dtype=torch.float64)
+    return x, t, context
+
+
+def run(unet: torch.nn.Module, graphs: bool, config: ExciteConfig, selections: list[TokenSelection | None], step: int,
+        poison: int | None = None) -> tuple[torch.Tensor, StepReport]:
+    x, t, context = inputs(len(selections))
+    capture = AttentionCapture(unet)
+    try:
+        engine = AttendAndExcite(capture, config, cuda_graphs=graphs)
+
+        def forward(latent_rows: torch.Tensor, t_rows: torch.Tensor, context_rows: torch.Tensor) -> None:
+            if poison is not None:  # a non-finite latent for one image (its row is first when it is in the subset)
+                latent_rows = latent_rows * torch.where(t_rows == t[poison], math.nan, 1.0)[:, None, None, None]
+            unet(latent_rows, t_rows, context=context_rows)
+
+        runner = GraphableRunner(forward, (t, context), key="test")
+        if not graphs:
+            eager = runner
+
+            def runner(latent_rows: torch.Tensor, rows: torch.Tensor) -> object:  # type: ignore[no-redef]
+                return eager(latent_rows, rows)  # a plain callable: the engine evaluates it eagerly
+
+        return engine.step(x, step, engine.plan(10), selections, runner, gradient_scale=[3.0, 1.5][: len(selections)])
+    finally:
+        capture.remove()
+
+
+SELECTIONS = [TokenSelection.official(77, [[2], [5]]), TokenSelection.official(77, [[3, 4], [7]])]
+
+
+@pytest.mark.parametrize("step", [0, 1], ids=["refinement-step", "plain-step"])
+def test_graph_path_equals_eager_bit_for_bit(unet: torch.nn.Module, step: int) -> None:
+    config = ExciteConfig(max_refinement_steps=3)
+    eager_latent, eager_report = run(unet, False, config, SELECTIONS, step)
+    graph_latent, graph_report = run(unet, True, config, SELECTIONS, step)
+    assert torch.equal(eager_latent, graph_latent)
+    assert graph_report == eager_report
+    assert not torch.equal(eager_latent, inputs(2)[0])  # the step did move the latent
+    if step == 0:
+        assert eager_report.refinement_iterations == [3, 3]
+
+
+def test_graph_path_skips_a_non_finite_image_like_the_eager_path(unet: torch.nn.Module) -> None:
+    config = ExciteConfig(thresholds={})
+    eager_latent, eager_report = run(unet, False, config, SELECTIONS, 1, poison=1)
+    graph_latent, graph_report = run(unet, True, config, SELECTIONS, 1, poison=1)
+    assert eager_report.skipped_nonfinite == graph_report.skipped_nonfinite == [1]
+    assert torch.equal(eager_latent, graph_latent)
+    assert torch.equal(graph_latent[1], inputs(2)[0][1])  # untouched
+    assert torch.isfinite(graph_latent).all()
+
+
+def test_images_without_subjects_are_left_alone(unet: torch.nn.Module) -> None:
+    selections: list[TokenSelection | None] = [None, SELECTIONS[1]]
+    eager_latent, eager_report = run(unet, False, ExciteConfig(thresholds={}), selections, 1)
+    graph_latent, graph_report = run(unet, True, ExciteConfig(thresholds={}), selections, 1)
+    assert torch.equal(eager_latent, graph_latent) and graph_report == eager_report
+    assert torch.equal(graph_latent[0], inputs(2)[0][0])
