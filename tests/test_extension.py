@@ -607,3 +607,26 @@ def test_xyz_axes_override_the_ui_values(host: SimpleNamespace) -> None:
             plot("[AE] Scale factor", "20, 1000", enabled=True, subjects="cat")
     finally:
         ui.unload()
+
+
+def test_cuda_graph_runner_gives_the_same_images(webui: WebUI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner the script hands to the engine is a `GraphableRunner` whose explicit inputs (sigma, image
+    conditioning, conditioning rows) are all it reads: forcing the graph path (on the CPU: the same device-side
+    computation it would capture) gives the eager path's images bit for bit, and `post_sample` frees the engines."""
+    args = webui.args(enabled=True, subjects="cat, dog")
+    _, eager = webui.run(args)
+    monkeypatch.setattr(webui.module, "use_cuda_graphs", lambda p: True)
+    evaluations: list[Any] = []
+    original = AttendAndExcite.__init__
+
+    def spy(self: AttendAndExcite, *a: Any, **kw: Any) -> None:
+        original(self, *a, **kw)
+        assert self._graphs is not None
+        evaluate = self._graphs.evaluate
+        self._graphs.evaluate = lambda *e: evaluations.append(e[-1]) or evaluate(*e)  # type: ignore[method-assign]
+
+    monkeypatch.setattr(AttendAndExcite, "__init__", spy)
+    p, graphed = webui.run(args)
+    assert evaluations and all(type(r).__name__ == "GraphableRunner" for r in evaluations)
+    assert torch.equal(torch.stack(graphed.images), torch.stack(eager.images))
+    assert getattr(p, "_ae_engines") == []
