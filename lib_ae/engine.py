@@ -3,7 +3,7 @@
 The engine updates whatever latent the caller's UNet runner differentiates against:
     latent <- latent - a_i * gradient_scale_b * grad_latent L
 With the VP latent z (diffusers, DDIM, PLMS) gradient_scale is 1. With k-diffusion's sigma-space x, whose UNet input
-is x / sqrt(1 + sigma^2), it is 1 + sigma^2 (`lib_ae.spaces.sigma_space_gradient_scale`), which makes the update the
+is x / sqrt(1 + sigma^2), it is 1 + sigma^2 (`lib_ae.sampling.sigma_space_gradient_scale`), which makes the update the
 official one mapped exactly into sigma space (algorithm.md §2.2).
 
 Per image b with subjects S_b, at sampler step i (step size a_i):
@@ -184,6 +184,7 @@ class AttendAndExcite:
             return self._graphs.evaluate(z, rows, selections, size, run_unet)
         cfg = self.config
         index = torch.as_tensor(rows, device=z.device)
+        self._probe_last_layer(size, lambda: run_unet(z.index_select(0, index), index))
         with torch.enable_grad(), frozen_parameters(self.capture.unet):
             leaf = z.index_select(0, index).detach().requires_grad_(True)
             with self.capture.record(*size) as recording:
@@ -214,6 +215,13 @@ class AttendAndExcite:
             finite = [f and g for f, g in zip(finite, per_row_finite)]
         loss_values = [float(l.detach()) if f else math.nan for l, f in zip(losses, finite)]
         return _Evaluation(loss_values, maxima, grads.detach() if grads is not None else None, finite)
+
+
+    def _probe_last_layer(self, size: tuple[int, int], forward: Callable[[], object]) -> None:
+        """Before the first gradient forward at this map size: one no-grad forward to learn where it may stop."""
+        if self.capture.early_stop and not self.capture.knows_last_layer(*size):
+            with torch.no_grad(), self.capture.probe(*size):
+                forward()
 
 
 def _row(evaluation: _Evaluation, rows: list[int], b: int) -> torch.Tensor | None:
@@ -403,6 +411,7 @@ class _GraphEvaluations:
         size: tuple[int, int],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole evaluation on the device: (stats, gradient), no host synchronization."""
+        self.engine._probe_last_layer(size, lambda: runner.fn(leaf.detach(), *inputs))  # eager warm-up only
         with torch.enable_grad(), frozen_parameters(self.engine.capture.unet):
             with self.engine.capture.record(*size) as recording:
                 runner.fn(leaf, *inputs)

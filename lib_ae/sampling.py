@@ -39,6 +39,10 @@ class StepClock:
 
     calls_per_step: int = 1
 
+    def __post_init__(self) -> None:
+        if isinstance(self.calls_per_step, bool) or not isinstance(self.calls_per_step, int) or self.calls_per_step < 1:
+            raise ValueError(f"calls_per_step must be a whole number >= 1 (got {self.calls_per_step!r})")
+
     def step_of(self, call_index: int) -> int | None:
         if call_index % self.calls_per_step:
             return None

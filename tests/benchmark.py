@@ -353,6 +353,7 @@ class Run:
     seconds: list[float] = field(default_factory=list)
     counts: Counts = field(default_factory=Counts)
     peak_bytes: int = 0
+    peak_reserved_bytes: int = 0
     resident_bytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -363,23 +364,29 @@ def synchronize(device: torch.device) -> None:
 
 
 def repeat(fn: Callable[[], Any], counts: Counts, device: torch.device, repeats: int) -> Run:
-    """One warm-up (kernel selection, allocator, lib_ae learning its last layer), then `repeats` timed runs."""
+    """One warm-up (kernel selection, allocator, lib_ae learning its last layer, CUDA-graph capture), then `repeats`
+    timed runs. Memory peaks cover the warm-up too: a replayed graph allocates nothing, its tensors live in the private
+    pool allocated while it was captured, so a peak taken over the replays alone would miss them."""
     with counting_backward(counts):
+        if device.type == "cuda":
+            synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         fn()
         run = Run()
         for _ in range(repeats):
             synchronize(device)
             if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
                 run.resident_bytes = torch.cuda.memory_allocated()
             counts.reset()
             start = time.perf_counter()
             fn()
             synchronize(device)
             run.seconds.append(time.perf_counter() - start)
-            if device.type == "cuda":
-                run.peak_bytes = max(run.peak_bytes, torch.cuda.max_memory_allocated())
             run.counts = Counts(**vars(counts))
+        if device.type == "cuda":
+            run.peak_bytes = torch.cuda.max_memory_allocated()
+            run.peak_reserved_bytes = torch.cuda.max_memory_reserved()
     return run
 
 
@@ -395,6 +402,7 @@ def summarize(run: Run) -> dict[str, Any]:
         "backward_passes": c.backward,
         "ae_evaluations": c.evaluations,
         "peak_allocated_gib": run.peak_bytes / 2**30,
+        "peak_reserved_gib": run.peak_reserved_bytes / 2**30,
         "resident_gib": run.resident_bytes / 2**30,
         **run.extra,
     }
@@ -500,12 +508,20 @@ def bench_scenario(s: Scenario, device: torch.device, steps: int, repeats: int, 
         for name, row in results.items()
         if name.startswith("ae")
     }
+    memory.update({
+        f"ours_{name}_minus_plain_reserved_gib": row["peak_reserved_gib"] - base["peak_reserved_gib"]
+        for name, row in results.items()
+        if name.startswith("ae")
+    })
     if s.with_reference:
         ratios["reference_ae_over_plain"] = results["ref_ae"]["seconds_per_image"] / results["ref_plain"]["seconds_per_image"]
         for name in ("ae", "ae_graph"):
             if name in results:
                 ratios[f"ours_{name}_ratio_over_reference_ratio"] = ratios[f"ours_{name}_over_plain"] / ratios["reference_ae_over_plain"]
         memory["reference_ae_minus_plain_gib"] = results["ref_ae"]["peak_allocated_gib"] - results["ref_plain"]["peak_allocated_gib"]
+        memory["reference_ae_minus_plain_reserved_gib"] = (
+            results["ref_ae"]["peak_reserved_gib"] - results["ref_plain"]["peak_reserved_gib"]
+        )
     return {
         "scenario": s.name,
         "image_side": s.latent * 8,
@@ -868,11 +884,12 @@ def print_profile(result: dict[str, Any]) -> None:
 
 def print_table(result: dict[str, Any]) -> None:
     print(f"{result['scenario']} ({result['image_side']}x{result['image_side']}, {result['steps']} steps, batch 1)")
-    print(f"  {'row':12s} {'s/image':>9s} {'calls':>6s} {'grad':>5s} {'cut':>5s} {'bwd':>5s} {'peak GiB':>9s}")
+    print(f"  {'row':17s} {'s/image':>9s} {'calls':>6s} {'grad':>5s} {'cut':>5s} {'bwd':>5s} {'evals':>5s} {'peak GiB':>9s} {'reserved':>9s}")
     for name, row in result["results"].items():
         print(
-            f"  {name:12s} {row['seconds_per_image']:9.3f} {row['unet_calls']:6d} {row['unet_grad_calls']:5d} "
-            f"{row['unet_calls_cut_short']:5d} {row['backward_passes']:5d} {row['peak_allocated_gib']:9.2f}"
+            f"  {name:17s} {row['seconds_per_image']:9.3f} {row['unet_calls']:6d} {row['unet_grad_calls']:5d} "
+            f"{row['unet_calls_cut_short']:5d} {row['backward_passes']:5d} {row['ae_evaluations']:5d} "
+            f"{row['peak_allocated_gib']:9.2f} {row['peak_reserved_gib']:9.2f}"
         )
     for name, value in {**result["ratios"], **result["memory"]}.items():
         print(f"  {name:40s} {value:7.3f}")

@@ -144,6 +144,26 @@ def test_early_stop_gives_the_same_gradient_with_fewer_layers() -> None:
     assert grads[True].abs().max() > 0
 
 
+def test_even_the_first_gradient_forward_stops_early() -> None:
+    """The layer order is learned by one no-grad probe forward, so no gradient forward ever runs the whole UNet (its
+    activations would be the run's memory peak)."""
+    unet = make_unet(SD1_LIKE, seed=4, dtype=torch.float64)
+    x, t, context = inputs(unet)
+    reached: list[bool] = []
+    handle = unet.out.register_forward_pre_hook(lambda *_: reached.append(torch.is_grad_enabled()))
+    capture = AttentionCapture(unet)
+    engine = AttendAndExcite(capture, ExciteConfig(thresholds={}))
+
+    def run_unet(latent: torch.Tensor, rows: torch.Tensor) -> None:
+        unet(latent, t[rows], context=context[rows])
+
+    for step in (0, 1):
+        engine.step(x, step, engine.plan(10), [TokenSelection.official(77, [[2], [5]])], run_unet)
+    handle.remove()
+    capture.remove()
+    assert reached == [False], "only the probe (no grad) may reach the output layers"
+
+
 def test_missing_resolution_is_a_clear_error() -> None:
     unet = make_unet(SD1_LIKE, seed=5)
     x, t, context = inputs(unet)
