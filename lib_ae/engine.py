@@ -30,7 +30,7 @@ from torch import nn
 
 from .capture import AttentionCapture
 from .config import ExciteConfig, StepPlan
-from .loss import TokenSelection, excite_loss, official_gaussian_kernel, subject_maxima
+from .loss import TokenSelection, excite_loss, official_gaussian_kernel, smoothed_subject_maps
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ class StepReport:
     refinement_iterations: list[int] = field(default_factory=list)
     skipped_nonfinite: list[int] = field(default_factory=list)
     interrupted: bool = False
+    maps: list[torch.Tensor | None] = field(default_factory=list)
+    """With `step(keep_maps=True)`: per image, the (S, h, w) smoothed subject maps behind `maxima` (float32, CPU)."""
 
 
 @dataclass
@@ -61,6 +63,7 @@ class _Evaluation:
     maxima: list[list[float] | None]
     grads: torch.Tensor | None
     finite: list[bool]
+    maps: list[torch.Tensor | None] | None = None
 
 
 class AttendAndExcite:
@@ -92,8 +95,12 @@ class AttendAndExcite:
         should_stop: Callable[[], bool] | None = None,
         on_iteration: Callable[[int, int], None] | None = None,
         gradient_scale: Sequence[float] | None = None,
+        keep_maps: bool = False,
     ) -> tuple[torch.Tensor, StepReport]:
         """Return the updated latent (a new tensor; `latent` is not modified) and a report.
+
+        `keep_maps`: also report the subject maps behind the reported maxima (for heatmaps). Those evaluations run
+        eagerly, never from a CUDA graph, so asking at a step or two of a run costs a few milliseconds.
 
         `gradient_scale[b]` multiplies image b's gradient step (see the module docstring); default 1.
         `should_stop()` is polled between refinement iterations (interrupt / skip); when it answers True the step
@@ -102,7 +109,7 @@ class AttendAndExcite:
         batch = latent.shape[0]
         if len(selections) != batch:
             raise ValueError(f"{len(selections)} token selections for a batch of {batch}")
-        report = StepReport(step, plan.is_active(step), [None] * batch, [None] * batch, [0] * batch)
+        report = StepReport(step, plan.is_active(step), [None] * batch, [None] * batch, [0] * batch, maps=[None] * batch)
         rows = [b for b in range(batch) if selections[b] is not None and selections[b].subjects]
         if not report.active or not rows:
             report.active = False
@@ -113,11 +120,12 @@ class AttendAndExcite:
         scales = [1.0] * batch if gradient_scale is None else [float(v) for v in gradient_scale]
         size = self.config.attention_size(latent.shape[-2], latent.shape[-1])
 
-        def evaluate(subset: list[int]) -> _Evaluation:
-            return self._evaluate(z, subset, selections, size, run_unet)
+        def evaluate(subset: list[int], with_maps: bool = False) -> _Evaluation:
+            return self._evaluate(z, subset, selections, size, run_unet, keep_maps=with_maps)
 
-        current = evaluate(rows)
+        current = evaluate(rows, keep_maps)
         loss = dict(zip(rows, current.losses))
+        maps = dict(zip(rows, current.maps or [None] * len(rows)))
         for b, value in loss.items():
             report.loss[b] = value
         grad = {b: _row(current, rows, b) for b in rows}
@@ -152,10 +160,11 @@ class AttendAndExcite:
                 ]
             refined = [b for b in refining if b not in bad]
             if refined and step < plan.alter_steps and not report.interrupted:
-                final = evaluate(refined)
+                final = evaluate(refined, keep_maps)
                 for j, b in enumerate(refined):
                     loss[b] = final.losses[j]
                     maxima[b] = final.maxima[j]
+                    maps[b] = final.maps[j] if final.maps else None
                     grad[b] = _row(final, refined, b)
                     if not final.finite[j]:
                         bad.add(b)
@@ -167,6 +176,7 @@ class AttendAndExcite:
                     z[b] -= step_size * scales[b] * g
         for b in rows:
             report.maxima[b] = maxima[b]
+            report.maps[b] = maps[b]
         report.skipped_nonfinite = sorted(bad)
         if bad:
             logger.warning("step %d: non-finite attention loss or gradient for image(s) %s; their update was skipped", step, report.skipped_nonfinite)
@@ -179,8 +189,9 @@ class AttendAndExcite:
         selections: Sequence[TokenSelection | None],
         size: tuple[int, int],
         run_unet: UNetRunner,
+        keep_maps: bool = False,
     ) -> _Evaluation:
-        if self._graphs is not None and isinstance(run_unet, GraphableRunner):
+        if self._graphs is not None and isinstance(run_unet, GraphableRunner) and not keep_maps:
             return self._graphs.evaluate(z, rows, selections, size, run_unet)
         cfg = self.config
         index = torch.as_tensor(rows, device=z.device)
@@ -193,10 +204,11 @@ class AttendAndExcite:
             losses: list[torch.Tensor] = []
             maxima: list[list[float] | None] = []
             finite: list[bool] = []
+            kept: list[torch.Tensor | None] = []
             for j, b in enumerate(rows):
                 selection = selections[b]
                 assert selection is not None
-                values = subject_maxima(
+                subject_maps = smoothed_subject_maps(
                     maps[j],
                     selection,
                     smooth_attentions=cfg.smooth_attentions,
@@ -204,6 +216,10 @@ class AttendAndExcite:
                     sigma=cfg.sigma,
                     temperature=cfg.softmax_temperature,
                 )
+                # amax over pixels back-propagates like the reference's per-map `image.max()`.
+                values = subject_maps.amax(dim=(-2, -1))
+                if keep_maps:
+                    kept.append(subject_maps.detach().float().cpu())
                 ok = bool(torch.isfinite(values).all())
                 finite.append(ok)
                 maxima.append([float(v) for v in values.detach()] if ok else None)
@@ -214,7 +230,9 @@ class AttendAndExcite:
             per_row_finite = torch.isfinite(grads.flatten(1)).all(dim=1).tolist()
             finite = [f and g for f, g in zip(finite, per_row_finite)]
         loss_values = [float(l.detach()) if f else math.nan for l, f in zip(losses, finite)]
-        return _Evaluation(loss_values, maxima, grads.detach() if grads is not None else None, finite)
+        return _Evaluation(
+            loss_values, maxima, grads.detach() if grads is not None else None, finite, kept if keep_maps else None
+        )
 
 
     def _probe_last_layer(self, size: tuple[int, int], forward: Callable[[], object]) -> None:

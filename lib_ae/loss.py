@@ -105,11 +105,25 @@ def subject_maxima(
     temperature: float = 100.0,
 ) -> torch.Tensor:
     """(S,) max over pixels of each subject's (smoothed) map."""
-    maps = subject_maps(attention, selection, temperature)
-    if smooth_attentions:
-        maps = smooth(maps, kernel_size, sigma)
+    maps = smoothed_subject_maps(
+        attention, selection, smooth_attentions=smooth_attentions, kernel_size=kernel_size, sigma=sigma, temperature=temperature
+    )
     # amax over pixels back-propagates like the reference's per-map `image.max()` (ties share the gradient).
     return maps.amax(dim=(-2, -1))
+
+
+def smoothed_subject_maps(
+    attention: torch.Tensor,
+    selection: TokenSelection,
+    *,
+    smooth_attentions: bool = True,
+    kernel_size: int = 3,
+    sigma: float = 0.5,
+    temperature: float = 100.0,
+) -> torch.Tensor:
+    """(S, h, w): the maps whose maxima the loss reads (re-softmaxed, smoothed); what a heatmap should show."""
+    maps = subject_maps(attention, selection, temperature)
+    return smooth(maps, kernel_size, sigma) if smooth_attentions else maps
 
 
 def excite_loss(maxima: torch.Tensor) -> torch.Tensor:

@@ -451,6 +451,25 @@ PARAMS: tuple[ParamSpec, ...] = (
         help="Also run on the second (hires fix) pass; the official method only runs on the first.",
         xyz=False,  # hires on/off is what the built-in hires axes already vary; this one only doubles the A&E cost
     ),
+    ParamSpec(
+        name="heatmaps",
+        label="Show attention heatmaps",
+        kind="bool",
+        default=False,
+        infotext_key="AE heatmaps",
+        help="Add to the results, per image, each subject's attention map at the last step A&E ran, over the image, "
+        "and a plot of the excitation; saved like the images, returned by the API as extra images.",
+        xyz=False,
+    ),
+    ParamSpec(
+        name="heatmaps_first_step",
+        label="Heatmaps also at the first step",
+        kind="bool",
+        default=False,
+        infotext_key="AE heatmaps first step",
+        help="With the heatmaps: a second row with the maps at the first step, before A&E moved the latent.",
+        xyz=False,
+    ),
 )
 """Stable positional API order: only ever append (see the module docstring)."""
 
@@ -505,6 +524,8 @@ class AEParams:
     attention_res: int = _default("attention_res")
     normalize_eot: bool = _default("normalize_eot")
     apply_to_hires: bool = _default("apply_to_hires")
+    heatmaps: bool = _default("heatmaps")
+    heatmaps_first_step: bool = _default("heatmaps_first_step")
 
     def __post_init__(self) -> None:
         values = validate({spec.name: getattr(self, spec.name) for spec in PARAMS})

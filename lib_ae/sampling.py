@@ -58,6 +58,8 @@ class InSamplerExcitation:
     space: LatentSpace
     clock: StepClock = field(default_factory=StepClock)
     reports: list[StepReport] = field(default_factory=list)
+    map_steps: frozenset[int] = frozenset()
+    """Steps whose reports carry the subject maps (`StepReport.maps`), e.g. for heatmaps; none by default."""
 
     def before_model_call(
         self,
@@ -75,7 +77,15 @@ class InSamplerExcitation:
             return None
         scale = sigma_space_gradient_scale(sigma) if self.space == "sigma" else None
         updated, report = self.engine.step(
-            x, step, self.plan, selections, run_unet, should_stop=should_stop, on_iteration=on_iteration, gradient_scale=scale
+            x,
+            step,
+            self.plan,
+            selections,
+            run_unet,
+            should_stop=should_stop,
+            on_iteration=on_iteration,
+            gradient_scale=scale,
+            keep_maps=step in self.map_steps,
         )
         if report.active:
             with torch.no_grad():

@@ -116,6 +116,8 @@ def test_positional_order_is_frozen() -> None:
         "attention_res",
         "normalize_eot",
         "apply_to_hires",
+        "heatmaps",
+        "heatmaps_first_step",
     )
 
 
@@ -134,6 +136,8 @@ def test_infotext_keys_and_labels_are_frozen() -> None:
         "attention_res": ("AE attention size", "Attention map size (0 = auto)"),
         "normalize_eot": ("AE prompt-only softmax", "Prompt-only softmax (SD2.1 mode)"),
         "apply_to_hires": ("AE hires", "Also on the hires fix pass"),
+        "heatmaps": ("AE heatmaps", "Show attention heatmaps"),
+        "heatmaps_first_step": ("AE heatmaps first step", "Heatmaps also at the first step"),
     }
 
 
@@ -152,6 +156,8 @@ def test_infotext_keys_and_labels_are_frozen() -> None:
         ("attention_res", "int", 0, 0, 128, 1),
         ("normalize_eot", "bool", False, None, None, None),
         ("apply_to_hires", "bool", False, None, None, None),
+        ("heatmaps", "bool", False, None, None, None),
+        ("heatmaps_first_step", "bool", False, None, None, None),
     ],
 )
 def test_spec_table(name: str, kind: str, default: Any, minimum: Any, maximum: Any, step: Any) -> None:
@@ -186,7 +192,7 @@ def test_defaults_are_the_official_config() -> None:
 
 
 def test_xyz_params() -> None:
-    assert [s.name for s in xyz_params()] == [n for n in PARAM_NAMES if n != "apply_to_hires"]
+    assert [s.name for s in xyz_params()] == [n for n in PARAM_NAMES if n not in ("apply_to_hires", "heatmaps", "heatmaps_first_step")]
 
 
 def test_api_arg_info() -> None:
@@ -223,7 +229,7 @@ def test_too_few_positional_args_keep_the_remaining_defaults() -> None:
 
 
 def test_full_positional_args() -> None:
-    args = [True, "cat, red car", 25.5, 0.4, "0:0.1, 5:0.9", 10, False, 1.0, 5, 16, True, True]
+    args = [True, "cat, red car", 25.5, 0.4, "0:0.1, 5:0.9", 10, False, 1.0, 5, 16, True, True, True, True]
     params = from_script_args(args)
     assert params.as_args() == args
     assert from_script_args(params.as_args()) == params
@@ -323,6 +329,8 @@ BAD = {
     "attention_res": BAD_NUMBER + [129, 16.5, "16.5"],
     "normalize_eot": BAD_BOOL,
     "apply_to_hires": BAD_BOOL,
+    "heatmaps": BAD_BOOL,
+    "heatmaps_first_step": BAD_BOOL,
 }
 BAD_CASES = [(name, value) for name, values in BAD.items() for value in values]
 
@@ -405,7 +413,7 @@ def test_thresholds_step_message_explains_the_reference_steps() -> None:
 
 
 def test_all_problems_are_reported_at_once() -> None:
-    args = [1, 5, "abc", None, 7, 1.5, "maybe", math.inf, 4, -1, [], {}]
+    args = [1, 5, "abc", None, 7, 1.5, "maybe", math.inf, 4, -1, [], {}, "no", 0]
     with pytest.raises(ParamsError) as error:
         from_script_args(args)
     keys = [m.split(":")[0] for m in error.value.messages]
@@ -425,7 +433,7 @@ def test_too_many_positional_args() -> None:
     with pytest.raises(ParamsError) as error:
         from_script_args(args)
     assert error.value.messages == [
-        "AE: got 13 positional args but there are only 12 parameters (" + ", ".join(PARAM_NAMES) + ")"
+        f"AE: got {len(PARAMS) + 1} positional args but there are only {len(PARAMS)} parameters (" + ", ".join(PARAM_NAMES) + ")"
     ]
 
 
@@ -434,7 +442,7 @@ def test_too_many_positional_args_and_bad_values_are_all_reported() -> None:
     with pytest.raises(ParamsError) as error:
         from_script_args(args)
     assert len(error.value.messages) == 2
-    assert error.value.messages[0].startswith("AE: got 14 positional args")
+    assert error.value.messages[0].startswith(f"AE: got {len(PARAMS) + 2} positional args")
     assert error.value.messages[1].startswith("AE sigma: ")
 
 
