@@ -28,7 +28,7 @@ import torch
 # -- 1. Host facade ---------------------------------------------------------------------------------------------------
 # The WebUI modules this extension uses (A1111 v1.10.1, commit 82a973c0). `shared.opts` / `shared.state` are read as
 # attributes at call time, never bound at import.
-from modules import devices, prompt_parser, script_callbacks, scripts, shared
+from modules import devices, images, prompt_parser, script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
 from lib_ae import AttendAndExcite, AttentionCapture, CaptureError, InSamplerExcitation, StepClock, StepReport, UNetRunner
@@ -48,7 +48,7 @@ from lib_ae.params import (
     xyz_params,
 )
 from lib_ae.sampling import LatentSpace
-from lib_ae.tokens import SubjectLocation, locate_subjects
+from lib_ae.tokens import SubjectLocation, locate_subjects, prompt_tokens
 
 logger = logging.getLogger("lib_ae.webui")
 
@@ -110,7 +110,7 @@ class Processing(Protocol):
 TITLE = "Attend and Excite"
 AE_ERROR_KEY = "AE error"
 """Infotext key for what went wrong (invalid args, subjects not found, unsupported sampler, a failure)."""
-INFOTEXT_KEYS: tuple[str, ...] = tuple(spec.infotext_key for spec in PARAMS) + (AE_ERROR_KEY,)
+INFOTEXT_KEYS: tuple[str, ...] = tuple(spec.infotext_key for spec in PARAMS) + (AE_ERROR_KEY, "AE trace")
 XYZ_OVERRIDES = "_ae_xyz"
 """Attribute of a processing object holding {parameter name: value} set by our X/Y/Z axes (host-api §8)."""
 MAX_ERROR_TEXT = 300
@@ -299,6 +299,8 @@ class SamplingPass:
         self._schedules: dict[str, _PromptTokens] = {}
         self._locations: dict[tuple[str, int], SubjectLocation] = {}
         self._subject_ids: dict[str, list[int]] = {}
+        self.labels: dict[int, list[str]] = {}
+        """Image b -> the subjects found in its prompt, in the order of its maps (heatmap and trace legends)."""
 
     def before_model_call(self, x: torch.Tensor, sigma: torch.Tensor, kwargs: Mapping[str, Any]) -> None:
         """Called by the wrapped forward with the sampler's own tensor; updates it in place at the first call of an
@@ -399,7 +401,9 @@ class SamplingPass:
             plan.alter_steps,
             dict(plan.refinement_thresholds),
         )
-        return InSamplerExcitation(self.engine, plan, self.space, StepClock(calls_per_step))
+        return InSamplerExcitation(
+            self.engine, plan, self.space, StepClock(calls_per_step), map_steps=heatmap_steps(plan, self.params)
+        )
 
     def _clock_index(self, call: int) -> int | None:
         """The call index StepClock understands. PLMS makes two model calls in its first step (the second one on a
@@ -436,6 +440,7 @@ class SamplingPass:
             for message in location.messages:
                 self._report_once(b, message.removeprefix("AE: "))
             self._locations[key] = location
+        self.labels[b] = list(self._locations[key].found)
         return self._locations[key].selection
 
     def _prompt_tokens(self, text: str) -> _PromptTokens:
@@ -513,12 +518,13 @@ def install(p: Processing, params: AEParams) -> None:
         plms=name == "PLMS",
     )
     wrap_forward(den, sampling_pass)
-    setattr(p, LIVE_ENGINES, [*(getattr(p, LIVE_ENGINES, None) or []), engine])
+    setattr(p, LIVE_PASSES, [*(getattr(p, LIVE_PASSES, None) or []), sampling_pass])
 
 
 CUDA_GRAPHS_SETTING = "ae_cuda_graphs"
-LIVE_ENGINES = "_ae_engines"
-"""Attribute of a processing object: the engines of its sampling passes, whose CUDA graphs `post_sample` frees."""
+LIVE_PASSES = "_ae_passes"
+"""Attribute of a processing object: this batch's sampling passes; `post_sample` reads their reports and frees their
+engines' CUDA graphs."""
 
 
 def use_cuda_graphs(p: Processing) -> bool:
@@ -533,11 +539,106 @@ def use_cuda_graphs(p: Processing) -> bool:
     return str(getattr(devices, "device", "cpu")).startswith("cuda")
 
 
-def release_engines(p: Processing) -> None:
-    for engine in getattr(p, LIVE_ENGINES, None) or []:
-        engine.release_graphs()
-    if hasattr(p, LIVE_ENGINES):
-        setattr(p, LIVE_ENGINES, [])
+def release_passes(p: Processing) -> None:
+    for sampling_pass in getattr(p, LIVE_PASSES, None) or []:
+        sampling_pass.engine.release_graphs()
+    if hasattr(p, LIVE_PASSES):
+        setattr(p, LIVE_PASSES, [])
+
+
+# -- Heatmaps and the excitation trace (lib_ae.visualize draws them) ---------------------------------------------------
+
+AE_TRACE_KEY = "AE trace"
+"""Infotext key of the one-line excitation summary, e.g. "25 steps, refinement 20/4/0, final min attention 0.83"."""
+BATCH_VISUALS = "_ae_visuals"
+"""Attribute of a processing object: image index in the current batch -> (subject map rows, trace), set by
+post_sample, read by postprocess_image."""
+HEATMAP_OUTPUTS = "_ae_heatmap_outputs"
+"""Attribute of a processing object: (image index in the whole job, pictures) collected by postprocess_image, added to
+the results by postprocess."""
+
+
+def heatmap_steps(plan: Any, params: AEParams) -> frozenset[int]:
+    """The steps whose subject maps are kept: the last step A&E runs, and with `heatmaps_first_step` the first one."""
+    if not params.heatmaps:
+        return frozenset()
+    active = [step for step in range(plan.steps) if plan.is_active(step)]
+    if not active:
+        return frozenset()
+    return frozenset({active[-1], active[0]} if params.heatmaps_first_step else {active[-1]})
+
+
+def record_batch_trace(p: Processing) -> None:
+    """After sampling a batch: the trace line for each image's infotext and, with heatmaps on, what to draw. Reads the
+    first pass that ran A&E (the txt2img first pass; the hires pass only when it alone did)."""
+    from lib_ae.visualize import image_trace, subject_maps_at, trace_summary
+
+    passes = [sp for sp in getattr(p, LIVE_PASSES, None) or [] if sp.excitation is not None and sp.excitation.reports]
+    setattr(p, BATCH_VISUALS, {})
+    if not passes:
+        return
+    sampling_pass = passes[0]
+    excitation = sampling_pass.excitation
+    assert excitation is not None
+    reports, plan = excitation.reports, excitation.plan
+    summaries: dict[int, str] = {}
+    visuals: dict[int, tuple[list[list[Any]], Any]] = {}
+    for b, labels in sampling_pass.labels.items():
+        if not labels:
+            continue
+        trace = image_trace(reports, b, labels, sorted(plan.refinement_thresholds))
+        if not trace.steps:
+            continue
+        summaries[b] = trace_summary(trace)
+        if sampling_pass.params.heatmaps:
+            by_step = {r.step: subject_maps_at(r, b, labels) for r in reports if r.step in excitation.map_steps}
+            rows = [by_step[step] for step in sorted(by_step, reverse=True) if by_step[step]]
+            visuals[b] = (rows, trace)
+    setattr(p, BATCH_VISUALS, visuals)
+    if summaries:
+        # Evaluated per image when A1111 writes the infotext (processing.py L802-810; `index` = position in the batch).
+        p.extra_generation_params[AE_TRACE_KEY] = lambda index=0, **_: summaries.get(index)
+
+
+def draw_heatmaps(p: Processing, image: Any) -> None:
+    """For the image A1111 just finished (p.batch_index of batch p.iteration): its heatmap strip and trace plot."""
+    from lib_ae.visualize import heatmap_strip, trace_plot
+
+    b = int(getattr(p, "batch_index", 0))
+    visual = (getattr(p, BATCH_VISUALS, None) or {}).get(b)
+    if visual is None:
+        return
+    rows, trace = visual
+    pictures = ([heatmap_strip(image, rows).image] if rows else []) + [trace_plot(trace)]
+    job_index = int(getattr(p, "iteration", 0)) * int(getattr(p, "batch_size", 1)) + b
+    setattr(p, HEATMAP_OUTPUTS, [*(getattr(p, HEATMAP_OUTPUTS, None) or []), (job_index, pictures)])
+
+
+def add_heatmaps_to_results(p: Processing, processed: Any) -> None:
+    """Append the pictures after the generated images (never replacing one), each with its image's infotext, and save
+    them the way A1111 saves samples (images.save_image, suffix "-ae-heatmaps" / "-ae-trace")."""
+    outputs = getattr(p, HEATMAP_OUTPUTS, None) or []
+    setattr(p, HEATMAP_OUTPUTS, [])
+    first = int(getattr(processed, "index_of_first_image", 0))
+    save = bool(getattr(shared.opts, "samples_save", True)) and not getattr(p, "do_not_save_samples", False)
+    for job_index, pictures in outputs:
+        position = first + job_index
+        info = processed.infotexts[position] if position < len(processed.infotexts) else None
+        for picture, suffix in zip(pictures, ("-ae-heatmaps", "-ae-trace") if len(pictures) == 2 else ("-ae-trace",)):
+            processed.images.append(picture)
+            processed.infotexts.append(info)
+            if save:
+                images.save_image(
+                    picture,
+                    p.outpath_samples,
+                    "",
+                    p.all_seeds[job_index],
+                    p.all_prompts[job_index],
+                    shared.opts.samples_format,
+                    info=info,
+                    p=p,
+                    suffix=suffix,
+                )
 
 
 def wrap_forward(den: Denoiser, sampling_pass: SamplingPass) -> None:
@@ -620,6 +721,7 @@ class AttendAndExciteScript(scripts.Script):
             for spec in PARAMS:
                 if spec.name in MAIN_PARAMS and spec.name != enabled.name:
                     controls[spec.name] = make_control(spec, initial_value(spec), self.elem_id(spec.name))
+            token_view_ui(self.elem_id, controls["subjects"])  # section 4b; adds no script argument
             with gr.Accordion("Advanced", open=False, elem_id=self.elem_id("advanced")):
                 for spec in PARAMS:
                     if spec.name not in MAIN_PARAMS:
@@ -649,7 +751,18 @@ class AttendAndExciteScript(scripts.Script):
         install(p, params)
 
     def post_sample(self, p: Processing, *args: Any) -> None:
-        release_engines(p)  # the graphs' memory pool; a later pass (img2img's next batch) captures anew
+        try:
+            record_batch_trace(p)
+        finally:
+            release_passes(p)  # the graphs' memory pool; a later pass (img2img's next batch) captures anew
+
+    def postprocess_image(self, p: Processing, pp: Any, *args: Any) -> None:
+        if getattr(p, BATCH_VISUALS, None):
+            draw_heatmaps(p, pp.image)
+
+    def postprocess(self, p: Processing, processed: Any, *args: Any) -> None:
+        if getattr(p, HEATMAP_OUTPUTS, None):
+            add_heatmaps_to_results(p, processed)
 
     @staticmethod
     def _params(p: Processing, args: Sequence[Any], *, report: bool) -> AEParams | None:
@@ -664,6 +777,214 @@ class AttendAndExciteScript(scripts.Script):
         if report:
             clear_infotext(p)  # pops nothing unless an earlier X/Y/Z cell left keys in the shared dict
         return params
+
+
+# -- 4b. Token view ---------------------------------------------------------------------------------------------------
+# A live view, inside the accordion, of how the current prompt is tokenized by the loaded model's own text encoder and
+# A1111's prompt parsing (emphasis, BREAK, 75-token chunks, prompt editing), with each subject's conditioning columns
+# and the subjects that are not found. javascript/attend_and_excite.js writes {prompt, subjects, steps} as JSON into a
+# hidden textbox and clicks a hidden button (the pattern of A1111's token counter, ui.py L491); the reply is the HTML.
+# None of these components is returned by ui(), so they carry no script argument (positional API order unchanged).
+
+TOKEN_VIEW_MAX_CHUNKS = 8
+"""Chunks shown per schedule entry (600 tokens); the rest is summarised."""
+WORD_END = "</w>"
+
+
+def token_text(encoder: Any, token_id: int) -> str:
+    """The text of one token id: HF CLIPTokenizer (SD1, SDXL's CLIP-L: `encoder.tokenizer`) or open_clip's tokenizer
+    (SD2: module-level `sd_hijack_open_clip.tokenizer`), byte-level BPE decoded; a word end keeps its `</w>`."""
+    tokenizer = getattr(encoder, "tokenizer", None)
+    if tokenizer is not None and hasattr(tokenizer, "convert_ids_to_tokens"):
+        text = str(tokenizer.convert_ids_to_tokens(int(token_id)))
+    else:
+        from modules.sd_hijack_open_clip import tokenizer as open_clip_tokenizer
+
+        tokenizer = open_clip_tokenizer
+        text = str(open_clip_tokenizer.decoder.get(int(token_id), f"<{token_id}>"))
+    end = text.endswith(WORD_END)
+    body = text[: -len(WORD_END)] if end else text
+    byte_decoder = getattr(tokenizer, "byte_decoder", None)
+    if byte_decoder:
+        try:
+            body = bytearray(byte_decoder[c] for c in body).decode("utf-8", errors="replace")
+        except KeyError:
+            pass
+    return body + (WORD_END if end else "")
+
+
+def _escape(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=True)
+
+
+def token_view_html(prompt: str, subjects_text: str, steps: int) -> str:
+    """The token view of `prompt` with the subjects `subjects_text`, as HTML (messages instead of raising)."""
+    try:
+        return _token_view_html(prompt, subjects_text, steps)
+    except Exception as error:  # the view must never break the UI; the message says what happened
+        logger.debug("token view failed", exc_info=True)
+        return f"<div class='ae-tokens-message'>Token view unavailable: {_escape(type(error).__name__)}: {_escape(str(error)[:200])}</div>"
+
+
+def _token_view_html(prompt: str, subjects_text: str, steps: int) -> str:
+    from modules import extra_networks
+
+    sd_model = getattr(shared, "sd_model", None)
+    if sd_model is None:
+        return "<div class='ae-tokens-message'>No model is loaded.</div>"
+    encoder = text_encoder(sd_model)
+    try:
+        subjects = parse_value("subjects", subjects_text)
+    except ParamsError as error:
+        subjects = ""
+        subject_problem = "; ".join(error.messages)
+    else:
+        subject_problem = ""
+    subject_list = [s for s in str(subjects).split(", ") if s]
+    text, _ = extra_networks.parse_prompt(prompt or "")  # <lora:...> tags are removed before conditioning
+    indexes, texts, _ = prompt_parser.get_multicond_prompt_list([text])
+    first = texts[indexes[0][0][0]] if indexes and indexes[0] else text
+    steps = max(1, int(steps or 20))
+    schedule = prompt_parser.get_learned_conditioning_prompt_schedules(
+        [first], steps, None, shared.opts.use_old_scheduling
+    )[0]
+    parts: list[str] = []
+    if subject_problem:
+        parts.append(f"<div class='ae-tokens-problem'>{_escape(subject_problem)}</div>")
+    if len(texts) > 1:
+        parts.append("<div class='ae-tokens-note'>AND: A&amp;E uses the first sub-prompt only.</div>")
+    all_found: dict[str, tuple[int, ...]] = {}
+    missing: dict[str, str] = {}
+    for entry_index, (end_at_step, entry_text) in enumerate(schedule):
+        batch_chunks, token_count = encoder.process_texts([entry_text])
+        chunks = batch_chunks[0]
+        ids = [[int(t) for t in chunk.tokens] for chunk in chunks]
+        location = locate_subjects(
+            ids,
+            subject_list,
+            lambda s: [int(t) for t in encoder.tokenize([s])[0]],
+            bos_id=encoder.id_start,
+            eos_id=encoder.id_end,
+            pad_id=encoder.id_pad,
+        )
+        if entry_index == 0 or not all_found:
+            all_found = dict(location.found)
+        for subject in location.missing:
+            reason = next((m for m in location.messages if repr(subject) in m), f"subject {subject!r} is not in the prompt")
+            missing.setdefault(subject, reason.removeprefix("AE: "))
+        owner = {column: subject for subject, columns in location.found.items() for column in columns}
+        order = {subject: i for i, subject in enumerate(subject_list)}
+        header = f"{token_count} tokens, {len(chunks)} chunk{'s' if len(chunks) != 1 else ''} of 75"
+        if len(schedule) > 1:
+            header = f"until step {end_at_step}: " + header
+        parts.append(f"<div class='ae-tokens-entry'><div class='ae-tokens-header'>{_escape(header)}</div>")
+        for k, chunk in enumerate(chunks[:TOKEN_VIEW_MAX_CHUNKS]):
+            fixes = {int(fix.offset) + 1: fix.embedding for fix in getattr(chunk, "fixes", [])}
+            real = len(prompt_tokens(ids[k], bos_id=encoder.id_start, eos_id=encoder.id_end, pad_id=encoder.id_pad))
+            spans: list[str] = []
+            word: list[tuple[int, str]] = []
+            words: list[list[tuple[int, str]]] = []
+            for j in range(1, real + 1):
+                word.append((j, token_text(encoder, ids[k][j])))
+                if word[-1][1].endswith(WORD_END) or j == real:
+                    words.append(word)
+                    word = []
+            multipliers = list(getattr(chunk, "multipliers", [1.0] * len(ids[k])))
+            skip_until = 0
+            for word_tokens in words:
+                whole = "".join(t.removesuffix(WORD_END) for _, t in word_tokens)
+                for j, tok in word_tokens:
+                    column = 77 * k + j
+                    if j < skip_until:
+                        continue
+                    classes = ["ae-token"]
+                    attrs = [f"data-ae-col='{column}'", f"data-ae-word='{_escape(whole)}'"]
+                    label = tok.removesuffix(WORD_END)
+                    title = f"column {column}, id {ids[k][j]}"
+                    if j in fixes:
+                        embedding = fixes[j]
+                        vectors = int(getattr(embedding, "vectors", 1) or 1)
+                        skip_until = j + vectors
+                        label = str(getattr(embedding, "name", "embedding"))
+                        title = f"columns {column}-{column + vectors - 1}: textual inversion embedding ({vectors} vectors)"
+                        classes.append("ae-token-embedding")
+                        attrs[1] = f"data-ae-word='{_escape(label)}'"
+                    weight = float(multipliers[j]) if j < len(multipliers) else 1.0
+                    if abs(weight - 1.0) > 1e-6:
+                        title += f", weight {weight:.3g}"
+                        classes.append("ae-token-weighted")
+                    if not tok.endswith(WORD_END) and j not in fixes:
+                        classes.append("ae-token-cont")  # the word goes on in the next token
+                    subject = owner.get(column)
+                    if subject is not None:
+                        classes.append(f"ae-subject ae-subject-{order.get(subject, 0) % 6}")
+                        attrs.append(f"data-ae-subject='{_escape(subject)}'")
+                        title += f", subject '{subject}'"
+                    attrs.append(f"title='{_escape(title)}'")
+                    weight_mark = f"<sub>{weight:.2g}</sub>" if "ae-token-weighted" in classes else ""
+                    spans.append(f"<span class='{' '.join(classes)}' {' '.join(attrs)}>{_escape(label)}{weight_mark}</span>")
+            pad = 75 - real
+            parts.append(
+                f"<div class='ae-tokens-chunk'><span class='ae-chunk-label' title='columns {77 * k}-{77 * k + 76}'>"
+                f"chunk {k + 1}</span>{''.join(spans)}"
+                f"<span class='ae-token-pad'>{'+' + str(pad) + ' pad' if pad else 'full'}</span></div>"
+            )
+        if len(chunks) > TOKEN_VIEW_MAX_CHUNKS:
+            parts.append(f"<div class='ae-tokens-note'>... {len(chunks) - TOKEN_VIEW_MAX_CHUNKS} more chunks</div>")
+        parts.append("</div>")
+    legend: list[str] = []
+    for i, subject in enumerate(subject_list):
+        if subject in all_found:
+            columns = all_found[subject]
+            where = f"column {columns[0]}" if len(columns) == 1 else f"columns {columns[0]}-{columns[-1]}"
+            legend.append(
+                f"<span class='ae-legend ae-subject ae-subject-{i % 6}' data-ae-subject='{_escape(subject)}' "
+                f"title='click to remove'>{_escape(subject)}: {where}</span>"
+            )
+        else:
+            reason = missing.get(subject, f"subject {subject!r} is not in the prompt")
+            legend.append(
+                f"<span class='ae-legend ae-missing' data-ae-subject='{_escape(subject)}' title='{_escape(reason)}'>"
+                f"{_escape(subject)}: not found</span>"
+            )
+    if not subject_list:
+        legend.append("<span class='ae-tokens-note'>Click a word to make it a subject.</span>")
+    return (
+        "<div class='ae-tokens'><div class='ae-tokens-legend'>" + "".join(legend) + "</div>" + "".join(parts) + "</div>"
+    )
+
+
+def token_view_request(request: str, subjects_text: str) -> str:
+    """Gradio handler: `request` is the JSON the javascript wrote ({"prompt", "subjects", "steps"})."""
+    import json
+
+    try:
+        data = json.loads(request or "{}")
+    except ValueError:
+        data = {}
+    prompt = str(data.get("prompt", ""))
+    subjects = data.get("subjects", subjects_text)
+    try:
+        steps = int(float(data.get("steps", 20)))
+    except (TypeError, ValueError):
+        steps = 20
+    return token_view_html(prompt, subjects if isinstance(subjects, str) else subjects_text, steps)
+
+
+def token_view_ui(elem_id: Callable[[str], str], subjects: Any) -> None:
+    """The view and its hidden bridge, created inside the accordion (not returned by ui(): no script argument)."""
+    if not (hasattr(gr, "HTML") and hasattr(gr, "Button")):
+        return  # the gradio stand-in of tests/host has neither; the real gradio 3.41.2 has both
+    view = gr.HTML(
+        "<div class='ae-tokens-message'>Open this section and type a prompt to see its tokens.</div>",
+        elem_id=elem_id("tokens"),
+        elem_classes=["ae-tokens-view"],
+    )
+    request = gr.Textbox(visible=False, elem_id=elem_id("tokens_request"))
+    refresh = gr.Button(visible=False, elem_id=elem_id("tokens_refresh"))
+    refresh.click(fn=token_view_request, inputs=[request, subjects], outputs=[view], show_progress=False, queue=False)
 
 
 # -- 5. Settings and X/Y/Z --------------------------------------------------------------------------------------------

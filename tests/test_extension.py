@@ -8,6 +8,7 @@ A1111's order around a real k-diffusion sampler and CFG denoiser over a tiny ran
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -629,4 +630,45 @@ def test_cuda_graph_runner_gives_the_same_images(webui: WebUI, monkeypatch: pyte
     p, graphed = webui.run(args)
     assert evaluations and all(type(r).__name__ == "GraphableRunner" for r in evaluations)
     assert torch.equal(torch.stack(graphed.images), torch.stack(eager.images))
-    assert getattr(p, "_ae_engines") == []
+    assert getattr(p, "_ae_passes") == []
+
+
+def test_heatmaps_and_trace_for_a_batch_of_two_with_different_subjects(webui: WebUI) -> None:
+    """Per image: a strip with one tile per subject found in its own prompt (last step A&E ran, then the first step),
+    and a trace plot, appended after the generated images with that image's infotext and saved through A1111's
+    save_image; the infotext carries the one-line trace. Off: none of it, and no maps are kept."""
+    from modules import images as host_images
+    from PIL import Image
+
+    prompts = ["a cat and a dog", "a red car near a tree"]
+    host_images.saved.clear()
+    args = webui.args(enabled=True, subjects="cat, dog, car, tree", heatmaps=True, heatmaps_first_step=True)
+    p, processed = webui.run(args, prompt=prompts, batch_size=2)
+    generated, pictures = processed.images[:2], processed.images[2:]
+    assert all(isinstance(image, torch.Tensor) for image in generated)  # the images themselves are untouched
+    assert len(pictures) == 4 and all(isinstance(picture, Image.Image) for picture in pictures)
+    strip_a, plot_a, strip_b, plot_b = pictures
+    # Tiles 256 high (width from the square image), a 28-pixel caption, two subjects found in each prompt, two rows.
+    assert strip_a.size == strip_b.size == (2 * 256, 2 * (256 + 28))
+    visuals = getattr(p, "_ae_visuals")
+    assert [[[m.label for m in row] for row in visuals[b][0]] for b in (0, 1)] == [
+        [["cat", "dog"], ["cat", "dog"]], [["car", "tree"], ["car", "tree"]]
+    ]
+    assert [[m.step for m in row][0] for row in visuals[0][0]] == [2, 0]  # the last step A&E ran, then the first
+    assert plot_a.size == plot_b.size == (512, 320)
+    assert processed.infotexts[2:] == [processed.infotexts[0]] * 2 + [processed.infotexts[1]] * 2
+    keys = [ae_keys(text, webui.host) for text in processed.infotexts[:2]]
+    for fields in keys:
+        # 4 steps: the update at steps 0-1, refinement (capped at 2 iterations) at steps 0, 1 and 2
+        assert re.fullmatch(r"3 steps, refinement [0-2]/[0-2]/[0-2], final min attention [01]\.\d\d", fields["AE trace"])
+        assert "final min attention" in fields["AE trace"]
+    assert [(s["suffix"], s["seed"], s["prompt"]) for s in host_images.saved] == [
+        ("-ae-heatmaps", 7, prompts[0]), ("-ae-trace", 7, prompts[0]),
+        ("-ae-heatmaps", 8, prompts[1]), ("-ae-trace", 8, prompts[1]),
+    ]
+    assert "AE error" in keys[0]  # "car" and "tree" are not in the first prompt, "cat"/"dog" not in the second
+
+    host_images.saved.clear()
+    p, processed = webui.run(webui.args(enabled=True, subjects="cat, dog"))
+    assert len(processed.images) == 1 and host_images.saved == []
+    assert "AE trace" in ae_keys(processed.infotexts[0], webui.host)

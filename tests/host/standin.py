@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from modules import processing, script_callbacks, scripts, shared
+from modules import processing, script_callbacks, scripts, sd_hijack, shared
 from modules.sd_hijack_clip import FrozenCLIPEmbedderWithCustomWords
 from support.models import SD1_LIKE, LdmDenoiserModel, TinyUnetConfig, make_unet
 
@@ -80,6 +80,7 @@ def txt2img(
 ) -> tuple[processing.StableDiffusionProcessingTxt2Img, processing.Processed]:
     """txt2img.py `txt2img_create_processing` (L14-56) + `txt2img` (L102-108): the processing object gets the runner
     and the args, the selectable script runs if one is chosen, else process_images. Returns (p, processed)."""
+    shared.state.begin(job="txt2img")  # call_queue.wrap_gradio_gpu_call L33 (UI) / api.py text2imgapi L475 (API)
     p = processing.StableDiffusionProcessingTxt2Img(**fields)
     p.scripts = runner
     p.script_args = args
@@ -90,8 +91,9 @@ def txt2img(
 
 
 def reset_host(model: StandInSdModel | None) -> None:
-    """A fresh process, in effect: new options/state, no scripts or callbacks, `model` loaded."""
+    """A fresh process, in effect: new options/state, no scripts or callbacks, no embeddings, `model` loaded."""
     shared.reset()
+    sd_hijack.model_hijack.embedding_db = sd_hijack.EmbeddingDatabase()
     shared.sd_model = model
     scripts.scripts_data.clear()
     script_callbacks.clear_callbacks()

@@ -7,9 +7,10 @@ import logging
 from typing import Any
 
 import torch
+from PIL import Image
 
 from modules import infotext_utils, prompt_parser, sd_samplers, shared
-from modules.scripts import PostSampleArgs, ScriptRunner
+from modules.scripts import PostprocessImageArgs, PostSampleArgs, ScriptRunner
 
 logger = logging.getLogger("host.processing")
 
@@ -50,6 +51,9 @@ class StableDiffusionProcessingTxt2Img:
         self.is_api = is_api
         self.extra_generation_params: dict[str, Any] = {}  # L239
         self.is_hr_pass = False  # L196
+        self.outpath_samples = "outputs/txt2img-images"  # txt2img.py L20 (opts.outdir_txt2img_samples)
+        self.do_not_save_samples = False  # L161
+        self.batch_index = 0  # L1032, set per image
         self.enable_hr = False
         self.hr_second_pass_steps = 0
         self.sampler: Any = None
@@ -152,6 +156,7 @@ class Processed:
         self.images = images
         self.infotexts = infotexts
         self.info = infotexts[0] if infotexts else ""
+        self.index_of_first_image = 0  # L543: 1 when a grid leads the images (the stand-in makes none)
         self.extra_generation_params = p.extra_generation_params
 
 
@@ -176,6 +181,13 @@ def create_infotext(p: StableDiffusionProcessingTxt2Img, index: int) -> str:
     )
     negative = f"\nNegative prompt: {p.negative_prompts[index]}" if p.negative_prompts[index] else ""
     return f"{p.prompts[index]}{negative}\n{text}".strip()
+
+
+def latent_preview(latent: torch.Tensor) -> Image.Image:
+    """What the VAE decode + conversion to PIL (L995-1047) hands postprocess_image: an RGB picture of the image's size,
+    here the latent's first three channels upsampled 8x (no VAE in the stand-in)."""
+    rgb = (latent[:3].float().clamp(-3, 3) / 6 + 0.5).mul(255).byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(rgb, "RGB").resize((latent.shape[-1] * 8, latent.shape[-2] * 8), Image.NEAREST)
 
 
 def process_images(p: StableDiffusionProcessingTxt2Img) -> Processed:
@@ -212,6 +224,9 @@ def process_images(p: StableDiffusionProcessingTxt2Img) -> Processed:
             if p.scripts is not None:
                 p.scripts.postprocess_batch(p, samples, batch_number=n)  # L1016-1017
             for i, sample in enumerate(samples):
+                p.batch_index = i  # L1032
+                if p.scripts is not None:  # L1049-1051, with the decoded image (here: the latent drawn as a picture)
+                    p.scripts.postprocess_image(p, PostprocessImageArgs(latent_preview(sample)))
                 images.append(sample.clone())
                 infotexts.append(create_infotext(p, i))  # L1087
     res = Processed(p, images, infotexts)

@@ -31,6 +31,13 @@ class PostSampleArgs:
         self.samples = samples
 
 
+class PostprocessImageArgs:
+    """L32-34."""
+
+    def __init__(self, image: Any) -> None:
+        self.image = image
+
+
 class Script:
     """L52-348: class attributes, the hooks as no-ops, and `elem_id`."""
 
@@ -75,6 +82,8 @@ class Script:
     def process_before_every_sampling(self, p: Any, *args: Any, **kwargs: Any) -> None: ...
 
     def post_sample(self, p: Any, ps: PostSampleArgs, *args: Any) -> None: ...
+
+    def postprocess_image(self, p: Any, pp: PostprocessImageArgs, *args: Any) -> None: ...
 
     def postprocess_batch(self, p: Any, *args: Any, **kwargs: Any) -> None: ...
 
@@ -247,6 +256,9 @@ class ScriptRunner:
 
     def postprocess_batch(self, p: Any, images: Any, **kwargs: Any) -> None:
         self._call("postprocess_batch", p, images=images, **kwargs)  # L876-882
+
+    def postprocess_image(self, p: Any, pp: PostprocessImageArgs) -> None:
+        self._call("postprocess_image", p, pp)  # L908-914: (p, pp, *args)
 
     def postprocess(self, p: Any, processed: Any) -> None:
         self._call("postprocess", p, processed)  # L868-874: (p, processed, *args)

@@ -2,18 +2,23 @@
 the CLIP text transformer.
 
 Token ids are real CLIP BPE ids (open_clip's SimpleTokenizer, the same vocabulary as SD1's HF CLIPTokenizer), so
-subject words are located exactly as in the WebUI. Chunking follows `tokenize_line` (L81-174) for plain prompts:
-75 prompt tokens per chunk, `BREAK` starts a new chunk, every chunk is `[BOS] + tokens + EOS padding + [EOS]`;
-no emphasis parsing, comma back-tracking or textual inversion. Conditioning: `forward` (L199-251) encodes chunk i of
-all texts together, empty chunks for texts with fewer chunks, and concatenates the chunks along the token axis.
+subject words are located exactly as in the WebUI. `tokenize_line` is A1111's (L81-174): emphasis parsed by
+`prompt_parser.parse_prompt_attention` (unless `opts.emphasis == "None"`), each segment tokenized on its own, chunks of
+75 tokens, `BREAK` starts a new chunk, the text after a comma within the last `opts.comma_padding_backtrack` tokens
+moves to the next chunk, textual-inversion embeddings from `sd_hijack.model_hijack.embedding_db` become placeholder
+ids 0 with a `PromptChunkFix`; every chunk is `[BOS] + tokens + EOS padding + [EOS]`. Conditioning: `forward`
+(L199-251) encodes chunk i of all texts together, empty chunks for texts with fewer chunks, splices embedding vectors
+at offset + 1 (sd_hijack.EmbeddingsWithFixes.forward L347-366), applies the "Original" emphasis (sd_emphasis.py
+L36-46: z times the multipliers, mean restored) and concatenates the chunks along the token axis.
 """
 
 from __future__ import annotations
 
-import re
+from collections import namedtuple
 
 import torch
 
+from modules import prompt_parser, sd_hijack, shared
 from support.thirdparty import clip_tokenizer
 
 
@@ -23,7 +28,11 @@ class PromptChunk:
     def __init__(self) -> None:
         self.tokens: list[int] = []
         self.multipliers: list[float] = []
-        self.fixes: list[object] = []
+        self.fixes: list[PromptChunkFix] = []
+
+
+PromptChunkFix = namedtuple("PromptChunkFix", ["offset", "embedding"])
+"""L24: the embedding's vectors go at `offset` (+1 for the BOS) of the chunk."""
 
 
 class FrozenCLIPEmbedderWithCustomWords(torch.nn.Module):
@@ -37,6 +46,8 @@ class FrozenCLIPEmbedderWithCustomWords(torch.nn.Module):
         self.id_start = self.tokenizer.sot_token_id  # L342-344: BOS/EOS of the tokenizer; SD1 pads with EOS
         self.id_end = self.tokenizer.eot_token_id
         self.id_pad = self.id_end
+        self.comma_token = self.tokenizer.encoder.get(",</w>", None)  # L323
+        self.hijack = sd_hijack.model_hijack  # TextConditionalModel.__init__ L34
         generator = torch.Generator().manual_seed(seed)
         vocabulary = len(self.tokenizer.encoder)
         self.token_embedding = torch.nn.Parameter(
@@ -57,31 +68,98 @@ class FrozenCLIPEmbedderWithCustomWords(torch.nn.Module):
         chunk.multipliers = [1.0] * (self.chunk_length + 2)
         return chunk
 
-    def _close(self, tokens: list[int]) -> PromptChunk:
-        chunk = PromptChunk()
-        padded = tokens + [self.id_end] * (self.chunk_length - len(tokens))
-        chunk.tokens = [self.id_start] + padded + [self.id_end]
-        chunk.multipliers = [1.0] * len(chunk.tokens)
-        return chunk
-
     def tokenize_line(self, line: str) -> tuple[list[PromptChunk], int]:
+        """L81-174, verbatim."""
+        opts = shared.opts
+        if opts.emphasis != "None":
+            parsed = prompt_parser.parse_prompt_attention(line)
+        else:
+            parsed = [[line, 1.0]]
+
+        tokenized = self.tokenize([text for text, _ in parsed])
+
         chunks: list[PromptChunk] = []
-        current: list[int] = []
+        chunk = PromptChunk()
         token_count = 0
-        for part_index, part in enumerate(re.split(r"\s*\bBREAK\b\s*", line)):  # BREAK: prompt_parser.re_break L368
-            if part_index > 0:
-                chunks.append(self._close(current))
+        last_comma = -1
+
+        def next_chunk(is_last: bool = False) -> None:
+            nonlocal token_count
+            nonlocal last_comma
+            nonlocal chunk
+
+            if is_last:
+                token_count += len(chunk.tokens)
+            else:
                 token_count += self.chunk_length
-                current = []
-            for token in self.tokenize([part])[0] if part else []:
-                if len(current) == self.chunk_length:
-                    chunks.append(self._close(current))
-                    token_count += self.chunk_length
-                    current = []
-                current.append(token)
-        if current or not chunks:
-            chunks.append(self._close(current))
-            token_count += len(current)
+
+            to_add = self.chunk_length - len(chunk.tokens)
+            if to_add > 0:
+                chunk.tokens += [self.id_end] * to_add
+                chunk.multipliers += [1.0] * to_add
+
+            chunk.tokens = [self.id_start] + chunk.tokens + [self.id_end]
+            chunk.multipliers = [1.0] + chunk.multipliers + [1.0]
+
+            last_comma = -1
+            chunks.append(chunk)
+            chunk = PromptChunk()
+
+        for tokens, (text, weight) in zip(tokenized, parsed):
+            if text == "BREAK" and weight == -1:
+                next_chunk()
+                continue
+
+            position = 0
+            while position < len(tokens):
+                token = tokens[position]
+
+                if token == self.comma_token:
+                    last_comma = len(chunk.tokens)
+                elif (
+                    opts.comma_padding_backtrack != 0
+                    and len(chunk.tokens) == self.chunk_length
+                    and last_comma != -1
+                    and len(chunk.tokens) - last_comma <= opts.comma_padding_backtrack
+                ):
+                    break_location = last_comma + 1
+
+                    reloc_tokens = chunk.tokens[break_location:]
+                    reloc_mults = chunk.multipliers[break_location:]
+
+                    chunk.tokens = chunk.tokens[:break_location]
+                    chunk.multipliers = chunk.multipliers[:break_location]
+
+                    next_chunk()
+                    chunk.tokens = reloc_tokens
+                    chunk.multipliers = reloc_mults
+
+                if len(chunk.tokens) == self.chunk_length:
+                    next_chunk()
+
+                embedding, embedding_length_in_tokens = self.hijack.embedding_db.find_embedding_at_position(
+                    tokens, position
+                )
+                if embedding is None:
+                    chunk.tokens.append(token)
+                    chunk.multipliers.append(weight)
+                    position += 1
+                    continue
+
+                emb_len = int(embedding.vectors)
+                if len(chunk.tokens) + emb_len > self.chunk_length:
+                    next_chunk()
+
+                chunk.fixes.append(PromptChunkFix(len(chunk.tokens), embedding))
+
+                chunk.tokens += [0] * emb_len
+                chunk.multipliers += [weight] * emb_len
+                assert embedding_length_in_tokens is not None
+                position += embedding_length_in_tokens
+
+        if chunk.tokens or not chunks:
+            next_chunk(is_last=True)
+
         return chunks, token_count
 
     def process_texts(self, texts: list[str]) -> tuple[list[list[PromptChunk]], int]:
@@ -99,7 +177,18 @@ class FrozenCLIPEmbedderWithCustomWords(torch.nn.Module):
         chunk_count = max(len(chunks) for chunks in batch_chunks)
         outputs = []
         for i in range(chunk_count):
-            tokens = [chunks[i].tokens if i < len(chunks) else self.empty_chunk().tokens for chunks in batch_chunks]
-            ids = torch.tensor(tokens)
-            outputs.append(self.token_embedding[ids] + self.position_embedding)
+            batch_chunk = [chunks[i] if i < len(chunks) else self.empty_chunk() for chunks in batch_chunks]
+            ids = torch.tensor([chunk.tokens for chunk in batch_chunk])
+            z = self.token_embedding[ids] + self.position_embedding
+            for row, chunk in enumerate(batch_chunk):  # EmbeddingsWithFixes.forward L347-366
+                for offset, embedding in chunk.fixes:
+                    emb_len = min(z.shape[1] - offset - 1, embedding.vec.shape[0])
+                    z[row, offset + 1 : offset + 1 + emb_len] = embedding.vec[:emb_len].to(z.dtype)
+            if shared.opts.emphasis in ("Original", "No norm"):  # sd_emphasis.py L36-55
+                multipliers = torch.tensor([chunk.multipliers for chunk in batch_chunk], dtype=z.dtype)
+                original_mean = z.mean()
+                z = z * multipliers[..., None]
+                if shared.opts.emphasis == "Original":
+                    z = z * (original_mean / z.mean())
+            outputs.append(z)
         return torch.hstack(outputs)

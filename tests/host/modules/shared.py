@@ -78,6 +78,8 @@ class Options:
 def _builtin_defaults() -> dict[str, Any]:
     """The defaults (modules/shared_options.py, 82a973c0) of the built-in options this stand-in host reads."""
     return {
+        "samples_save": True,  # L35
+        "samples_format": "png",  # L36
         "enable_quantization": False,  # L176
         "emphasis": "Original",  # L177
         "comma_padding_backtrack": 20,  # L179
@@ -113,6 +115,17 @@ class State:
 
     def interrupt(self) -> None:
         self.interrupted = True
+
+    def begin(self, job: str = "(unknown)") -> None:
+        """shared_state.py L110-127: a new job starts with no pending skip/interrupt and no progress text
+        (called by call_queue.wrap_gradio_gpu_call L33 for the UI and api.py text2imgapi L475 for the API)."""
+        self.sampling_step = 0
+        self.job_count = -1
+        self.skipped = False
+        self.interrupted = False
+        self.stopping_generation = False
+        self.textinfo = None
+        self.job = job
 
 
 state = State()
