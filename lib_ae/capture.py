@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -55,6 +56,7 @@ class _Accumulator:
     maps_count: int = 0
     layers: list[str] | None = None
     names_only: bool = False  # a probe: note which layers match, compute nothing
+    seen: set[int] | None = None  # query lengths of the cross-attention layers that ran (for the error message)
 
 
 class AttentionCapture:
@@ -124,7 +126,7 @@ class AttentionCapture:
         """Capture the maps of size height x width during the forward run inside this block."""
         if not self._handles:
             raise CaptureError("attention capture was removed")
-        accumulator = _Accumulator(height, width, layers=[])
+        accumulator = _Accumulator(height, width, layers=[], seen=set())
         self._active = accumulator
         recording = Recording(accumulator)
         try:
@@ -137,7 +139,8 @@ class AttentionCapture:
             self._last_layer[(height, width)] = accumulator.layers[-1]
         if accumulator.total is None:
             raise CaptureError(
-                f"no cross-attention layer with {height}x{width} maps ran; choose an attention resolution this model has"
+                f"no cross-attention layer with {height}x{width} maps ran; "
+                + _available_sizes(accumulator.seen or set())
             )
 
     def _on_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -148,7 +151,11 @@ class AttentionCapture:
         context = kwargs.get("context", kwargs.get("encoder_hidden_states"))
         if context is None and len(args) > 1:
             context = args[1]
-        if context is None or hidden is None or hidden.shape[1] != acc.height * acc.width:
+        if context is None or hidden is None:
+            return
+        if acc.seen is not None:
+            acc.seen.add(int(hidden.shape[1]))
+        if hidden.shape[1] != acc.height * acc.width:
             return
         if acc.names_only:
             assert acc.layers is not None
@@ -163,6 +170,17 @@ class AttentionCapture:
         acc.layers.append(name)
         if self.early_stop and self._last_layer.get((acc.height, acc.width)) == name:
             raise _ForwardComplete()
+
+
+def _available_sizes(seen: set[int]) -> str:
+    """What a user can choose instead: the map sizes that did run, largest first ("8x8, 4x4"), or their lengths."""
+    if not seen:
+        return "no cross-attention layer received a text context"
+    sizes = []
+    for length in sorted(seen, reverse=True):
+        side = math.isqrt(length)
+        sizes.append(f"{side}x{side}" if side * side == length else f"{length} positions")
+    return "at this image size the model's cross-attention maps are " + ", ".join(sizes)
 
 
 class Recording:

@@ -84,6 +84,17 @@ class ExciteConfig:
             return self.attention_res
         return math.ceil(latent_height / 4), math.ceil(latent_width / 4)
 
+    def check_map_size(self, height: int, width: int) -> None:
+        """Raise `ConfigError` when the smoothing cannot run on maps of this size: the official smoothing
+        reflect-pads by kernel_size // 2, which must be smaller than each side (torch.nn.functional.pad)."""
+        if self.smooth_attentions and self.kernel_size // 2 >= min(height, width):
+            largest = 2 * min(height, width) - 1
+            raise ConfigError(
+                f"the smoothing kernel size {self.kernel_size} is too large for the {height}x{width} attention maps "
+                f"of this image (at most {largest}); use a smaller kernel size, a larger attention size, or turn "
+                "smoothing off"
+            )
+
     def plan(self, steps: int) -> "StepPlan":
         return StepPlan.build(self, steps)
 

@@ -115,10 +115,11 @@ class AttendAndExcite:
             report.active = False
             return latent, report
         stop = should_stop or (lambda: False)
+        size = self.config.attention_size(latent.shape[-2], latent.shape[-1])
+        self.config.check_map_size(*size)  # a precise ConfigError before any work, instead of F.pad's
         z = latent.detach().clone()
         step_size = plan.step_sizes[step]
         scales = [1.0] * batch if gradient_scale is None else [float(v) for v in gradient_scale]
-        size = self.config.attention_size(latent.shape[-2], latent.shape[-1])
 
         def evaluate(subset: list[int], with_maps: bool = False) -> _Evaluation:
             return self._evaluate(z, subset, selections, size, run_unet, keep_maps=with_maps)

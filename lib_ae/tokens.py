@@ -24,7 +24,11 @@ Text columns (what enters the x100 re-softmax of the loss):
 
 The chunks passed in must be the whole conditioning row: when A1111 batches prompts of different lengths it appends
 empty chunks `[BOS, EOS * 76]` to the shorter ones (`FrozenCLIPEmbedderWithCustomWordsBase.forward`); pass those too.
-Textual-inversion embeddings appear in A1111's chunks as placeholder ids 0 and are not matched by name here.
+
+Textual-inversion embeddings appear in A1111's chunks as placeholder ids 0, one per vector, with a `PromptChunkFix`
+(offset, embedding) saying where its vectors go (sd_hijack_clip.py L156-172). Given as `embeddings`, an embedding's
+name is a subject like a word: its columns are those of its vectors. The placeholders are never matched as tokens
+(id 0 is also the token "!"), and a subject that is only part of an embedding's name is reported as such.
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ CHUNK_LENGTH = 77
 """Tokens per A1111 chunk: BOS, 75 prompt tokens (padded), EOS."""
 PROMPT_TOKENS_PER_CHUNK = CHUNK_LENGTH - 2
 
+EmbeddingSpan = tuple[str, int, int]
+"""(name, offset, vectors) of one textual-inversion embedding in a chunk: its vectors sit at the chunk's token indices
+offset + 1 .. offset + vectors (A1111's `PromptChunkFix.offset` counts from after the BOS)."""
+
 Encoder = Callable[[str], Sequence[int]]
 """encode(text) -> token ids without BOS/EOS (e.g. open_clip's `SimpleTokenizer.encode`, or an HF tokenizer with
 `add_special_tokens=False`)."""
@@ -53,6 +61,8 @@ class SubjectLocation:
     `selection`: the columns for the loss, subjects in the order given; None when no subject was found.
     `found`: subject (as given) -> its columns. `missing`: subjects not in the prompt. `messages`: one human line per
     missing, duplicated or overlapping subject, for the UI/log. `num_columns`: T = 77 * number of chunks.
+    `absent`: the missing subjects with no more to say than "not in the prompt" (not split between chunks, not part of
+    an embedding's name, not without tokens), so that a host can word many of them as one message.
     """
 
     selection: TokenSelection | None
@@ -60,6 +70,7 @@ class SubjectLocation:
     missing: list[str]
     messages: list[str]
     num_columns: int
+    absent: tuple[str, ...] = ()
 
 
 def prompt_tokens(chunk: Sequence[int], *, bos_id: int, eos_id: int, pad_id: int) -> list[int]:
@@ -94,17 +105,22 @@ def locate_subjects(
     eos_id: int,
     pad_id: int,
     normalize_eot: bool = False,
+    embeddings: Sequence[Sequence[EmbeddingSpan]] | None = None,
 ) -> SubjectLocation:
-    """Find each subject's conditioning columns and the loss's text columns (rules in the module docstring)."""
+    """Find each subject's conditioning columns and the loss's text columns (rules in the module docstring).
+    `embeddings[k]`: the textual-inversion embeddings of chunk k (none when not given)."""
     if isinstance(subjects, str):
         raise TypeError("subjects must be a sequence of strings, not one string (split it with parse_subjects)")
     if not chunks:
         raise ValueError("a prompt has at least one chunk")
     tokens = [prompt_tokens(chunk, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id) for chunk in chunks]
     num_columns = CHUNK_LENGTH * len(chunks)
+    spans = _embedding_columns(embeddings or [], len(chunks))
+    placeholders = {column for _, columns in spans for column in columns}
 
     found: dict[str, tuple[int, ...]] = {}
     missing: list[str] = []
+    absent: list[str] = []
     messages: list[str] = []
     seen: dict[str, str] = {}  # normalised subject -> the spelling first given
     owner: dict[int, str] = {}  # column -> the first subject using it
@@ -117,20 +133,29 @@ def locate_subjects(
             messages.append(f"AE: subject {subject!r} is given more than once; it is used once")
             continue
         seen[key] = subject
+        columns = next((cols for name, cols in spans if " ".join(name.split()).lower() == key), None)
         ids = [int(t) for t in encode(key)]
-        if not ids:
+        if columns is None and not ids:
             missing.append(subject)
             messages.append(f"AE: subject {subject!r} has no tokens")
             continue
-        columns = _first_occurrence(tokens, ids)
+        if columns is None:
+            columns = _first_occurrence(tokens, ids, placeholders)
         if columns is None:
             missing.append(subject)
-            if _straddles_chunks(tokens, ids):
+            container = next((name for name, _ in spans if key in name.lower()), None)
+            if container is not None:
+                messages.append(
+                    f"AE: subject {subject!r} is part of the textual-inversion embedding {container!r}; "
+                    "give the embedding's whole name as the subject"
+                )
+            elif _straddles_chunks(tokens, ids):
                 messages.append(
                     f"AE: subject {subject!r} is split between two chunks of the prompt (75-token limit or BREAK); "
                     "move it, or put BREAK before it"
                 )
             else:
+                absent.append(subject)
                 messages.append(f"AE: subject {subject!r} is not in the prompt")
             continue
         shared = sorted({owner[c] for c in columns if c in owner})
@@ -144,17 +169,36 @@ def locate_subjects(
     selection = _selection(tokens, list(found.values()), normalize_eot) if found else None
     for message in messages:
         logger.debug(message)
-    return SubjectLocation(selection, found, missing, messages, num_columns)
+    return SubjectLocation(selection, found, missing, messages, num_columns, tuple(absent))
 
 
-def _first_occurrence(tokens: Sequence[Sequence[int]], ids: Sequence[int]) -> tuple[int, ...] | None:
-    """Columns of the first contiguous run of `ids` inside one chunk's prompt tokens, in prompt order."""
+def _embedding_columns(
+    embeddings: Sequence[Sequence[EmbeddingSpan]], chunk_count: int
+) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, columns) of every embedding, in prompt order."""
+    spans: list[tuple[str, tuple[int, ...]]] = []
+    for k, chunk_embeddings in enumerate(embeddings[:chunk_count]):
+        for name, offset, vectors in chunk_embeddings:
+            first = CHUNK_LENGTH * k + 1 + int(offset)
+            last = min(first + int(vectors), CHUNK_LENGTH * k + 1 + PROMPT_TOKENS_PER_CHUNK)
+            if last > first:
+                spans.append((str(name), tuple(range(first, last))))
+    return spans
+
+
+def _first_occurrence(
+    tokens: Sequence[Sequence[int]], ids: Sequence[int], blocked: set[int] | frozenset[int] = frozenset()
+) -> tuple[int, ...] | None:
+    """Columns of the first contiguous run of `ids` inside one chunk's prompt tokens, in prompt order, touching no
+    `blocked` column (an embedding's placeholder ids are not tokens)."""
     width = len(ids)
     for k, chunk_tokens in enumerate(tokens):
         for start in range(len(chunk_tokens) - width + 1):
             if list(chunk_tokens[start : start + width]) == list(ids):
                 first = CHUNK_LENGTH * k + 1 + start  # +1: the chunk's BOS
-                return tuple(range(first, first + width))
+                columns = tuple(range(first, first + width))
+                if not blocked.intersection(columns):
+                    return columns
     return None
 
 

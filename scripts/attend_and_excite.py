@@ -32,6 +32,7 @@ from modules import devices, images, prompt_parser, script_callbacks, scripts, s
 from modules.ui_components import InputAccordion
 
 from lib_ae import AttendAndExcite, AttentionCapture, CaptureError, InSamplerExcitation, StepClock, StepReport, UNetRunner
+from lib_ae.config import ConfigError
 from lib_ae.engine import GraphableRunner
 from lib_ae.loss import TokenSelection
 from lib_ae.params import (
@@ -48,7 +49,7 @@ from lib_ae.params import (
     xyz_params,
 )
 from lib_ae.sampling import LatentSpace
-from lib_ae.tokens import SubjectLocation, locate_subjects, prompt_tokens
+from lib_ae.tokens import EmbeddingSpan, SubjectLocation, locate_subjects, prompt_tokens
 
 logger = logging.getLogger("lib_ae.webui")
 
@@ -166,6 +167,20 @@ def report_problem(p: Processing, message: str) -> None:
     )
 
 
+def failure_text(error: BaseException, where: str) -> str:
+    """The user's line for an unexpected failure inside the A&E pass at `where` ("step 3"). Out of memory (CUDA's
+    OutOfMemoryError, or the RuntimeError other backends raise) says what to change; anything else names the error
+    with the first line of its text (CUDA's out-of-memory text runs over several)."""
+    name = type(error).__name__
+    if isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower():
+        return (
+            f"A&E ran out of memory at {where} ({name}); sampling went on without A&E: "
+            "lower the batch size or image size"
+        )
+    detail = (str(error).splitlines() or [""])[0][:120]
+    return f"A&E stopped at {where} ({name}: {detail}); sampling went on without it"
+
+
 # -- 3. Sampling ------------------------------------------------------------------------------------------------------
 
 UNSUPPORTED_SAMPLERS = frozenset({"UniPC", "DPM fast", "DPM adaptive", "Restart"})
@@ -186,10 +201,22 @@ def capture_for(unet: torch.nn.Module) -> AttentionCapture:
     if capture is not None and capture.unet is unet and capture.attached:
         return capture
     remove_captures()
+    stale = getattr(unet, CAPTURE_ATTRIBUTE, None)
+    if stale is not None:
+        # Left by an earlier copy of this file (a "Reload UI" whose script_unloaded callback did not run).
+        logger.debug("removing an attention capture left on the UNet by an earlier load of %s", TITLE)
+        stale.remove()
     capture = AttentionCapture(unet)
+    setattr(unet, CAPTURE_ATTRIBUTE, capture)
     _captures[id(unet)] = weakref.ref(capture)
     logger.debug("attention capture attached to %d layers", len(capture.module_names))
     return capture
+
+
+CAPTURE_ATTRIBUTE = "_ae_attention_capture"
+"""Attribute of a UNet holding the capture attached to it. The UNet outlives a "Reload UI", which executes this file
+anew with an empty `_captures`; the attribute lets the new copy find and remove a capture the old one left behind,
+instead of hooking every layer a second time."""
 
 
 def remove_captures() -> None:
@@ -198,6 +225,8 @@ def remove_captures() -> None:
         capture = ref()
         if capture is not None:
             capture.remove()
+            if getattr(capture.unet, CAPTURE_ATTRIBUTE, None) is capture:
+                delattr(capture.unet, CAPTURE_ATTRIBUTE)
     _captures.clear()
 
 
@@ -263,12 +292,21 @@ def select_rows(cond: Any, rows: torch.Tensor) -> Any:
 
 
 class _PromptTokens:
-    """One sub-prompt's prompt-editing schedule: end step and 77-id chunks of each entry (shorter entries padded with
-    empty chunks to the longest, as A1111 encodes them together: sd_hijack_clip.py L210-217)."""
+    """One sub-prompt's prompt-editing schedule: end step, 77-id chunks (shorter entries padded with empty chunks to
+    the longest, as A1111 encodes them together: sd_hijack_clip.py L210-217), text and per-chunk textual-inversion
+    embeddings of each entry."""
 
-    def __init__(self, ends: list[int], chunks: list[list[list[int]]]) -> None:
+    def __init__(
+        self,
+        ends: list[int],
+        chunks: list[list[list[int]]],
+        texts: list[str],
+        embeddings: list[list[list[EmbeddingSpan]]],
+    ) -> None:
         self.ends = ends
         self.chunks = chunks
+        self.texts = texts
+        self.embeddings = embeddings
 
 
 class SamplingPass:
@@ -301,6 +339,8 @@ class SamplingPass:
         self._subject_ids: dict[str, list[int]] = {}
         self.labels: dict[int, list[str]] = {}
         """Image b -> the subjects found in its prompt, in the order of its maps (heatmap and trace legends)."""
+        self._step: int | None = None
+        self._nonfinite: set[int] = set()
 
     def before_model_call(self, x: torch.Tensor, sigma: torch.Tensor, kwargs: Mapping[str, Any]) -> None:
         """Called by the wrapped forward with the sampler's own tensor; updates it in place at the first call of an
@@ -311,10 +351,14 @@ class SamplingPass:
         textinfo = shared.state.textinfo
         try:
             self._update(x, sigma, kwargs)
+        except (ConfigError, CaptureError) as error:
+            # The settings do not fit this model or image size; raised before that step changed the latent.
+            logger.warning("%s: %s", TITLE, error)
+            ran = self.excitation is not None and any(r.active for r in self.excitation.reports)
+            failure = f"A&E {'stopped at ' + self._where() if ran else 'was not applied'}: {error}"
         except Exception as error:  # includes torch.cuda.OutOfMemoryError; InterruptedException is a BaseException
-            logger.exception("%s failed at model call %d; sampling continues without it", TITLE, self.den.step)
-            detail = (str(error).splitlines() or [""])[0][:120]  # e.g. CUDA's multi-line out-of-memory text
-            failure = f"stopped at model call {self.den.step} ({type(error).__name__}: {detail})"
+            logger.exception("%s failed at %s; sampling continues without it", TITLE, self._where())
+            failure = failure_text(error, self._where())
         finally:
             shared.state.textinfo = textinfo
         if failure is not None:
@@ -323,8 +367,13 @@ class SamplingPass:
             report_problem(self.p, failure)
             free_memory()
 
+    def _where(self) -> str:
+        """The step being updated, in the user's 1-based numbering (the model call before the plan exists)."""
+        return f"step {self._step + 1}" if self._step is not None else f"model call {self.den.step}"
+
     def _update(self, x: torch.Tensor, sigma: torch.Tensor, kwargs: Mapping[str, Any]) -> None:
         call = self.den.step
+        self._step = None
         if self.excitation is None or call == 0:
             self.excitation = self._start()
         index = self._clock_index(call)
@@ -332,6 +381,7 @@ class SamplingPass:
         step = excitation.clock.step_of(index) if index is not None else None
         if step is None or step >= excitation.plan.steps or not excitation.plan.is_active(step):
             return
+        self._step = step
         if self.p.sd_model.model.diffusion_model is not self.engine.capture.unet:
             # The refiner (sd_samplers_common.apply_refiner) swapped the model during this pass.
             self.active = False
@@ -364,6 +414,14 @@ class SamplingPass:
         )
         if report is not None:
             log_report(report)
+            for b in report.skipped_nonfinite:
+                if b not in self._nonfinite:  # once per image and pass: the step where it first happened
+                    self._nonfinite.add(b)
+                    report_problem(
+                        self.p,
+                        f"non-finite attention loss or gradient at step {report.step + 1}; that update was skipped"
+                        + self._image_suffix(b, always=True),
+                    )
 
     def _runner(self, sigma: torch.Tensor, cond: Any, image_cond: torch.Tensor | None) -> UNetRunner:
         """The cond-only pass of CFGDenoiser.forward for the given batch rows (`cond` holds one row per image);
@@ -436,9 +494,9 @@ class SamplingPass:
                 eos_id=self.encoder.id_end,
                 pad_id=self.encoder.id_pad,
                 normalize_eot=self.params.normalize_eot,
+                embeddings=tokens.embeddings[target],
             )
-            for message in location.messages:
-                self._report_once(b, message.removeprefix("AE: "))
+            self._report_location(b, location, tokens, target, [texts[i] for i, _ in indexes[0][1:]], call)
             self._locations[key] = location
         self.labels[b] = list(self._locations[key].found)
         return self._locations[key].selection
@@ -453,8 +511,71 @@ class SamplingPass:
             width = max(len(chunks) for chunks in batch_chunks)
             empty = list(self.encoder.empty_chunk().tokens)
             chunks = [[list(c.tokens) for c in entry] + [empty] * (width - len(entry)) for entry in batch_chunks]
-            self._schedules[text] = _PromptTokens([int(end) for end, _ in schedule], chunks)
+            # Textual-inversion embeddings: PromptChunkFix(offset, embedding) per chunk (sd_hijack_clip.py L24, L167).
+            embeddings: list[list[list[EmbeddingSpan]]] = [
+                [
+                    [(str(fix.embedding.name), int(fix.offset), int(fix.embedding.vectors)) for fix in c.fixes]
+                    for c in entry
+                ]
+                for entry in batch_chunks
+            ]
+            self._schedules[text] = _PromptTokens(
+                [int(end) for end, _ in schedule], chunks, [entry_text for _, entry_text in schedule], embeddings
+            )
         return self._schedules[text]
+
+    def _report_location(
+        self, b: int, location: SubjectLocation, tokens: _PromptTokens, target: int, others: list[str], call: int
+    ) -> None:
+        """Report what `locate_subjects` found wrong with image b's subjects in schedule entry `target`, precisely:
+        which steps a prompt-editing entry covers, when a subject is in another AND sub-prompt (A&E reads only the
+        first, whose conditioning row is the image's first), and many absent subjects as one counted message (the
+        "AE error" text is cut at MAX_ERROR_TEXT)."""
+        where = self._entry_span(tokens, target)
+        absent = set(location.absent)
+        elsewhere: dict[str, int] = {}
+        for number, other in enumerate(others, start=2):
+            pending = [s for s in location.absent if s not in elsewhere]
+            if not pending:
+                break
+            other_tokens = self._prompt_tokens(other)
+            entry = next((i for i, end in enumerate(other_tokens.ends) if call <= end), 0)
+            other_location = locate_subjects(
+                other_tokens.chunks[entry],
+                pending,
+                self._encode,
+                bos_id=self.encoder.id_start,
+                eos_id=self.encoder.id_end,
+                pad_id=self.encoder.id_pad,
+                embeddings=other_tokens.embeddings[entry],
+            )
+            elsewhere.update({s: number for s in other_location.found})
+        for message in location.messages:
+            if not any(message == f"AE: subject {s!r} is not in the prompt" for s in absent):
+                self._report_once(b, message.removeprefix("AE: ") + where)
+        for subject, number in elsewhere.items():
+            self._report_once(
+                b, f"subject {subject!r} is only in AND sub-prompt {number}; A&E reads the first sub-prompt only"
+            )
+        rest = [s for s in location.absent if s not in elsewhere]
+        if len(rest) == 1:
+            self._report_once(b, f"subject {rest[0]!r} is not in the prompt{where}")
+        elif rest:
+            self._report_once(b, f"{len(rest)} subjects are not in the prompt{where}: " + ", ".join(map(repr, rest)))
+
+    def _entry_span(self, tokens: _PromptTokens, target: int) -> str:
+        """" during steps 2-3 (prompt editing: the prompt then reads '...')" for an entry of a prompt-editing
+        schedule, "" for a prompt without editing. Entry i is in effect for model calls ends[i-1]+1 .. ends[i]
+        (prompt_parser.reconstruct_multicond_batch L331-335), shown as 1-based sampler steps."""
+        if len(tokens.ends) < 2:
+            return ""
+        calls_per_step = self.excitation.clock.calls_per_step if self.excitation is not None else 1
+        last_call = max(0, int(self.den.total_steps) - 1)
+        first = 0 if target == 0 else tokens.ends[target - 1] + 1
+        last = min(tokens.ends[target], last_call)
+        lo, hi = first // calls_per_step + 1, max(first, last) // calls_per_step + 1
+        steps = f"step {lo}" if lo == hi else f"steps {lo}-{hi}"
+        return f" during {steps} (prompt editing: the prompt then reads {tokens.texts[target]!r})"
 
     def _schedule_steps(self) -> tuple[int, int | None]:
         """The step counts A1111 built this pass's prompt schedules with: first pass `total_steps` of the sampler
@@ -474,9 +595,18 @@ class SamplingPass:
         return self._subject_ids[subject]
 
     def _report_once(self, b: int, message: str) -> None:
-        prompts = self.p.prompts
-        suffix = f" (image {b + 1})" if len(set(prompts)) > 1 else ""
-        report_problem(self.p, message + suffix)
+        report_problem(self.p, message + self._image_suffix(b))
+
+    def _image_suffix(self, b: int, *, always: bool = False) -> str:
+        """" (image N)", N counted over the whole job (the infotext of every image carries the same "AE error"),
+        when the message is not about all images alike: prompts differ in the batch, or `always` (a fault of one
+        image) with more than one image in the job."""
+        p = self.p
+        batch_size = int(getattr(p, "batch_size", 1) or 1)
+        images = batch_size * int(getattr(p, "n_iter", 1) or 1)
+        if not (len(set(p.prompts)) > 1 or (always and images > 1)):
+            return ""
+        return f" (image {int(getattr(p, 'iteration', 0) or 0) * batch_size + b + 1})"
 
 
 def log_report(report: StepReport) -> None:
@@ -542,6 +672,8 @@ def use_cuda_graphs(p: Processing) -> bool:
 def release_passes(p: Processing) -> None:
     for sampling_pass in getattr(p, LIVE_PASSES, None) or []:
         sampling_pass.engine.release_graphs()
+        sampling_pass.active = False  # inert even if another wrapper on top keeps ours in its chain
+        unwrap_forward(sampling_pass.den)
     if hasattr(p, LIVE_PASSES):
         setattr(p, LIVE_PASSES, [])
 
@@ -653,6 +785,19 @@ def wrap_forward(den: Denoiser, sampling_pass: SamplingPass) -> None:
 
     forward._ae_original = original  # type: ignore[attr-defined]
     den.forward = forward
+
+
+def unwrap_forward(den: Denoiser) -> None:
+    """Undo `wrap_forward` after sampling (post_sample), so the sampler A1111 keeps on `p` holds no A&E code or
+    state. Only our wrapper is removed: if another extension wrapped on top of it since, that chain is left alone."""
+    current = vars(den).get("forward")
+    original = getattr(current, "_ae_original", None)
+    if original is None:
+        return
+    if getattr(original, "__self__", None) is den and getattr(original, "__func__", None) is type(den).forward:
+        del den.forward  # back to the class's forward, as before wrap_forward
+    else:
+        den.forward = original  # the instance attribute someone else had set before us
 
 
 # -- 4. The Script ----------------------------------------------------------------------------------------------------
@@ -855,8 +1000,9 @@ def _token_view_html(prompt: str, subjects_text: str, steps: int) -> str:
         parts.append(f"<div class='ae-tokens-problem'>{_escape(subject_problem)}</div>")
     if len(texts) > 1:
         parts.append("<div class='ae-tokens-note'>AND: A&amp;E uses the first sub-prompt only.</div>")
-    all_found: dict[str, tuple[int, ...]] = {}
+    found_in: dict[str, list[tuple[str, tuple[int, ...]]]] = {}  # subject -> (steps, columns) of the entries with it
     missing: dict[str, str] = {}
+    previous_end = 0
     for entry_index, (end_at_step, entry_text) in enumerate(schedule):
         batch_chunks, token_count = encoder.process_texts([entry_text])
         chunks = batch_chunks[0]
@@ -869,8 +1015,16 @@ def _token_view_html(prompt: str, subjects_text: str, steps: int) -> str:
             eos_id=encoder.id_end,
             pad_id=encoder.id_pad,
         )
-        if entry_index == 0 or not all_found:
-            all_found = dict(location.found)
+        # A1111's own terms: an entry is used while the step counter is <= its end (prompt_parser.py L331-335).
+        if entry_index == 0:
+            steps_label = f"until step {end_at_step}"
+        elif entry_index == len(schedule) - 1:
+            steps_label = f"after step {previous_end}"
+        else:
+            steps_label = f"after step {previous_end}, until step {end_at_step}"
+        previous_end = int(end_at_step)
+        for subject, columns in location.found.items():
+            found_in.setdefault(subject, []).append((steps_label, columns))
         for subject in location.missing:
             reason = next((m for m in location.messages if repr(subject) in m), f"subject {subject!r} is not in the prompt")
             missing.setdefault(subject, reason.removeprefix("AE: "))
@@ -878,7 +1032,7 @@ def _token_view_html(prompt: str, subjects_text: str, steps: int) -> str:
         order = {subject: i for i, subject in enumerate(subject_list)}
         header = f"{token_count} tokens, {len(chunks)} chunk{'s' if len(chunks) != 1 else ''} of 75"
         if len(schedule) > 1:
-            header = f"until step {end_at_step}: " + header
+            header = f"{steps_label} (prompt editing): " + header
         parts.append(f"<div class='ae-tokens-entry'><div class='ae-tokens-header'>{_escape(header)}</div>")
         for k, chunk in enumerate(chunks[:TOKEN_VIEW_MAX_CHUNKS]):
             fixes = {int(fix.offset) + 1: fix.embedding for fix in getattr(chunk, "fixes", [])}
@@ -936,12 +1090,19 @@ def _token_view_html(prompt: str, subjects_text: str, steps: int) -> str:
         parts.append("</div>")
     legend: list[str] = []
     for i, subject in enumerate(subject_list):
-        if subject in all_found:
-            columns = all_found[subject]
+        if subject in found_in:
+            entries = found_in[subject]
+            columns = entries[0][1]
             where = f"column {columns[0]}" if len(columns) == 1 else f"columns {columns[0]}-{columns[-1]}"
+            classes = f"ae-legend ae-subject ae-subject-{i % 6}"
+            title = "click to remove"
+            if len(entries) < len(schedule):  # prompt editing: only some entries contain it
+                where += " (" + ", ".join(steps for steps, _ in entries) + " only)"
+                classes += " ae-partial"
+                title = f"{missing.get(subject, 'not in every prompt-editing entry')}; click to remove"
             legend.append(
-                f"<span class='ae-legend ae-subject ae-subject-{i % 6}' data-ae-subject='{_escape(subject)}' "
-                f"title='click to remove'>{_escape(subject)}: {where}</span>"
+                f"<span class='{classes}' data-ae-subject='{_escape(subject)}' "
+                f"title='{_escape(title)}'>{_escape(subject)}: {where}</span>"
             )
         else:
             reason = missing.get(subject, f"subject {subject!r} is not in the prompt")

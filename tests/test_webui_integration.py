@@ -73,7 +73,13 @@ REQUEST_TIMEOUT = 1800
 
 # A1111's infotext parameter syntax (modules/infotext_utils.py re_param), to read the last line back here.
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-AE_KEYS = {spec.infotext_key for spec in PARAMS} | {"AE error"}
+PARAM_KEYS = {spec.infotext_key for spec in PARAMS}
+
+
+def is_ae_key(key: str) -> bool:
+    """The extension's infotext keys: the parameters' ("AE", "AE subjects", ...) and its reports ("AE error",
+    "AE trace", ...)."""
+    return key == "AE" or key.startswith("AE ")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -133,7 +139,7 @@ class Result:
         return fields
 
     def ae_fields(self) -> dict[str, str]:
-        return {key: value for key, value in self.fields.items() if key in AE_KEYS}
+        return {key: value for key, value in self.fields.items() if is_ae_key(key)}
 
 
 def _free_port() -> int:
@@ -268,10 +274,11 @@ def test_disabled_is_byte_identical_to_absent(webui: WebUI, absent: Result, args
 def test_list_form_writes_every_parameter_into_the_infotext(enabled_list: Result, absent: Result) -> None:
     fields = enabled_list.ae_fields()
     assert "AE error" not in fields, fields.get("AE error")
-    assert fields == {key: str(value) for key, value in to_infotext(ENABLED).items()}
-    assert from_infotext(fields, strict=True) == ENABLED.as_dict()
+    params = {key: value for key, value in fields.items() if key in PARAM_KEYS}
+    assert params == {key: str(value) for key, value in to_infotext(ENABLED).items()}
+    assert from_infotext(fields, strict=True) == ENABLED.as_dict()  # report keys such as "AE trace" are ignored
     # The A&E keys are the only difference in the infotext.
-    assert {k: v for k, v in enabled_list.fields.items() if k not in AE_KEYS} == absent.fields
+    assert {k: v for k, v in enabled_list.fields.items() if not is_ae_key(k)} == absent.fields
 
 
 def test_dict_form_equals_the_list_form(webui: WebUI, enabled_list: Result) -> None:
@@ -307,4 +314,4 @@ def test_wrong_types_are_reported_and_generation_goes_on(webui: WebUI, absent: R
     assert set(fields) == {"AE error"}, fields
     assert "invalid settings, A&E not applied" in fields["AE error"]
     assert "AE subjects: expected text" in fields["AE error"] and "AE scale factor: expected a number" in fields["AE error"]
-    assert {k: v for k, v in result.fields.items() if k not in AE_KEYS} == absent.fields
+    assert {k: v for k, v in result.fields.items() if not is_ae_key(k)} == absent.fields
