@@ -111,8 +111,11 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 def _colour(values: np.ndarray, size: tuple[int, int], colormap: str) -> Image.Image:
     import matplotlib
 
-    upsampled = Image.fromarray(np.asarray(values, dtype=np.float32), mode="F").resize(size, Image.BICUBIC)
-    scaled = np.clip(np.asarray(upsampled), 0.0, 1.0)  # absolute scale: a neglected subject stays dark
+    upsampled = np.asarray(Image.fromarray(np.asarray(values, dtype=np.float32), mode="F").resize(size, Image.BICUBIC))
+    # Each map scaled by its own maximum, as the official visualisation does (ptp_utils.show_cross_attention): the
+    # shape is what the picture shows; how strong the peak is, the caption says.
+    peak = float(np.max(values))
+    scaled = np.clip(upsampled / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(upsampled)
     rgba = matplotlib.colormaps[colormap](scaled, bytes=True)
     return Image.fromarray(rgba[..., :3], mode="RGB")
 
@@ -126,7 +129,8 @@ def heatmap_strip(
     alpha: float = 0.5,
 ) -> HeatmapStrip:
     """One tile per subject (columns, in subject order), one row per step (e.g. the last step A&E ran, then step 0):
-    the map upsampled over the image and blended with `alpha`, captioned with the subject, its max and the step."""
+    the map upsampled over the image, scaled to its own maximum and blended with `alpha`, captioned with the subject,
+    its max attention and the step."""
     rows = [row for row in rows if row]
     if not rows:
         raise ValueError("no subject maps to draw")

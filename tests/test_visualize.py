@@ -88,7 +88,7 @@ def test_heatmap_strips_for_a_batch_of_two_with_different_subjects(runs: dict[bo
 
 def test_overlay_follows_the_map() -> None:
     values = np.zeros((4, 4), dtype=np.float32)
-    values[0, 0] = 1.0  # all attention in the top-left corner
+    values[0, 0] = 0.2  # all attention in the top-left corner; drawn relative to the map's own maximum
     strip = heatmap_strip(Image.new("RGB", (64, 64), "white"), [[SubjectMap("cat", values, 0)]], tile_height=64, alpha=1.0)
     pixels = np.asarray(strip.image).astype(int)
     hot, cold = pixels[2, 2], pixels[60, 60]
