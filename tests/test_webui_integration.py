@@ -315,3 +315,46 @@ def test_wrong_types_are_reported_and_generation_goes_on(webui: WebUI, absent: R
     assert "invalid settings, A&E not applied" in fields["AE error"]
     assert "AE subjects: expected text" in fields["AE error"] and "AE scale factor: expected a number" in fields["AE error"]
     assert {k: v for k, v in result.fields.items() if not is_ae_key(k)} == absent.fields
+
+
+# The hostile-input table of tests/test_hostile.py, the cases a client can send over HTTP, against the real host: the
+# request succeeds, an image comes back, and "AE error" says exactly what was wrong (None: no error). `same`: the image
+# must be byte-identical to the one without A&E (A&E refused before touching the latent).
+ON_FAST = {"enabled": True, "subjects": "cat, dog", "max_refinement_steps": 1}
+HOSTILE_API_CASES: list[tuple[str, Any, dict[str, Any], str | None, bool]] = [
+    ("enabled-string-yes", [{"enabled": "yes", "subjects": "cat"}], {}, "AE: expected true or false, got 'yes' (str)", True),
+    ("enabled-null", [None, "cat"], {}, "AE: expected true or false, got None (NoneType)", True),
+    ("args-nested-list", [[True, "cat"]], {}, "got [True, 'cat'] (list)", True),
+    ("subjects-number", [{"enabled": True, "subjects": 5}], {}, "AE subjects: expected text or a list of texts, got 5", True),
+    ("scale-1e9", [{**ON_FAST, "scale_factor": 1e9}], {}, "AE scale factor: expected a number between 0 and 100", True),
+    ("scale-string-nan", [{**ON_FAST, "scale_factor": "nan"}], {}, "AE scale factor: expected a number", True),
+    ("threshold-above-one", [{**ON_FAST, "thresholds": "0:1.5"}], {}, "the threshold must be a number between 0 and 1", True),
+    ("iterations-negative", [{**ON_FAST, "max_refinement_steps": -1}], {}, "AE refinement iterations: expected a whole number", True),
+    ("unknown-key", [{**ON_FAST, "scale": 5}], {}, "AE: unknown parameter 'scale'", True),
+    ("too-few-positional", [True], {}, "AE is enabled but no subject words are given", True),
+    ("empty-subjects", [{**ON_FAST, "subjects": " , ,"}], {}, "AE is enabled but no subject words are given", True),
+    ("fifty-subjects", [{**ON_FAST, "subjects": ", ".join(["cat", "dog"] + [f"thing{i}" for i in range(48)])}], {},
+     "48 subjects are not in the prompt", False),
+    ("emoji-subject", [{**ON_FAST, "subjects": "🐱, dog"}], {"prompt": "a 🐱 and a dog"}, None, False),
+    ("subject-inside-emphasis", [{**ON_FAST, "subjects": "cat"}], {"prompt": "a ((cat:1.4)) and a dog"}, None, False),
+    ("subject-after-break", [{**ON_FAST, "subjects": "cat"}], {"prompt": "a dog BREAK a cat"}, None, False),
+    ("subject-in-second-and", [{**ON_FAST, "subjects": "dog"}], {"prompt": "a cat AND a dog"},
+     "subject 'dog' is only in AND sub-prompt 2", True),
+    ("prompt-of-400-tokens", [{**ON_FAST, "subjects": "cat"}], {"prompt": " ".join(["a stone"] * 199) + " and a cat"},
+     None, False),
+    ("empty-prompt", [{**ON_FAST, "subjects": "cat"}], {"prompt": ""}, "subject 'cat' is not in the prompt", True),
+    ("unsupported-sampler", [ON_FAST], {"sampler_name": "UniPC"}, "sampler UniPC is not supported", True),
+]
+
+
+@pytest.mark.parametrize(("args", "fields", "error", "same"), [c[1:] for c in HOSTILE_API_CASES],
+                         ids=[c[0] for c in HOSTILE_API_CASES])
+def test_hostile_api_input(webui: WebUI, args: Any, fields: dict[str, Any], error: str | None, same: bool) -> None:
+    result = webui.txt2img(alwayson_scripts={TITLE: {"args": args}}, **fields)
+    reported = result.ae_fields().get("AE error")
+    if error is None:
+        assert reported is None, reported
+    else:
+        assert reported is not None and error in reported, reported
+    if same:
+        assert result.image == webui.txt2img(**fields).image
