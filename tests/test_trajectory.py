@@ -166,6 +166,7 @@ class FixedUpdate(AttendAndExcite):
         should_stop: Callable[[], bool] | None = None,
         on_iteration: Callable[[int, int], None] | None = None,
         gradient_scale: Sequence[float] | None = None,
+        keep_maps: bool = False,
     ) -> tuple[Tensor, StepReport]:
         self.seen.append((step, latent))
         delta = self.deltas.get(step)
