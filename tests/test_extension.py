@@ -7,12 +7,9 @@ A1111's order around a real k-diffusion sampler and CFG denoiser over a tiny ran
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
-from types import ModuleType, SimpleNamespace
-from typing import Any, Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -20,96 +17,7 @@ import torch
 from lib_ae import AttendAndExcite, AttentionCapture, InSamplerExcitation, StepClock
 from lib_ae.params import PARAMS, AEParams, from_infotext, from_script_args, to_infotext
 from lib_ae.tokens import locate_subjects
-
-ROOT = Path(__file__).resolve().parents[1]
-HOST = ROOT / "tests" / "host"
-TITLE = "Attend and Excite"
-PROMPT = "a cat and a dog"
-FAST = {"max_refinement_steps": 2}
-"""Keeps each run to a handful of UNet passes: 4 steps, refinement capped at 2 iterations."""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Fixtures: the stand-in host on sys.path for this module only, one model, a freshly loaded extension per test
-
-
-@pytest.fixture(scope="module")
-def host() -> Iterator[SimpleNamespace]:
-    added = [str(HOST)]
-    if importlib.util.find_spec("gradio") is None:  # the real gradio 3.41.2 is not installable in the test venv
-        added.insert(0, str(HOST / "gradio_stub"))
-    sys.path[:0] = added
-    preexisting = set(sys.modules)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny UNet gains little from threads; keeps the module's CPU time low
-    try:
-        import standin
-        from modules import infotext_utils, processing, prompt_parser, script_callbacks, scripts, shared
-
-        yield SimpleNamespace(
-            standin=standin,
-            shared=shared,
-            scripts=scripts,
-            script_callbacks=script_callbacks,
-            processing=processing,
-            prompt_parser=prompt_parser,
-            infotext_utils=infotext_utils,
-            model=standin.StandInSdModel(seed=0),
-        )
-    finally:
-        torch.set_num_threads(threads)
-        for path in added:
-            sys.path.remove(path)
-        host_names = ("modules", "standin", "gradio")
-        for name in [n for n in sys.modules if n not in preexisting and n.split(".")[0] in host_names]:
-            del sys.modules[name]
-
-
-DEFAULT_FIELDS: dict[str, Any] = {"prompt": PROMPT, "steps": 4, "seed": 7, "width": 128, "height": 128}
-
-
-class WebUI:
-    """One WebUI "process": the model loaded, the scripts loaded, the txt2img tab's script UI built."""
-
-    def __init__(self, host: SimpleNamespace, *, with_xyz: bool = False) -> None:
-        self.host = host
-        host.standin.reset_host(host.model)
-        self.runner = host.standin.load_extension(ROOT, with_xyz=with_xyz)
-        self.script = self.runner.script(TITLE)
-
-    @property
-    def module(self) -> ModuleType:
-        """The loaded scripts/attend_and_excite.py (not in sys.modules, as in A1111)."""
-        return next(
-            d.module for d in self.host.scripts.scripts_data if d.script_class.__name__ == "AttendAndExciteScript"
-        )
-
-    def args(self, ae: dict[str, Any] | None = None, **named: Any) -> tuple[Any, ...]:
-        """The request's script args: named values over the UI defaults (positional), or `ae` in the API dict form."""
-        if ae is None:
-            values = {spec.name: spec.default for spec in PARAMS} | FAST | named
-            slot: list[Any] = [values[spec.name] for spec in PARAMS]
-        else:
-            slot = [ae]
-        return self.host.standin.script_args(self.runner, {TITLE: slot})
-
-    def run(self, args: tuple[Any, ...] | None = None, **fields: Any) -> tuple[Any, Any]:
-        return self.host.standin.txt2img(
-            self.runner, args if args is not None else self.args(), **(DEFAULT_FIELDS | fields)
-        )
-
-    def unload(self) -> None:
-        self.host.script_callbacks.script_unloaded_callback()
-
-
-@pytest.fixture()
-def webui(host: SimpleNamespace) -> Iterator[WebUI]:
-    ui = WebUI(host)
-    try:
-        yield ui
-    finally:
-        ui.unload()
-
+from support.webui_host import DEFAULT_FIELDS, FAST, PROMPT, ROOT, TITLE, WebUI, ae_keys, hooks_on
 
 _baselines: dict[str, torch.Tensor] = {}
 
@@ -124,14 +32,6 @@ def baseline(host: SimpleNamespace, **fields: Any) -> torch.Tensor:
         _baselines[key] = torch.stack(processed.images)
     return _baselines[key]
 
-
-def hooks_on(module: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
-
-
-def ae_keys(infotext: str, host: SimpleNamespace) -> dict[str, str]:
-    fields = host.infotext_utils.parse_generation_parameters(infotext)
-    return {k: v for k, v in fields.items() if k.startswith("AE")}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -32,15 +32,15 @@ import math
 import random
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 import torch
-from test_extension import FAST, ROOT, TITLE, WebUI, ae_keys, hooks_on, host  # noqa: F401  (host: a fixture)
 
 import lib_ae.capture
 from lib_ae import AttendAndExcite, cross_attention_modules
 from lib_ae.params import PARAMS
+from support.webui_host import FAST, ROOT, TITLE, WebUI, ae_keys, callback_counts, hooks_on
 
 logger = logging.getLogger("tests.hostile")
 
@@ -56,16 +56,6 @@ SETTINGS, ERROR_ONLY, NOTHING = "settings", "error only", "nothing"
 # Fixtures and helpers
 
 
-@pytest.fixture()
-def webui(host: SimpleNamespace) -> Iterator[WebUI]:
-    ui = WebUI(host)
-    ui.callbacks_at_load = callback_counts(host)  # type: ignore[attr-defined]
-    try:
-        yield ui
-    finally:
-        ui.unload()
-
-
 _baselines: dict[str, tuple[Any, torch.Tensor]] = {}
 
 
@@ -79,10 +69,6 @@ def baseline(host: SimpleNamespace, **fields: Any) -> torch.Tensor:
         _, processed = host.standin.txt2img(None, None, **request)
         _baselines[key] = (model, images_of(processed))
     return _baselines[key][1]
-
-
-def callback_counts(host: SimpleNamespace) -> dict[str, int]:
-    return {name: len(callbacks) for name, callbacks in host.script_callbacks.callback_map.items()}
 
 
 def capture_hooks(host: SimpleNamespace) -> int:
@@ -116,7 +102,7 @@ def assert_no_leaks(webui: WebUI, p: Any, **fields: Any) -> None:
     unet = host.shared.sd_model.model.diffusion_model
     assert hooks_on(unet) in (0, capture_hooks(host)), "at most the one idle capture stays on the UNet"
     assert hooks_on(host.shared.sd_model.cond_stage_model) == 0
-    assert callback_counts(host) == webui.callbacks_at_load  # type: ignore[attr-defined]
+    assert callback_counts(host) == webui.callbacks_at_load
     if p.sampler is not None:
         assert "forward" not in vars(p.sampler.model_wrap_cfg), "the denoiser's forward is the class's again"
     assert host.shared.state.textinfo is None
@@ -604,7 +590,7 @@ def test_reload_ui_twice(webui: WebUI, unload_callback: bool) -> None:
     host = webui.host
     args = ui_args(webui, enabled=True, subjects="cat, dog")
     _, first = run(webui, args)
-    at_load = dict(webui.callbacks_at_load)  # type: ignore[attr-defined]
+    at_load = dict(webui.callbacks_at_load)
     for _ in range(2):
         if unload_callback:
             host.script_callbacks.script_unloaded_callback()
