@@ -694,7 +694,6 @@ def test_soak_200_runs_leave_nothing_behind(webui: WebUI) -> None:
 def test_unwrap_leaves_another_extensions_wrapper_alone(webui: WebUI) -> None:
     """post_sample removes only our wrapper: one set before ours comes back, one set on top of ours stays (and ours,
     still in its chain, is inert once its pass is released)."""
-    module = webui.module
 
     class Denoiser(torch.nn.Module):
         def forward(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -703,26 +702,26 @@ def test_unwrap_leaves_another_extensions_wrapper_alone(webui: WebUI) -> None:
     calls: list[str] = []
     sampling_pass = SimpleNamespace(before_model_call=lambda x, sigma, kwargs: calls.append("ae"))
     den = Denoiser()
-    module.wrap_forward(den, sampling_pass)
-    module.unwrap_forward(den)
+    webui.adapter("sampling_pass").wrap_forward(den, sampling_pass)
+    webui.adapter("sampling_pass").unwrap_forward(den)
     assert "forward" not in vars(den)
 
     def theirs_before(x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return Denoiser.forward(den, x, sigma, **kwargs)
 
     den.forward = theirs_before
-    module.wrap_forward(den, sampling_pass)
-    module.unwrap_forward(den)
+    webui.adapter("sampling_pass").wrap_forward(den, sampling_pass)
+    webui.adapter("sampling_pass").unwrap_forward(den)
     assert vars(den)["forward"] is theirs_before
 
     del den.forward
-    module.wrap_forward(den, sampling_pass)
+    webui.adapter("sampling_pass").wrap_forward(den, sampling_pass)
     ours = den.forward
 
     def theirs_after(x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return ours(x, sigma, **kwargs)
 
     den.forward = theirs_after
-    module.unwrap_forward(den)
+    webui.adapter("sampling_pass").unwrap_forward(den)
     assert vars(den)["forward"] is theirs_after
     assert torch.equal(den(torch.zeros(1), torch.zeros(1)), torch.ones(1))

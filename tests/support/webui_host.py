@@ -4,6 +4,7 @@ sys.path and build a `WebUI` per test are in tests/conftest.py."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -37,6 +38,10 @@ class WebUI:
         return next(
             d.module for d in self.host.scripts.scripts_data if d.script_class.__name__ == "AttendAndExciteScript"
         )
+
+    def adapter(self, name: str) -> ModuleType:
+        """A module of the host adapter `lib_ae.webui` as the loaded script uses it (imported with the stand-in)."""
+        return importlib.import_module(f"lib_ae.webui.{name}")
 
     def args(self, ae: dict[str, Any] | None = None, **named: Any) -> tuple[Any, ...]:
         """The request's script args: named values over the UI defaults (positional), or `ae` in the API dict form."""
