@@ -47,8 +47,12 @@ def host() -> Iterator[SimpleNamespace]:
         torch.set_num_threads(threads)
         for path in added:
             sys.path.remove(path)
-        for name in [n for n in sys.modules if n not in preexisting]:
-            if name.split(".")[0] in HOST_MODULES or name == ADAPTER_PACKAGE or name.startswith(ADAPTER_PACKAGE + "."):
+        for name in list(sys.modules):
+            if name.split(".")[0] in HOST_MODULES and name not in preexisting:
+                del sys.modules[name]
+            elif name == ADAPTER_PACKAGE or name.startswith(ADAPTER_PACKAGE + "."):
+                # Even when imported before (a host-free submodule at collection): the package object keeps its
+                # submodules as attributes, and `from lib_ae.webui import host` would find the stale one.
                 del sys.modules[name]
 
 

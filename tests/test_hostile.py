@@ -40,7 +40,7 @@ import torch
 import lib_ae.capture
 from lib_ae import AttendAndExcite, cross_attention_modules
 from lib_ae.params import PARAMS
-from support.webui_host import FAST, ROOT, TITLE, WebUI, ae_keys, callback_counts, hooks_on
+from support.webui_host import FAST, ROOT, TITLE, WebUI, ae_keys, callback_counts, embedding, hooks_on
 
 logger = logging.getLogger("tests.hostile")
 
@@ -317,18 +317,6 @@ def test_api_request_is_setup_without_ui(webui: WebUI) -> None:
     p, processed = run(webui, api_args(webui, [{"enabled": True, "subjects": "zebra"}]), is_api=True)
     check_outcome(webui, processed, {}, SAME, "subject 'zebra' is not in the prompt", SETTINGS)
     assert_no_leaks(webui, p)
-
-
-def embedding(host: SimpleNamespace, name: str, vectors: int) -> Any:
-    from modules.textual_inversion.textual_inversion import Embedding
-
-    context = host.shared.sd_model.cond_stage_model.token_embedding.shape[1]
-    vec = torch.randn(vectors, context, generator=torch.Generator().manual_seed(3))
-    emb = Embedding(vec, name)
-    import modules.sd_hijack
-
-    modules.sd_hijack.model_hijack.embedding_db.register_embedding(emb, host.shared.sd_model)
-    return emb
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 
 import gradio as gr
 
-from lib_ae.params import PARAMS, PARAMS_BY_NAME, ParamsError, ParamSpec, from_infotext, parse_value, xyz_params
+from lib_ae.params import PARAMS, ParamsError, ParamSpec, from_infotext, parse_value, xyz_params
 
 from . import host
 from .report import TITLE
@@ -144,7 +144,3 @@ def register_xyz_axes() -> None:
                 choices=choices,
             )
         )
-
-
-def enabled_spec() -> ParamSpec:
-    return PARAMS_BY_NAME["enabled"]

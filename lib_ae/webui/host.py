@@ -132,7 +132,7 @@ def low_vram_flag(sd_model: Any) -> str | None:
         return "--lowvram"
     if getattr(options, "medvram", False):
         return "--medvram"
-    if getattr(options, "medvram_sdxl", False) and getattr(sd_model, "is_sdxl", False):
+    if getattr(options, "medvram_sdxl", False) and hasattr(sd_model, "conditioner"):
         return "--medvram-sdxl"
     if getattr(sd_model, "lowvram", False):
         return "--medvram/--lowvram"

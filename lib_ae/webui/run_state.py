@@ -55,3 +55,8 @@ def with_xyz_override(p: Any, name: str, value: Any) -> None:
 def xyz_overrides(p: Any) -> Mapping[str, Any]:
     state = existing_state(p)
     return state.xyz_overrides if state is not None else {}
+
+
+def image_in_job(p: Any, b: int) -> int:
+    """0-based index over the whole job of image b of the current batch (p.iteration counts the batches)."""
+    return int(getattr(p, "iteration", 0) or 0) * int(getattr(p, "batch_size", 1) or 1) + b

@@ -24,7 +24,7 @@ from lib_ae.tokens import SubjectLocation
 from . import graph_safety, host, sgm_timestep
 from .host import Denoiser, Processing, TextEncoder
 from .report import TITLE, failure_text, log_reports, report_problem, say_once
-from .run_state import state_of
+from .run_state import image_in_job, state_of
 from .subjects import PromptTokens, SubjectFinder, UnsupportedModel, text_encoder
 
 logger = logging.getLogger("lib_ae.webui")
@@ -116,16 +116,24 @@ def select_rows(cond: Any, rows: torch.Tensor) -> Any:
 
 
 def use_cuda_graphs(p: Processing) -> bool:
-    """Replay the A&E pass as a CUDA graph: on CUDA, when the setting allows it, and not under --lowvram/--medvram,
-    whose hooks move UNet blocks between devices during the forward (lowvram.py), which no graph can hold (said once
-    in the console). SDXL's timestep embedding is computed on the device during the pass (sgm_timestep.py)."""
+    """Replay the A&E pass as a CUDA graph: on CUDA, when the setting allows it, and not under --lowvram/--medvram
+    (`graphs_refused`). SDXL's timestep embedding is computed on the device during the pass (sgm_timestep.py)."""
     if not host.option(CUDA_GRAPHS_SETTING, True) or not host.on_cuda():
         return False
+    return graphs_refused(p) is None
+
+
+def graphs_refused(p: Processing) -> str | None:
+    """Why the graph fast path cannot be used on this host although it is asked for: --lowvram/--medvram hooks move
+    UNet blocks between devices during the forward (lowvram.py), which no graph can hold. Said once in the console."""
+    if not host.option(CUDA_GRAPHS_SETTING, True) or not host.on_cuda():
+        return None
     flag = host.low_vram_flag(p.sd_model)
-    if flag is not None:
-        say_once(f"{flag} moves UNet blocks between devices, which a CUDA graph cannot replay; A&E evaluates eagerly")
-        return False
-    return True
+    if flag is None:
+        return None
+    reason = f"{flag} moves UNet blocks between devices"
+    say_once(f"{reason}, which a CUDA graph cannot replay; A&E evaluates eagerly, same result")
+    return reason
 
 
 def heatmap_steps(plan: StepPlan, params: AEParams) -> frozenset[int]:
@@ -171,6 +179,8 @@ class SamplingPass:
         """Image b -> the subjects found in its prompt, in the order of its maps (heatmap and trace legends)."""
         self._step: int | None = None
         self.finished = False
+        self.eager_reason: str | None = None
+        """Why this pass evaluated eagerly although CUDA graphs were asked for (shown in the AE trace)."""
 
     def before_model_call(self, x: torch.Tensor, sigma: torch.Tensor, kwargs: Mapping[str, Any]) -> None:
         """Called by the wrapped forward with the sampler's own tensor; updates it in place at the first call of an
@@ -381,7 +391,7 @@ class SamplingPass:
         images = batch_size * int(getattr(p, "n_iter", 1) or 1)
         if not (len(set(p.prompts)) > 1 or (always and images > 1)):
             return ""
-        return f" (image {int(getattr(p, 'iteration', 0) or 0) * batch_size + b + 1})"
+        return f" (image {image_in_job(p, b) + 1})"
 
     def finish(self) -> None:
         """After sampling (or an interrupt): read the step reports once, report what they say, free the graphs, and
@@ -406,6 +416,7 @@ class SamplingPass:
             fallback = getattr(self.engine, "graph_fallback_reason", None)
             if fallback:
                 say_once(f"the CUDA-graph fast path is off ({fallback}); A&E evaluates eagerly, same result")
+                self.eager_reason = str(fallback)
         finally:
             self.engine.release_graphs()
             unwrap_forward(self.den)
@@ -445,6 +456,7 @@ def install(p: Processing, params: AEParams) -> None:
         is_hr=bool(getattr(p, "is_hr_pass", False)),
         plms=name == "PLMS",
     )
+    sampling_pass.eager_reason = None if graphs else graphs_refused(p)
     wrap_forward(den, sampling_pass)
     state_of(p).passes.append(sampling_pass)
 

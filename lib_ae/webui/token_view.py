@@ -34,10 +34,13 @@ SUBJECT_COLOURS = 6
 
 def token_text(encoder: Any, token_id: int) -> str:
     """The text of one token id: HF CLIPTokenizer (SD1, SDXL's CLIP-L: `encoder.tokenizer`) or open_clip's tokenizer
-    (SD2: module-level `sd_hijack_open_clip.tokenizer`), byte-level BPE decoded; a word end keeps its `</w>`."""
+    (the encoder's own, or SD2's module-level `sd_hijack_open_clip.tokenizer`), byte-level BPE decoded; a word end
+    keeps its `</w>`."""
     tokenizer = getattr(encoder, "tokenizer", None)
     if tokenizer is not None and hasattr(tokenizer, "convert_ids_to_tokens"):
         text = str(tokenizer.convert_ids_to_tokens(int(token_id)))
+    elif tokenizer is not None and isinstance(getattr(tokenizer, "decoder", None), dict):  # an open_clip tokenizer
+        text = str(tokenizer.decoder.get(int(token_id), f"<{token_id}>"))
     else:
         text, tokenizer = host.open_clip_token_text(token_id)
     end = text.endswith(WORD_END)

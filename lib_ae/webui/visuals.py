@@ -11,7 +11,7 @@ from lib_ae.visualize import ImageTrace, SubjectMap, heatmap_strip, image_trace,
 from . import host
 from .host import Processing
 from .report import AE_HIRES_TRACE_KEY, AE_TRACE_KEY
-from .run_state import existing_state, state_of
+from .run_state import existing_state, image_in_job, state_of
 from .sampling_pass import SamplingPass
 
 
@@ -61,7 +61,8 @@ def _traces(sampling_pass: SamplingPass) -> dict[int, ImageTrace]:
 def _summaries(sampling_pass: SamplingPass, interrupted: bool) -> dict[int, str]:
     assert sampling_pass.excitation is not None
     cut = interrupted or any(r.interrupted for r in sampling_pass.excitation.reports)
-    return {b: trace_summary(trace, interrupted=cut) for b, trace in _traces(sampling_pass).items()}
+    eager = f", no CUDA graph ({sampling_pass.eager_reason})" if sampling_pass.eager_reason else ""
+    return {b: trace_summary(trace, interrupted=cut) + eager for b, trace in _traces(sampling_pass).items()}
 
 
 def _visuals(sampling_pass: SamplingPass) -> dict[int, BatchVisual]:
@@ -84,8 +85,7 @@ def draw_heatmaps(p: Processing, image: Any) -> None:
     if state is None or visual is None:
         return
     pictures = ([heatmap_strip(image, visual.rows).image] if visual.rows else []) + [trace_plot(visual.trace)]
-    job_index = int(getattr(p, "iteration", 0)) * int(getattr(p, "batch_size", 1)) + b
-    state.pictures.append((job_index, pictures))
+    state.pictures.append((image_in_job(p, b), pictures))
 
 
 def add_heatmaps_to_results(p: Processing, processed: Any) -> None:

@@ -72,3 +72,16 @@ def hooks_on(module: torch.nn.Module) -> int:
 def ae_keys(infotext: str, host: SimpleNamespace) -> dict[str, str]:
     fields = host.infotext_utils.parse_generation_parameters(infotext)
     return {k: v for k, v in fields.items() if k.startswith("AE")}
+
+
+def embedding(host: SimpleNamespace, name: str, vectors: int) -> Any:
+    """Register a textual-inversion embedding `name` of `vectors` random vectors with the loaded model."""
+    from modules.textual_inversion.textual_inversion import Embedding
+
+    context = host.shared.sd_model.cond_stage_model.token_embedding.shape[1]
+    vec = torch.randn(vectors, context, generator=torch.Generator().manual_seed(3))
+    emb = Embedding(vec, name)
+    import modules.sd_hijack
+
+    modules.sd_hijack.model_hijack.embedding_db.register_embedding(emb, host.shared.sd_model)
+    return emb
