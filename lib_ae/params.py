@@ -2,10 +2,11 @@
 
 Everything the user can set is declared once, in `PARAMS`; the rest derives from it:
 
-* the UI (built in `scripts/`): one component per `ParamSpec`, in `PARAMS` order, labelled `ParamSpec.label`
-  (labels are also the ui-config.json keys, so they are unique and must not change lightly);
+* the UI (built by `lib_ae/webui/controls.py`): one component per `ParamSpec`, in `PARAMS` order, labelled
+  `ParamSpec.label` (labels are also the ui-config.json keys, so they are unique and must not change lightly);
 * the HTTP API: `alwayson_scripts["Attend and Excite"]["args"]` is either the positional list in `PARAMS` order or a
-  single dict keyed by field name (`from_script_args`); `api_arg_info()` documents both;
+  single dict keyed by field name as its first element (`from_script_args`; `requested_params` adds the X/Y/Z
+  overrides and the enable flag); `api_arg_info()` documents both;
 * the infotext: `to_infotext` / `from_infotext`, one readable key per parameter (`ParamSpec.infotext_key`);
 * X/Y/Z plot axes: the specs with `xyz=True`, values parsed with `parse_value`;
 * validation: `ParamSpec.parse` for one value, `validate` / `AEParams.__post_init__` for a whole set.
@@ -23,6 +24,9 @@ string, a text field takes text. Every problem of a set of arguments is collecte
 CANONICAL TEXT. The two text parameters are stored in a canonical spelling, so that equal settings compare equal
 and survive the infotext round trip: subjects as "cat, red car" (split on commas, whitespace collapsed, empty items and
 case-insensitive duplicates dropped), thresholds as "0:0.05, 10:0.5, 20:0.8" (sorted by step; "none" when empty).
+
+`AEParams`, the validated set, takes its fields from `PARAMS` and parses the two text parameters once: the host uses
+the typed `subject_names` / `threshold_steps`; the canonical text is what goes into the infotext and the API.
 
 This module is host-free (no `modules.*`, no gradio, no pydantic), so it is unit-tested on its own.
 """

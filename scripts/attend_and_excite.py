@@ -50,7 +50,8 @@ class AttendAndExciteScript(host.Script):  # type: ignore[misc,valid-type]  # th
             built[enabled.name] = accordion
             for spec in PARAMS:
                 if spec.name in controls.MAIN_PARAMS and spec.name != enabled.name:
-                    built[spec.name] = controls.make_control(spec, controls.initial_value(spec), self.elem_id(spec.name))
+                    value = controls.initial_value(spec)
+                    built[spec.name] = controls.make_control(spec, value, self.elem_id(spec.name))
             token_view_ui(self.elem_id, built["subjects"])  # adds no script argument
             with gr.Accordion("Advanced", open=False, elem_id=self.elem_id("advanced")):
                 for spec in PARAMS:

@@ -72,7 +72,9 @@ def infotext_fields(controls: dict[str, Any]) -> list[tuple[Any, Any]]:
     """Pasting infotext (infotext_utils.connect_paste L477-, Api.apply_infotext api.py L363-): text and number
     parameters by key (A1111 casts to the control's type); the enable flag and the booleans through a reader,
     because the API casts with bool(), which would read "False" as True."""
-    return [(controls[spec.name], pasted_value(spec.name) if spec.kind == "bool" else spec.infotext_key) for spec in PARAMS]
+    return [
+        (controls[spec.name], pasted_value(spec.name) if spec.kind == "bool" else spec.infotext_key) for spec in PARAMS
+    ]
 
 
 def paste_field_names() -> list[str]:

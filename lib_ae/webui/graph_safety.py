@@ -78,5 +78,8 @@ def make_engine(
 ) -> AttendAndExcite:
     """The engine; `graph_guard` is passed once the engine takes it (lib_ae.graphs merged)."""
     if graph_guard is not None and "graph_guard" in inspect.signature(AttendAndExcite).parameters:
-        return AttendAndExcite(capture, config, cuda_graphs=cuda_graphs, graph_guard=graph_guard)  # type: ignore[call-arg]
+        engine: AttendAndExcite = AttendAndExcite(
+            capture, config, cuda_graphs=cuda_graphs, graph_guard=graph_guard  # type: ignore[call-arg]
+        )
+        return engine
     return AttendAndExcite(capture, config, cuda_graphs=cuda_graphs)

@@ -23,7 +23,7 @@ ALWAYS_VISIBLE = scripts.AlwaysVisible
 __all__ = ["ALWAYS_VISIBLE", "InputAccordion", "Script"]
 
 
-# -- The WebUI objects read here --------------------------------------------------------------------------------------
+# -- The WebUI objects read here ---------------------------------------------------------------------------------------
 
 
 class SamplerConfig(Protocol):
@@ -150,7 +150,7 @@ def loaded_model() -> Any:
     return getattr(shared, "sd_model", None)
 
 
-# -- Prompts -------------------------------------------------------------------------------------------------------------
+# -- Prompts -----------------------------------------------------------------------------------------------------------
 
 
 def strip_extra_networks(prompt: str) -> str:
@@ -187,7 +187,7 @@ def open_clip_token_text(token_id: int) -> tuple[str, Any]:
     return str(tokenizer.decoder.get(int(token_id), f"<{token_id}>")), tokenizer
 
 
-# -- Results, callbacks, other scripts -----------------------------------------------------------------------------------
+# -- Results, callbacks, other scripts ---------------------------------------------------------------------------------
 
 
 def save_image(p: Any, picture: Any, job_index: int, info: str | None, suffix: str) -> None:

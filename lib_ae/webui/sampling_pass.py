@@ -78,7 +78,7 @@ def remove_captures() -> None:
     _captures.clear()
 
 
-# -- What the host gives the engine --------------------------------------------------------------------------------------
+# -- What the host gives the engine ------------------------------------------------------------------------------------
 
 
 def sampler_name(p: Processing) -> str:
@@ -269,7 +269,8 @@ class SamplingPass:
         inputs = (sigma, *((image_cond,) if has_image_cond else ()), *cond_tensors)
         device = sigma.device
         inputs = tuple(t if t.device == device else t.to(device) for t in inputs)
-        return GraphableRunner(cond_forward, inputs, key=("a1111-cond-pass", id(inner), tuple(names or ()), has_image_cond))
+        key = ("a1111-cond-pass", id(inner), tuple(names or ()), has_image_cond)
+        return GraphableRunner(cond_forward, inputs, key=key)
 
     def _start(self) -> InSamplerExcitation:
         """The step plan, built at the first model call: only then are den.steps/total_steps set (launch_sampling
@@ -422,7 +423,7 @@ class SamplingPass:
             unwrap_forward(self.den)
 
 
-# -- Install and release ------------------------------------------------------------------------------------------------
+# -- Install and release -----------------------------------------------------------------------------------------------
 
 
 def install(p: Processing, params: AEParams) -> None:

@@ -63,7 +63,9 @@ def device_side_embedding(unet: Any, output_dtype: Callable[[torch.Tensor], torc
         yield
         return
 
-    def embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000, repeat_only: bool = False) -> torch.Tensor:
+    def embedding(
+        timesteps: torch.Tensor, dim: int, max_period: int = 10000, repeat_only: bool = False
+    ) -> torch.Tensor:
         return device_timestep_embedding(
             timesteps, dim, max_period, repeat_only, original=original, output_dtype=output_dtype
         )

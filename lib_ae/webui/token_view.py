@@ -109,14 +109,16 @@ def _token_view_html(prompt: str, subjects_text: str, steps: int) -> str:
         for subject, columns in location.found.items():
             found_in.setdefault(subject, []).append((steps_label, columns))
         for subject in location.missing:
-            reason = next((m for m in location.messages if repr(subject) in m), f"subject {subject!r} is not in the prompt")
+            default = f"subject {subject!r} is not in the prompt"
+            reason = next((m for m in location.messages if repr(subject) in m), default)
             missing.setdefault(subject, reason.removeprefix("AE: "))
         owner = {column: subject for subject, columns in location.found.items() for column in columns}
         parts.append(_entry_html(encoder, tokens, entry, steps_label, owner, order))
     legend = [_legend_html(i, subject, found_in, missing, count) for i, subject in enumerate(subjects)]
     if not subjects:
         legend.append("<span class='ae-tokens-note'>Click a word to make it a subject.</span>")
-    return "<div class='ae-tokens'><div class='ae-tokens-legend'>" + "".join(legend) + "</div>" + "".join(parts) + "</div>"
+    legend_html = "<div class='ae-tokens-legend'>" + "".join(legend) + "</div>"
+    return "<div class='ae-tokens'>" + legend_html + "".join(parts) + "</div>"
 
 
 def _entry_html(

@@ -6,7 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lib_ae.visualize import ImageTrace, SubjectMap, heatmap_strip, image_trace, subject_maps_at, trace_plot, trace_summary
+from lib_ae.visualize import (
+    ImageTrace,
+    SubjectMap,
+    heatmap_strip,
+    image_trace,
+    subject_maps_at,
+    trace_plot,
+    trace_summary,
+)
 
 from . import host
 from .host import Processing
