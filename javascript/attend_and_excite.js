@@ -1,4 +1,4 @@
-// Attend and Excite: the live token view inside the accordion (scripts/attend_and_excite.py, section 4b).
+// Attend and Excite: the live token view inside the accordion (lib_ae/webui/token_view.py).
 // A1111 injects every javascript/*.js of an extension into the page (ui_gradio_extensions.py L12); gradioApp(),
 // onUiLoaded(), onAfterUiUpdate() and updateInput() are A1111's own helpers (script.js, javascript/ui.js).
 (function() {
@@ -52,17 +52,30 @@
             return a.trim().replace(/\s+/g, " ").toLowerCase() === b.trim().replace(/\s+/g, " ").toLowerCase();
         }
 
+        // The subjects as the server parsed them (the view's legend, in order), while the view shows the box's
+        // current text; only when the box changed since the last refresh is its text split here.
+        function currentSubjects() {
+            var shown = last !== null && JSON.parse(last).subjects === subjects.value &&
+                view.querySelector(".ae-tokens-problem, .ae-tokens-message") === null;
+            if (shown) {
+                return Array.prototype.map.call(view.querySelectorAll(".ae-legend[data-ae-subject]"), function(el) {
+                    return el.getAttribute("data-ae-subject");
+                });
+            }
+            return subjects.value.split(",").map(function(s) {
+                return s.trim();
+            }).filter(function(s) {
+                return s.length > 0;
+            });
+        }
+
         // Clicking a token toggles its word as a subject; clicking a subject's token or legend entry removes it.
         view.addEventListener("click", function(event) {
             var target = event.target.closest("[data-ae-subject], [data-ae-word]");
             if (!target) {
                 return;
             }
-            var items = subjects.value.split(",").map(function(s) {
-                return s.trim();
-            }).filter(function(s) {
-                return s.length > 0;
-            });
+            var items = currentSubjects();
             var subject = target.getAttribute("data-ae-subject");
             var word = target.getAttribute("data-ae-word");
             var name = subject !== null ? subject : word;

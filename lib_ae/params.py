@@ -2,10 +2,11 @@
 
 Everything the user can set is declared once, in `PARAMS`; the rest derives from it:
 
-* the UI (built in `scripts/`): one component per `ParamSpec`, in `PARAMS` order, labelled `ParamSpec.label`
-  (labels are also the ui-config.json keys, so they are unique and must not change lightly);
+* the UI (built by `lib_ae/webui/controls.py`): one component per `ParamSpec`, in `PARAMS` order, labelled
+  `ParamSpec.label` (labels are also the ui-config.json keys, so they are unique and must not change lightly);
 * the HTTP API: `alwayson_scripts["Attend and Excite"]["args"]` is either the positional list in `PARAMS` order or a
-  single dict keyed by field name (`from_script_args`); `api_arg_info()` documents both;
+  single dict keyed by field name as its first element (`from_script_args`; `requested_params` adds the X/Y/Z
+  overrides and the enable flag); `api_arg_info()` documents both;
 * the infotext: `to_infotext` / `from_infotext`, one readable key per parameter (`ParamSpec.infotext_key`);
 * X/Y/Z plot axes: the specs with `xyz=True`, values parsed with `parse_value`;
 * validation: `ParamSpec.parse` for one value, `validate` / `AEParams.__post_init__` for a whole set.
@@ -24,6 +25,9 @@ CANONICAL TEXT. The two text parameters are stored in a canonical spelling, so t
 and survive the infotext round trip: subjects as "cat, red car" (split on commas, whitespace collapsed, empty items and
 case-insensitive duplicates dropped), thresholds as "0:0.05, 10:0.5, 20:0.8" (sorted by step; "none" when empty).
 
+`AEParams`, the validated set, takes its fields from `PARAMS` and parses the two text parameters once: the host uses
+the typed `subject_names` / `threshold_steps`; the canonical text is what goes into the infotext and the API.
+
 This module is host-free (no `modules.*`, no gradio, no pydantic), so it is unit-tested on its own.
 """
 
@@ -35,6 +39,7 @@ import math
 import numbers
 import re
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
@@ -55,9 +60,6 @@ number-x-number value (which A1111's parser splits into two keys)."""
 
 INFOTEXT_KEY_PATTERN = re.compile(r"\w[\w \-/]+")
 """A1111's infotext key syntax (`infotext_utils.re_param_code`): keys that do not fully match are not parsed back."""
-
-_A1111_IMAGE_SIZE = re.compile(r"^(\d+)x(\d+)$")
-"""Values of this shape are split by A1111's parser into "<key>-1" and "<key>-2" (it is meant for "Size: 512x512")."""
 
 OFFICIAL_THRESHOLDS_TEXT = "0:0.05, 10:0.5, 20:0.8"
 EMPTY_THRESHOLDS_TEXT = "none"
@@ -504,57 +506,70 @@ def parse_value(name: str, raw: Any) -> bool | int | float | str:
 # The parameter set
 
 
-@dataclass(frozen=True)
+_FIELD_TYPES: Mapping[ParamKind, type] = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+def _fields_from_params(cls: type) -> type:
+    """Make `cls` a frozen dataclass whose fields are `PARAMS`, in order, with the spec's types and defaults: the
+    fields are declared once, in the spec, and cannot drift from it."""
+    cls.__annotations__ = {spec.name: _FIELD_TYPES[spec.kind] for spec in PARAMS}
+    for spec in PARAMS:
+        setattr(cls, spec.name, spec.default)
+    return dataclass(frozen=True)(cls)
+
+
+@_fields_from_params
 class AEParams:
-    """One complete, valid set of user parameters (defaults from `PARAMS`; field order = `PARAMS` order).
+    """One complete, valid set of user parameters: one field per `ParamSpec` of `PARAMS` (same order and defaults).
 
     Construction validates every field (raising `ParamsError`) and stores the canonical form: numbers as int/float,
-    subjects and thresholds in canonical text (see the module docstring).
+    subjects and thresholds in canonical text, the form of the API, the UI and the infotext. The text is parsed here,
+    once: the host reads the typed values `subject_names` and `threshold_steps`.
     """
-
-    enabled: bool = _default("enabled")
-    subjects: str = _default("subjects")
-    scale_factor: float = _default("scale_factor")
-    alter_fraction: float = _default("alter_fraction")
-    thresholds: str = _default("thresholds")
-    max_refinement_steps: int = _default("max_refinement_steps")
-    smooth_attentions: bool = _default("smooth_attentions")
-    sigma: float = _default("sigma")
-    kernel_size: int = _default("kernel_size")
-    attention_res: int = _default("attention_res")
-    normalize_eot: bool = _default("normalize_eot")
-    apply_to_hires: bool = _default("apply_to_hires")
-    heatmaps: bool = _default("heatmaps")
-    heatmaps_first_step: bool = _default("heatmaps_first_step")
 
     def __post_init__(self) -> None:
         values = validate({spec.name: getattr(self, spec.name) for spec in PARAMS})
         for name, value in values.items():
             object.__setattr__(self, name, value)  # frozen: canonical values are set once, here
+        object.__setattr__(self, "_subject_names", tuple(parse_subjects(values["subjects"])))
+        object.__setattr__(self, "_threshold_steps", MappingProxyType(parse_thresholds(values["thresholds"])))
+
+    @property
+    def subject_names(self) -> tuple[str, ...]:
+        """The subjects, in the order given (parsed once, at construction)."""
+        names: tuple[str, ...] = getattr(self, "_subject_names")
+        return names
+
+    @property
+    def threshold_steps(self) -> Mapping[int, float]:
+        """Refinement thresholds keyed by step at `REFERENCE_STEPS` steps (parsed once, read-only)."""
+        steps: Mapping[int, float] = getattr(self, "_threshold_steps")
+        return steps
 
     @property
     def subject_list(self) -> list[str]:
         """The subjects as a list, in the order given."""
-        return parse_subjects(self.subjects)
+        return list(self.subject_names)
 
     @property
     def threshold_map(self) -> dict[int, float]:
-        """Refinement thresholds keyed by step at `REFERENCE_STEPS` steps."""
-        return parse_thresholds(self.thresholds)
+        """Refinement thresholds keyed by step at `REFERENCE_STEPS` steps, as a new dict."""
+        return dict(self.threshold_steps)
 
     def to_config(self) -> ExciteConfig:
         """The engine configuration (the official defaults give exactly `ExciteConfig()`)."""
-        side = self.attention_res
+        get = self.as_dict()
+        side = get["attention_res"]
         return ExciteConfig(
-            scale_factor=self.scale_factor,
-            alter_fraction=self.alter_fraction,
+            scale_factor=get["scale_factor"],
+            alter_fraction=get["alter_fraction"],
             thresholds=self.threshold_map,
-            max_refinement_steps=self.max_refinement_steps,
-            smooth_attentions=self.smooth_attentions,
-            sigma=self.sigma,
-            kernel_size=self.kernel_size,
+            max_refinement_steps=get["max_refinement_steps"],
+            smooth_attentions=get["smooth_attentions"],
+            sigma=get["sigma"],
+            kernel_size=get["kernel_size"],
             attention_res=None if side == 0 else (side, side),
-            normalize_eot=self.normalize_eot,
+            normalize_eot=get["normalize_eot"],
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -567,7 +582,7 @@ class AEParams:
 
     def replace(self, **changes: Any) -> "AEParams":
         """A copy with some fields changed (validated like any construction), e.g. for an X/Y/Z cell."""
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]  # a dataclass, made by the decorator
 
 
 def validate(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -594,34 +609,20 @@ def validate(values: Mapping[str, Any]) -> dict[str, Any]:
     return result
 
 
-def from_script_args(args: Sequence[Any]) -> AEParams:
-    """The parameters from A1111's slice of script args (UI or `alwayson_scripts[...]["args"]`).
+def from_script_args(args: Sequence[Any], overrides: Mapping[str, Any] | None = None) -> AEParams:
+    """The parameters from A1111's slice of script args (UI or `alwayson_scripts[...]["args"]`), with X/Y/Z
+    `overrides` (field name -> raw value) written over single values.
 
     Two forms:
     (a) positional, in `PARAMS` order; fewer values than parameters leave the rest at their defaults, more is an error;
     (b) a dict as the first arg, keyed by field name, e.g. `{"enabled": true, "subjects": ["cat", "dog"]}`; missing
         keys take their defaults (so `enabled` must be given to switch A&E on), unknown keys are an error. The args
-        after the dict are ignored: A1111's API fills the rest of the script's slice with the UI defaults.
+        after the dict are A1111's UI defaults (the API fills the rest of the script's slice with them) and are not
+        read; a second dict among them is an error (its keys would be silently lost).
     Raises `ParamsError` listing every problem.
     """
-    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
-        raise ParamsError([f"AE: script args must be a list, got {_show(args)}"])
-    if args and isinstance(args[0], Mapping):
-        mapping = args[0]
-        problems = [
-            f"AE: dict keys must be parameter names (text), got {_show(key)}"
-            for key in mapping
-            if not isinstance(key, str)
-        ]
-        named = {key: value for key, value in mapping.items() if isinstance(key, str)}
-    else:
-        problems = []
-        if len(args) > len(PARAMS):
-            problems.append(
-                f"AE: got {len(args)} positional args but there are only {len(PARAMS)} parameters "
-                f"({', '.join(PARAM_NAMES)})"
-            )
-        named = dict(zip(PARAM_NAMES, args))
+    named, problems = _named_args(args)
+    named.update(overrides or {})
     try:
         values = validate(named)
     except ParamsError as error:
@@ -629,6 +630,53 @@ def from_script_args(args: Sequence[Any]) -> AEParams:
     if problems:
         raise ParamsError(problems)
     return AEParams(**values)
+
+
+def requested_params(args: Sequence[Any], overrides: Mapping[str, Any] | None = None) -> AEParams | None:
+    """The parameters of this generation, or None when A&E is off. Raises `ParamsError`.
+
+    The one place that tells enabled from disabled: only the enable flag is looked at before deciding that A&E is
+    off, so a disabled script never complains about its other values. An invalid flag (e.g. the API's
+    `{"enabled": "yes", "subject": "cat"}`) is reported together with every other problem of the same args.
+    """
+    named, _ = _named_args(args)
+    named.update(overrides or {})
+    try:
+        enabled = parse_value("enabled", named.get("enabled", _default("enabled")))
+    except ParamsError:
+        from_script_args(args, overrides)  # raises with all the problems, the flag's included
+        raise
+    if not enabled:
+        return None
+    return from_script_args(args, overrides)
+
+
+def _named_args(args: Sequence[Any]) -> tuple[dict[Any, Any], list[str]]:
+    """The one place that tells the API's dict form from the positional form: field name -> raw value, and the
+    problems of the form itself (not a list, too many values, a second dict, keys that are not text)."""
+    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+        raise ParamsError([f"AE: script args must be a list, got {_show(args)}"])
+    problems: list[str] = []
+    if args and isinstance(args[0], Mapping):
+        mapping = args[0]
+        problems += [
+            f"AE: dict keys must be parameter names (text), got {_show(key)}"
+            for key in mapping
+            if not isinstance(key, str)
+        ]
+        problems += [
+            f"AE: only the first dict of the args is read, but arg {index + 1} is a dict too ({_show(extra)}); "
+            "put all the parameters in one dict"
+            for index, extra in enumerate(args[1:], start=1)
+            if isinstance(extra, Mapping)
+        ]
+        return {key: value for key, value in mapping.items() if isinstance(key, str)}, problems
+    if len(args) > len(PARAMS):
+        problems.append(
+            f"AE: got {len(args)} positional args but there are only {len(PARAMS)} parameters "
+            f"({', '.join(PARAM_NAMES)})"
+        )
+    return dict(zip(PARAM_NAMES, args)), problems
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -735,10 +783,7 @@ def _show(value: Any) -> str:
 
 
 def _check_spec_consistency() -> None:
-    """The spec and `AEParams` must agree: same names in the same order, same defaults, unique labels and keys."""
-    fields = [f.name for f in dataclasses.fields(AEParams)]
-    if fields != list(PARAM_NAMES):
-        raise AssertionError(f"AEParams fields {fields} != PARAMS {list(PARAM_NAMES)}")
+    """Unique names, labels and infotext keys; canonical defaults (`AEParams` takes its fields from `PARAMS`)."""
     for attribute in ("name", "label", "infotext_key"):
         seen = [getattr(spec, attribute) for spec in PARAMS]
         if len(set(seen)) != len(seen):

@@ -2,7 +2,7 @@
 
 A1111 encodes a prompt in chunks of 77 tokens, `[BOS, 75 prompt tokens padded with EOS, EOS]`, each chunk a separate
 CLIP pass, and concatenates the chunks' outputs: chunk k occupies conditioning columns 77*k .. 77*k + 76, and the
-prompt token at index j of chunk k (j = 0 is that chunk's BOS) is column 77*k + j (host-api.md §5). A new chunk starts
+prompt token at index j of chunk k (j = 0 is that chunk's BOS) is column 77*k + j (docs/host-notes.md §5). A new chunk starts
 when 75 tokens are full (A1111 may move the text after a nearby comma along) and at every BREAK.
 
 Subjects. A subject's token ids (`encode(subject)`, no special tokens) must appear as one contiguous run inside one

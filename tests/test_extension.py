@@ -7,12 +7,9 @@ A1111's order around a real k-diffusion sampler and CFG denoiser over a tiny ran
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
-from types import ModuleType, SimpleNamespace
-from typing import Any, Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -20,96 +17,7 @@ import torch
 from lib_ae import AttendAndExcite, AttentionCapture, InSamplerExcitation, StepClock
 from lib_ae.params import PARAMS, AEParams, from_infotext, from_script_args, to_infotext
 from lib_ae.tokens import locate_subjects
-
-ROOT = Path(__file__).resolve().parents[1]
-HOST = ROOT / "tests" / "host"
-TITLE = "Attend and Excite"
-PROMPT = "a cat and a dog"
-FAST = {"max_refinement_steps": 2}
-"""Keeps each run to a handful of UNet passes: 4 steps, refinement capped at 2 iterations."""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Fixtures: the stand-in host on sys.path for this module only, one model, a freshly loaded extension per test
-
-
-@pytest.fixture(scope="module")
-def host() -> Iterator[SimpleNamespace]:
-    added = [str(HOST)]
-    if importlib.util.find_spec("gradio") is None:  # the real gradio 3.41.2 is not installable in the test venv
-        added.insert(0, str(HOST / "gradio_stub"))
-    sys.path[:0] = added
-    preexisting = set(sys.modules)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny UNet gains little from threads; keeps the module's CPU time low
-    try:
-        import standin
-        from modules import infotext_utils, processing, prompt_parser, script_callbacks, scripts, shared
-
-        yield SimpleNamespace(
-            standin=standin,
-            shared=shared,
-            scripts=scripts,
-            script_callbacks=script_callbacks,
-            processing=processing,
-            prompt_parser=prompt_parser,
-            infotext_utils=infotext_utils,
-            model=standin.StandInSdModel(seed=0),
-        )
-    finally:
-        torch.set_num_threads(threads)
-        for path in added:
-            sys.path.remove(path)
-        host_names = ("modules", "standin", "gradio")
-        for name in [n for n in sys.modules if n not in preexisting and n.split(".")[0] in host_names]:
-            del sys.modules[name]
-
-
-DEFAULT_FIELDS: dict[str, Any] = {"prompt": PROMPT, "steps": 4, "seed": 7, "width": 128, "height": 128}
-
-
-class WebUI:
-    """One WebUI "process": the model loaded, the scripts loaded, the txt2img tab's script UI built."""
-
-    def __init__(self, host: SimpleNamespace, *, with_xyz: bool = False) -> None:
-        self.host = host
-        host.standin.reset_host(host.model)
-        self.runner = host.standin.load_extension(ROOT, with_xyz=with_xyz)
-        self.script = self.runner.script(TITLE)
-
-    @property
-    def module(self) -> ModuleType:
-        """The loaded scripts/attend_and_excite.py (not in sys.modules, as in A1111)."""
-        return next(
-            d.module for d in self.host.scripts.scripts_data if d.script_class.__name__ == "AttendAndExciteScript"
-        )
-
-    def args(self, ae: dict[str, Any] | None = None, **named: Any) -> tuple[Any, ...]:
-        """The request's script args: named values over the UI defaults (positional), or `ae` in the API dict form."""
-        if ae is None:
-            values = {spec.name: spec.default for spec in PARAMS} | FAST | named
-            slot: list[Any] = [values[spec.name] for spec in PARAMS]
-        else:
-            slot = [ae]
-        return self.host.standin.script_args(self.runner, {TITLE: slot})
-
-    def run(self, args: tuple[Any, ...] | None = None, **fields: Any) -> tuple[Any, Any]:
-        return self.host.standin.txt2img(
-            self.runner, args if args is not None else self.args(), **(DEFAULT_FIELDS | fields)
-        )
-
-    def unload(self) -> None:
-        self.host.script_callbacks.script_unloaded_callback()
-
-
-@pytest.fixture()
-def webui(host: SimpleNamespace) -> Iterator[WebUI]:
-    ui = WebUI(host)
-    try:
-        yield ui
-    finally:
-        ui.unload()
-
+from support.webui_host import DEFAULT_FIELDS, FAST, PROMPT, ROOT, TITLE, WebUI, ae_keys, hooks_on
 
 _baselines: dict[str, torch.Tensor] = {}
 
@@ -124,14 +32,6 @@ def baseline(host: SimpleNamespace, **fields: Any) -> torch.Tensor:
         _baselines[key] = torch.stack(processed.images)
     return _baselines[key]
 
-
-def hooks_on(module: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
-
-
-def ae_keys(infotext: str, host: SimpleNamespace) -> dict[str, str]:
-    fields = host.infotext_utils.parse_generation_parameters(infotext)
-    return {k: v for k, v in fields.items() if k.startswith("AE")}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -218,7 +118,7 @@ def test_disabled_run_is_bit_identical_and_leaves_no_trace(webui: WebUI) -> None
     assert p.extra_generation_params == {}
     assert "forward" not in vars(p.sampler.model_wrap_cfg)  # the denoiser's class forward, unwrapped
     assert hooks_on(webui.host.model) == 0
-    assert not hasattr(p, "_ae_xyz")
+    assert not hasattr(p, webui.adapter("run_state").RUN_STATE_ATTRIBUTE)  # no state at all
 
 
 def test_enabled_then_disabled_is_still_bit_identical(webui: WebUI) -> None:
@@ -263,14 +163,14 @@ def test_api_dict_form_equals_the_positional_form(webui: WebUI) -> None:
 
 def test_batch_of_two_prompts_locates_subjects_per_image(webui: WebUI, monkeypatch: pytest.MonkeyPatch) -> None:
     located: list[tuple[str, tuple[tuple[int, ...], ...]]] = []
-    real = webui.module.locate_subjects
+    real = webui.adapter("subjects").locate_subjects
 
     def spy(chunks: Any, subjects: Any, encode: Any, **kwargs: Any) -> Any:
         location = real(chunks, subjects, encode, **kwargs)
         located.append((",".join(location.found), location.selection.subjects if location.selection else ()))
         return location
 
-    monkeypatch.setattr(webui.module, "locate_subjects", spy)
+    monkeypatch.setattr(webui.adapter("subjects"), "locate_subjects", spy)
     prompts = ["a cat and a dog", "a dog on a red car"]
     reference = baseline(webui.host, prompt=prompts, batch_size=2)
     p, processed = webui.run(webui.args(enabled=True, subjects="cat, red car"), prompt=prompts, batch_size=2)
@@ -371,7 +271,7 @@ def test_second_order_sampler_maps_calls_to_steps(webui: WebUI, monkeypatch: pyt
             seen.append((call_index, self.clock.calls_per_step, None if report is None else report.step))
             return report
 
-    monkeypatch.setattr(webui.module, "InSamplerExcitation", Recording)
+    monkeypatch.setattr(webui.adapter("sampling_pass"), "InSamplerExcitation", Recording)
     webui.run(webui.args(enabled=True, subjects="cat", alter_fraction=1.0, thresholds="none"), sampler_name="Heun")
     # Heun, 4 steps: 7 model calls; A&E runs at the first call of each step (0, 2, 4, 6), once per step.
     assert [(c, k) for c, k, _ in seen] == [(0, 2), (2, 2), (4, 2), (6, 2)]
@@ -386,7 +286,7 @@ def test_ddim_updates_the_vp_latent(webui: WebUI, monkeypatch: pytest.MonkeyPatc
             spaces.append(self.space)
             return super().before_model_call(*args, **kwargs)
 
-    monkeypatch.setattr(webui.module, "InSamplerExcitation", Recording)
+    monkeypatch.setattr(webui.adapter("sampling_pass"), "InSamplerExcitation", Recording)
     reference = baseline(webui.host, sampler_name="DDIM")
     p, processed = webui.run(webui.args(enabled=True, subjects="cat"), sampler_name="DDIM")
     assert not torch.equal(torch.stack(processed.images), reference)
@@ -452,7 +352,6 @@ def test_sd3_model_is_refused_with_a_message(webui: WebUI, monkeypatch: pytest.M
 
 
 def test_unet_without_cross_attention_is_refused_with_a_message(webui: WebUI) -> None:
-    module = webui.module
     unet = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1))
     p = SimpleNamespace(
         sd_model=SimpleNamespace(
@@ -463,7 +362,7 @@ def test_unet_without_cross_attention_is_refused_with_a_message(webui: WebUI) ->
         sampler=SimpleNamespace(config=SimpleNamespace(name="Euler"), model_wrap_cfg=SimpleNamespace()),
         extra_generation_params={},
     )
-    module.install(p, from_script_args([{"enabled": True, "subjects": "cat"}]))
+    webui.adapter("sampling_pass").install(p, from_script_args([{"enabled": True, "subjects": "cat"}]))
     assert "no attention modules" in p.extra_generation_params["AE error"]
     assert "forward" not in vars(p.sampler.model_wrap_cfg)
 
@@ -490,27 +389,26 @@ def test_refinement_progress_is_shown_and_cleared(webui: WebUI, monkeypatch: pyt
 
 
 def test_sdxl_conditioning_and_text_encoder(webui: WebUI) -> None:
-    module = webui.module
     clip_l = webui.host.model.cond_stage_model
     # SDXL: cond_stage_model is the conditioner (sd_hijack.py L226-230); its first embedder with process_texts is
     # CLIP-L, whose BOS/EOS/pad the columns are counted with.
     conditioner = SimpleNamespace(embedders=[SimpleNamespace(), clip_l, SimpleNamespace(process_texts=None)])
-    assert module.text_encoder(SimpleNamespace(cond_stage_model=conditioner)) is clip_l
+    assert webui.adapter("subjects").text_encoder(SimpleNamespace(cond_stage_model=conditioner)) is clip_l
     cond = {"crossattn": torch.randn(3, 77, 8), "vector": torch.randn(3, 16)}
-    rows = module.select_rows(cond, torch.tensor([2, 0]))
+    rows = webui.adapter("sampling_pass").select_rows(cond, torch.tensor([2, 0]))
     assert torch.equal(rows["crossattn"], cond["crossattn"][[2, 0]]) and torch.equal(
         rows["vector"], cond["vector"][[2, 0]]
     )
     sdxl = SimpleNamespace(model=SimpleNamespace(conditioning_key="crossattn"))
     image_cond = torch.zeros(2, 5, 1, 1)
-    made = module.make_condition_dict(sdxl, rows, image_cond)
+    made = webui.adapter("sampling_pass").make_condition_dict(sdxl, rows, image_cond)
     assert set(made) == {"crossattn", "vector", "c_concat"} and made["c_concat"][0] is image_cond
     unclip = SimpleNamespace(model=SimpleNamespace(conditioning_key="crossattn-adm"))
-    assert set(module.make_condition_dict(unclip, rows["crossattn"], image_cond)) == {"c_crossattn", "c_adm"}
+    assert set(webui.adapter("sampling_pass").make_condition_dict(unclip, rows["crossattn"], image_cond)) == {"c_crossattn", "c_adm"}
 
 
 def test_plms_first_step_makes_two_calls(webui: WebUI) -> None:
-    sampling_pass = webui.module.SamplingPass(None, None, None, None, None, "vp", is_hr=False, plms=True)
+    sampling_pass = webui.adapter("sampling_pass").SamplingPass(None, None, None, None, None, "vp", is_hr=False, plms=True)
     # PLMS: calls 0 and 1 are step 0 (the second on a temporary latent), then one call per step.
     assert [sampling_pass._clock_index(call) for call in range(5)] == [0, None, 1, 2, 3]
 
@@ -524,8 +422,8 @@ def test_wrapping_a_reused_sampler_replaces_the_wrapper(webui: WebUI) -> None:
 
     calls: list[str] = []
     den = Denoiser()
-    webui.module.wrap_forward(den, SimpleNamespace(before_model_call=lambda x, sigma, kwargs: calls.append("first")))
-    webui.module.wrap_forward(den, SimpleNamespace(before_model_call=lambda x, sigma, kwargs: calls.append("second")))
+    webui.adapter("sampling_pass").wrap_forward(den, SimpleNamespace(before_model_call=lambda x, sigma, kwargs: calls.append("first")))
+    webui.adapter("sampling_pass").wrap_forward(den, SimpleNamespace(before_model_call=lambda x, sigma, kwargs: calls.append("second")))
     wrapped = getattr(den.forward, "_ae_original")
     assert wrapped.__func__ is Denoiser.forward  # the class forward, not the first wrapper
     out = den(torch.zeros(1), torch.zeros(1), cond=None)  # nn.Module.__call__ goes through the instance attribute
@@ -560,14 +458,14 @@ def test_prompt_editing_uses_the_tokens_of_the_entry_in_effect(webui: WebUI, mon
 
     monkeypatch.setattr(parser, "get_learned_conditioning_prompt_schedules", schedules)
     found: list[tuple[int, list[str]]] = []
-    real_locate = webui.module.locate_subjects
+    real_locate = webui.adapter("subjects").locate_subjects
 
     def spy(chunks: Any, subjects: Any, encode: Any, **kwargs: Any) -> Any:
         location = real_locate(chunks, subjects, encode, **kwargs)
         found.append((len(found), sorted(location.found)))
         return location
 
-    monkeypatch.setattr(webui.module, "locate_subjects", spy)
+    monkeypatch.setattr(webui.adapter("subjects"), "locate_subjects", spy)
     p, _ = webui.run(webui.args(enabled=True, subjects="cat, dog", alter_fraction=1.0), prompt="EDIT")
     assert [names for _, names in found] == [["cat"], ["dog"]]  # entry 0 for calls 0-1, entry 1 from call 2 on
     assert "subject 'dog' is not in the prompt" in p.extra_generation_params["AE error"]
@@ -616,7 +514,7 @@ def test_cuda_graph_runner_gives_the_same_images(webui: WebUI, monkeypatch: pyte
     computation it would capture) gives the eager path's images bit for bit, and `post_sample` frees the engines."""
     args = webui.args(enabled=True, subjects="cat, dog")
     _, eager = webui.run(args)
-    monkeypatch.setattr(webui.module, "use_cuda_graphs", lambda p: True)
+    monkeypatch.setattr(webui.adapter("sampling_pass"), "use_cuda_graphs", lambda p: True)
     evaluations: list[Any] = []
     original = AttendAndExcite.__init__
 
@@ -630,7 +528,7 @@ def test_cuda_graph_runner_gives_the_same_images(webui: WebUI, monkeypatch: pyte
     p, graphed = webui.run(args)
     assert evaluations and all(type(r).__name__ == "GraphableRunner" for r in evaluations)
     assert torch.equal(torch.stack(graphed.images), torch.stack(eager.images))
-    assert getattr(p, "_ae_passes") == []
+    assert webui.adapter("run_state").existing_state(p).passes == []
 
 
 def test_heatmaps_and_trace_for_a_batch_of_two_with_different_subjects(webui: WebUI) -> None:
@@ -650,7 +548,7 @@ def test_heatmaps_and_trace_for_a_batch_of_two_with_different_subjects(webui: We
     strip_a, plot_a, strip_b, plot_b = pictures
     # Tiles 256 high (width from the square image), a 28-pixel caption, two subjects found in each prompt, two rows.
     assert strip_a.size == strip_b.size == (2 * 256, 2 * (256 + 28))
-    visuals = getattr(p, "_ae_visuals")
+    visuals = {b: (v.rows, v.trace) for b, v in webui.adapter("run_state").existing_state(p).visuals.items()}
     assert [[[m.label for m in row] for row in visuals[b][0]] for b in (0, 1)] == [
         [["cat", "dog"], ["cat", "dog"]], [["car", "tree"], ["car", "tree"]]
     ]

@@ -32,15 +32,15 @@ import math
 import random
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 import torch
-from test_extension import FAST, ROOT, TITLE, WebUI, ae_keys, hooks_on, host  # noqa: F401  (host: a fixture)
 
 import lib_ae.capture
 from lib_ae import AttendAndExcite, cross_attention_modules
 from lib_ae.params import PARAMS
+from support.webui_host import FAST, ROOT, TITLE, WebUI, ae_keys, callback_counts, embedding, hooks_on
 
 logger = logging.getLogger("tests.hostile")
 
@@ -56,16 +56,6 @@ SETTINGS, ERROR_ONLY, NOTHING = "settings", "error only", "nothing"
 # Fixtures and helpers
 
 
-@pytest.fixture()
-def webui(host: SimpleNamespace) -> Iterator[WebUI]:
-    ui = WebUI(host)
-    ui.callbacks_at_load = callback_counts(host)  # type: ignore[attr-defined]
-    try:
-        yield ui
-    finally:
-        ui.unload()
-
-
 _baselines: dict[str, tuple[Any, torch.Tensor]] = {}
 
 
@@ -79,10 +69,6 @@ def baseline(host: SimpleNamespace, **fields: Any) -> torch.Tensor:
         _, processed = host.standin.txt2img(None, None, **request)
         _baselines[key] = (model, images_of(processed))
     return _baselines[key][1]
-
-
-def callback_counts(host: SimpleNamespace) -> dict[str, int]:
-    return {name: len(callbacks) for name, callbacks in host.script_callbacks.callback_map.items()}
 
 
 def capture_hooks(host: SimpleNamespace) -> int:
@@ -116,7 +102,7 @@ def assert_no_leaks(webui: WebUI, p: Any, **fields: Any) -> None:
     unet = host.shared.sd_model.model.diffusion_model
     assert hooks_on(unet) in (0, capture_hooks(host)), "at most the one idle capture stays on the UNet"
     assert hooks_on(host.shared.sd_model.cond_stage_model) == 0
-    assert callback_counts(host) == webui.callbacks_at_load  # type: ignore[attr-defined]
+    assert callback_counts(host) == webui.callbacks_at_load
     if p.sampler is not None:
         assert "forward" not in vars(p.sampler.model_wrap_cfg), "the denoiser's forward is the class's again"
     assert host.shared.state.textinfo is None
@@ -331,18 +317,6 @@ def test_api_request_is_setup_without_ui(webui: WebUI) -> None:
     p, processed = run(webui, api_args(webui, [{"enabled": True, "subjects": "zebra"}]), is_api=True)
     check_outcome(webui, processed, {}, SAME, "subject 'zebra' is not in the prompt", SETTINGS)
     assert_no_leaks(webui, p)
-
-
-def embedding(host: SimpleNamespace, name: str, vectors: int) -> Any:
-    from modules.textual_inversion.textual_inversion import Embedding
-
-    context = host.shared.sd_model.cond_stage_model.token_embedding.shape[1]
-    vec = torch.randn(vectors, context, generator=torch.Generator().manual_seed(3))
-    emb = Embedding(vec, name)
-    import modules.sd_hijack
-
-    modules.sd_hijack.model_hijack.embedding_db.register_embedding(emb, host.shared.sd_model)
-    return emb
 
 
 @pytest.mark.parametrize(
@@ -604,7 +578,7 @@ def test_reload_ui_twice(webui: WebUI, unload_callback: bool) -> None:
     host = webui.host
     args = ui_args(webui, enabled=True, subjects="cat, dog")
     _, first = run(webui, args)
-    at_load = dict(webui.callbacks_at_load)  # type: ignore[attr-defined]
+    at_load = dict(webui.callbacks_at_load)
     for _ in range(2):
         if unload_callback:
             host.script_callbacks.script_unloaded_callback()
@@ -708,7 +682,6 @@ def test_soak_200_runs_leave_nothing_behind(webui: WebUI) -> None:
 def test_unwrap_leaves_another_extensions_wrapper_alone(webui: WebUI) -> None:
     """post_sample removes only our wrapper: one set before ours comes back, one set on top of ours stays (and ours,
     still in its chain, is inert once its pass is released)."""
-    module = webui.module
 
     class Denoiser(torch.nn.Module):
         def forward(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -717,26 +690,26 @@ def test_unwrap_leaves_another_extensions_wrapper_alone(webui: WebUI) -> None:
     calls: list[str] = []
     sampling_pass = SimpleNamespace(before_model_call=lambda x, sigma, kwargs: calls.append("ae"))
     den = Denoiser()
-    module.wrap_forward(den, sampling_pass)
-    module.unwrap_forward(den)
+    webui.adapter("sampling_pass").wrap_forward(den, sampling_pass)
+    webui.adapter("sampling_pass").unwrap_forward(den)
     assert "forward" not in vars(den)
 
     def theirs_before(x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return Denoiser.forward(den, x, sigma, **kwargs)
 
     den.forward = theirs_before
-    module.wrap_forward(den, sampling_pass)
-    module.unwrap_forward(den)
+    webui.adapter("sampling_pass").wrap_forward(den, sampling_pass)
+    webui.adapter("sampling_pass").unwrap_forward(den)
     assert vars(den)["forward"] is theirs_before
 
     del den.forward
-    module.wrap_forward(den, sampling_pass)
+    webui.adapter("sampling_pass").wrap_forward(den, sampling_pass)
     ours = den.forward
 
     def theirs_after(x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return ours(x, sigma, **kwargs)
 
     den.forward = theirs_after
-    module.unwrap_forward(den)
+    webui.adapter("sampling_pass").unwrap_forward(den)
     assert vars(den)["forward"] is theirs_after
     assert torch.equal(den(torch.zeros(1), torch.zeros(1)), torch.ones(1))

@@ -3,6 +3,7 @@ faithful copy of A1111's infotext writer and parser, and the mapping to ExciteCo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ from lib_ae.params import (
     parse_subjects,
     parse_thresholds,
     parse_value,
+    requested_params,
     to_infotext,
     validate,
     xyz_params,
@@ -738,3 +740,37 @@ def test_infotext_values_as_a1111_api_casts_them() -> None:
     assert from_infotext({"AE": "v1", "AE kernel size": 5, "AE smoothing": False, "AE sigma": 1}) == {
         "enabled": True, "kernel_size": 5, "smooth_attentions": False, "sigma": 1.0,
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One reading of the args: dict or list, enabled or not, X/Y/Z overrides; typed values parsed once
+
+
+def test_a_second_dict_in_the_args_is_an_error_naming_it() -> None:
+    defaults = AEParams().as_args()
+    with pytest.raises(ParamsError) as caught:
+        from_script_args([{"enabled": True, "subjects": "cat"}, {"scale_factor": 30}] + defaults[2:])
+    assert any("arg 2 is a dict too" in m and "scale_factor" in m for m in caught.value.messages)
+    with pytest.raises(ParamsError, match="arg 2 is a dict too"):
+        requested_params([{"enabled": True, "subjects": "cat"}, {"scale_factor": 30}])
+
+
+def test_requested_params_is_none_when_disabled_and_applies_overrides() -> None:
+    assert requested_params([False, "", "not a number"]) is None  # a disabled script is not validated further
+    assert requested_params([{"enabled": False, "scale_factor": "abc"}]) is None
+    assert requested_params([False, "cat"], {"enabled": "True"}) == AEParams(**GOOD)
+    assert requested_params([True, "cat"], {"scale_factor": 5}) == AEParams(**GOOD, scale_factor=5.0)
+    assert requested_params([{"enabled": True, "subjects": "cat"}], {"enabled": False}) is None
+    with pytest.raises(ParamsError) as caught:  # an invalid flag is reported with the other problems
+        requested_params([{"enabled": "yes", "subject": "cat"}])
+    assert len(caught.value.messages) == 2
+
+
+def test_typed_subjects_and_thresholds_are_parsed_once() -> None:
+    params = AEParams(enabled=True, subjects=" cat ,red  car, Cat", thresholds="20:0.8, 0:0.05")
+    assert params.subject_names == ("cat", "red car")
+    assert dict(params.threshold_steps) == {0: 0.05, 20: 0.8}
+    assert params.subject_names is params.subject_names  # stored, not parsed again per access
+    with pytest.raises(TypeError):
+        params.threshold_steps[5] = 0.5  # type: ignore[index]  # read-only
+    assert [f.name for f in dataclasses.fields(AEParams)] == list(PARAM_NAMES)  # generated from PARAMS

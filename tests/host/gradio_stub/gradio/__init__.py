@@ -5,8 +5,9 @@ more at import time (gradio/components/base.py L17-26), which `pip install --no-
 only *constructs* components, so this stub records the constructor arguments and checks their names: every
 signature below lists the keyword names of gradio 3.41.2's own constructor (read from the wheel:
 components/checkbox.py L36-52, components/slider.py L41-61, components/textbox.py L52-76, layouts.py Column L104,
-Group L254, Accordion L360, Row L31), so a misspelt keyword fails here as it would (as a warning) in gradio.
-No rendering, no events, no queue.
+Group L254, Accordion L360, Row L31, components/html.py HTML L26-36, components/button.py Button L24-40), so a
+misspelt keyword fails here as it would (as a warning) in gradio. No rendering and no queue; a button's `click`
+listeners are recorded (`Button.listeners`), so that a test can call the handler as gradio would.
 """
 
 from __future__ import annotations
@@ -138,6 +139,48 @@ class Dropdown(Component):
         super().__init__(value, **kwargs)
         self.choices = choices or []
         self.type = type
+
+
+class HTML(Component):
+    def __init__(self, value: str = "", **kwargs: Any) -> None:
+        super().__init__(value, **kwargs)
+
+
+class Button(Component):
+    def __init__(
+        self,
+        value: str = "Run",
+        *,
+        variant: str = "secondary",
+        size: str | None = None,
+        icon: str | None = None,
+        link: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(value, **kwargs)
+        self.variant = variant
+        self.listeners: list[dict[str, Any]] = []
+
+    def click(
+        self,
+        fn: Callable[..., Any] | None = None,
+        inputs: Any = None,
+        outputs: Any = None,
+        *,
+        api_name: str | None = None,
+        scroll_to_output: bool = False,
+        show_progress: Any = "full",
+        queue: bool | None = None,
+        batch: bool = False,
+        max_batch_size: int = 4,
+        preprocess: bool = True,
+        postprocess: bool = True,
+        cancels: Any = None,
+        every: float | None = None,
+        _js: str | None = None,
+    ) -> None:
+        """gradio 3.41.2 EventListener for `click` (events.py): recorded, never run by the stub itself."""
+        self.listeners.append({"fn": fn, "inputs": inputs, "outputs": outputs})
 
 
 class Blocks(BlockContext):

@@ -1,0 +1,85 @@
+"""What may stay on the UNet while the A&E pass is replayed as a CUDA graph.
+
+A captured graph replays the kernels the first evaluation launched; Python that decides something per call (a hook
+that acts only during some steps, a forward that reads a step counter) is frozen at capture time, and the replay
+would be silently wrong. The core detector `lib_ae.graphs.find_graph_hazards` lists foreign hooks and patched
+`forward`s; this module tells it which class-level patches are A1111's own and safe (docs/host-notes.md §6 lists
+each one and why), and the engine falls back to eager evaluation when anything else is found.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any, Callable
+
+import torch
+
+from lib_ae import AttendAndExcite, AttentionCapture
+from lib_ae.config import ExciteConfig
+
+logger = logging.getLogger("lib_ae.webui")
+
+try:
+    from lib_ae.graphs import find_graph_hazards
+except ImportError:  # the core detector arrives with the engine's branch; until then graphs run unguarded, as before
+    find_graph_hazards = None
+
+GraphGuard = Callable[[], "list[str] | None"]
+
+ALLOWED_FORWARD_MODULES: dict[str, str] = {
+    "modules.sd_hijack_optimizations": "A1111's cross-attention optimisations (xformers, SDP, sub-quadratic, "
+    "split, InvokeAI, Doggettx): pure functions of their inputs, chosen once per model load",
+    "modules.hypernetworks.hypernetwork": "A1111's cross-attention forward for hypernetworks (the 'None' "
+    "optimisation): reads the hypernetworks loaded for the generation, the same at every step",
+    "modules.sd_unet": "A1111's UNetModel.forward dispatcher: calls the original forward unless an sd_unet "
+    "replacement (e.g. TensorRT) is selected, which is then checked separately",
+    "modules.devices": "A1111's manual_cast wrappers (GPUs without autocast): a dtype cast around the original forward",
+    "networks": "the built-in Lora extension's patches of Linear/Conv2d/GroupNorm/LayerNorm/MultiheadAttention "
+    "(extensions-builtin/Lora/networks.py): apply the networks loaded for the generation, the same at every step",
+}
+"""Module of a replacement `forward` -> why it is safe under graph replay."""
+
+
+def allowed_forward(cls: type, fn: Callable[..., Any]) -> bool:
+    """A class-level `forward` that differs from the class's own definition, but is one of A1111's (see above)."""
+    module = getattr(inspect.unwrap(fn), "__module__", None) or ""
+    if module == "modules.sd_unet":
+        return _no_sd_unet_replacement()
+    return module in ALLOWED_FORWARD_MODULES
+
+
+def _no_sd_unet_replacement() -> bool:
+    import sys
+
+    sd_unet = sys.modules.get("modules.sd_unet")
+    return getattr(sd_unet, "current_unet", None) is None
+
+
+def guard_for(capture: AttentionCapture, sd_model: Any) -> GraphGuard | None:
+    """The engine's `graph_guard`: the reasons not to replay (empty/None = safe), checked at the first graph
+    evaluation of a pass. Our own capture hooks are not a hazard."""
+    if find_graph_hazards is None:
+        return None
+    unet: torch.nn.Module = sd_model.model.diffusion_model
+
+    def is_own(hook: Any) -> bool:
+        return getattr(hook, "__self__", None) is capture
+
+    def guard() -> list[str] | None:
+        reasons = list(find_graph_hazards(unet, is_own=is_own, allowed_forward=allowed_forward))
+        return reasons or None
+
+    return guard
+
+
+def make_engine(
+    capture: AttentionCapture, config: ExciteConfig, *, cuda_graphs: bool, graph_guard: GraphGuard | None
+) -> AttendAndExcite:
+    """The engine; `graph_guard` is passed once the engine takes it (lib_ae.graphs merged)."""
+    if graph_guard is not None and "graph_guard" in inspect.signature(AttendAndExcite).parameters:
+        engine: AttendAndExcite = AttendAndExcite(
+            capture, config, cuda_graphs=cuda_graphs, graph_guard=graph_guard  # type: ignore[call-arg]
+        )
+        return engine
+    return AttendAndExcite(capture, config, cuda_graphs=cuda_graphs)

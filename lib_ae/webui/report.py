@@ -1,0 +1,80 @@
+"""What the user reads about A&E: the "AE error" infotext entry (the API returns it in `info` too), the console log,
+and console lines said once per process."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from .host import Processing
+
+logger = logging.getLogger("lib_ae.webui")
+
+TITLE = "Attend and Excite"
+AE_ERROR_KEY = "AE error"
+"""Infotext key for what went wrong (invalid args, subjects not found, unsupported sampler, a failure)."""
+AE_TRACE_KEY = "AE trace"
+"""Infotext key of the one-line excitation summary, e.g. "25 steps, refinement 20/4/0, final min attention 0.83"."""
+AE_HIRES_TRACE_KEY = "AE hires trace"
+"""The same summary for the hires fix pass, written when A&E also ran there ("Also on the hires fix pass")."""
+MAX_ERROR_TEXT = 300
+
+_said: set[str] = set()
+
+
+def clear_infotext(p: Processing, keys: tuple[str, ...]) -> None:
+    """Drop our keys: X/Y/Z cells share one `extra_generation_params` dict (a shallow copy of p per cell)."""
+    for key in keys:
+        p.extra_generation_params.pop(key, None)
+
+
+def report_problem(p: Processing, message: str, *, log: bool = True) -> None:
+    """Log `message` (once: callers do not log it themselves) and add it, once, to this generation's "AE error"."""
+    if log:
+        logger.warning("%s: %s", TITLE, message)
+    existing = p.extra_generation_params.get(AE_ERROR_KEY)
+    parts = existing.split("; ") if isinstance(existing, str) and existing else []
+    if message not in parts:
+        parts.append(message)
+    text = "; ".join(parts)
+    p.extra_generation_params[AE_ERROR_KEY] = (
+        text if len(text) <= MAX_ERROR_TEXT else text[: MAX_ERROR_TEXT - 3] + "..."
+    )
+
+
+def say_once(message: str) -> None:
+    """A console line printed once per process (e.g. why the CUDA-graph fast path is off): it holds for every run."""
+    if message not in _said:
+        _said.add(message)
+        logger.warning("%s: %s", TITLE, message)
+
+
+def failure_text(error: BaseException, where: str) -> str:
+    """The user's line for an unexpected failure inside the A&E pass at `where` ("step 3"). Out of memory (CUDA's
+    OutOfMemoryError, or the RuntimeError other backends raise) says what to change; anything else names the error
+    with the first line of its text (CUDA's out-of-memory text runs over several)."""
+    name = type(error).__name__
+    if isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower():
+        return (
+            f"A&E ran out of memory at {where} ({name}); sampling went on without A&E: "
+            "lower the batch size or image size"
+        )
+    detail = (str(error).splitlines() or [""])[0][:120]
+    return f"A&E stopped at {where} ({name}: {detail}); sampling went on without it"
+
+
+def log_reports(reports: list[Any]) -> None:
+    """The per-step figures on the debug log, read once after the pass (reading a report may wait for the device)."""
+    if not logger.isEnabledFor(logging.DEBUG):
+        return
+    for report in reports:
+        logger.debug(
+            "%s step %d: loss %s, refinement iterations %s%s",
+            TITLE,
+            report.step,
+            [None if v is None else round(v, 4) for v in report.loss],
+            report.refinement_iterations,
+            " (interrupted)" if report.interrupted else "",
+        )

@@ -1,0 +1,113 @@
+"""After a batch: the one-line excitation trace in each image's infotext and, with heatmaps on, each image's heatmap
+strip and trace plot (drawn by `lib_ae.visualize`), appended to the results after the generated images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lib_ae.visualize import (
+    ImageTrace,
+    SubjectMap,
+    heatmap_strip,
+    image_trace,
+    subject_maps_at,
+    trace_plot,
+    trace_summary,
+)
+
+from . import host
+from .host import Processing
+from .report import AE_HIRES_TRACE_KEY, AE_TRACE_KEY
+from .run_state import existing_state, image_in_job, state_of
+from .sampling_pass import SamplingPass
+
+
+@dataclass(frozen=True)
+class BatchVisual:
+    """What to draw for one image: rows of subject maps (last step A&E ran first) and its trace."""
+
+    rows: list[list[SubjectMap]]
+    trace: ImageTrace
+
+
+def record_batch_traces(p: Processing) -> None:
+    """The trace line of each image for the first pass ("AE trace") and, when A&E also ran there, the hires fix pass
+    ("AE hires trace"); with heatmaps on, what to draw from the first pass that ran A&E."""
+    state = state_of(p)
+    state.visuals = {}
+    ran = [sp for sp in state.passes if sp.excitation is not None and sp.excitation.reports]
+    if not ran:
+        return
+    interrupted = host.interrupted()
+    first = next((sp for sp in ran if not sp.is_hr), None)
+    hires = next((sp for sp in ran if sp.is_hr), None)
+    for sampling_pass, key in ((first, AE_TRACE_KEY), (hires, AE_HIRES_TRACE_KEY)):
+        if sampling_pass is None:
+            continue
+        summaries = _summaries(sampling_pass, interrupted)
+        if summaries:
+            # Evaluated per image when A1111 writes the infotext (processing.py L802-810; `index` = position in batch).
+            p.extra_generation_params[key] = lambda index=0, _summaries=summaries, **_: _summaries.get(index)
+    shown = ran[0]
+    if shown.params.heatmaps:
+        state.visuals = _visuals(shown)
+
+
+def _traces(sampling_pass: SamplingPass) -> dict[int, ImageTrace]:
+    assert sampling_pass.excitation is not None
+    excitation = sampling_pass.excitation
+    traces = {}
+    for b, labels in sampling_pass.labels.items():
+        if labels:
+            trace = image_trace(excitation.reports, b, labels, sorted(excitation.plan.refinement_thresholds))
+            if trace.steps:
+                traces[b] = trace
+    return traces
+
+
+def _summaries(sampling_pass: SamplingPass, interrupted: bool) -> dict[int, str]:
+    assert sampling_pass.excitation is not None
+    cut = interrupted or any(r.interrupted for r in sampling_pass.excitation.reports)
+    eager = f", no CUDA graph ({sampling_pass.eager_reason})" if sampling_pass.eager_reason else ""
+    return {b: trace_summary(trace, interrupted=cut) + eager for b, trace in _traces(sampling_pass).items()}
+
+
+def _visuals(sampling_pass: SamplingPass) -> dict[int, BatchVisual]:
+    excitation = sampling_pass.excitation
+    assert excitation is not None
+    visuals = {}
+    for b, trace in _traces(sampling_pass).items():
+        labels = sampling_pass.labels[b]
+        by_step = {r.step: subject_maps_at(r, b, labels) for r in excitation.reports if r.step in excitation.map_steps}
+        rows = [by_step[step] for step in sorted(by_step, reverse=True) if by_step[step]]
+        visuals[b] = BatchVisual(rows, trace)
+    return visuals
+
+
+def draw_heatmaps(p: Processing, image: Any) -> None:
+    """For the image A1111 just finished (p.batch_index of batch p.iteration): its heatmap strip and trace plot."""
+    state = existing_state(p)
+    b = int(getattr(p, "batch_index", 0))
+    visual = state.visuals.get(b) if state is not None else None
+    if state is None or visual is None:
+        return
+    pictures = ([heatmap_strip(image, visual.rows).image] if visual.rows else []) + [trace_plot(visual.trace)]
+    state.pictures.append((image_in_job(p, b), pictures))
+
+
+def add_heatmaps_to_results(p: Processing, processed: Any) -> None:
+    """Append the pictures after the generated images (never replacing one), each with its image's infotext, and save
+    them the way A1111 saves samples (images.save_image, suffix "-ae-heatmaps" / "-ae-trace")."""
+    state = existing_state(p)
+    if state is None or not state.pictures:
+        return
+    outputs, state.pictures = state.pictures, []
+    first = int(getattr(processed, "index_of_first_image", 0))
+    for job_index, pictures in outputs:
+        position = first + job_index
+        info = processed.infotexts[position] if position < len(processed.infotexts) else None
+        for picture, suffix in zip(pictures, ("-ae-heatmaps", "-ae-trace") if len(pictures) == 2 else ("-ae-trace",)):
+            processed.images.append(picture)
+            processed.infotexts.append(info)
+            host.save_image(p, picture, job_index, info, suffix)

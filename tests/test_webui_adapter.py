@@ -1,0 +1,251 @@
+"""The host adapter lib_ae/webui through the stand-in A1111 host (tests/host): its layering, the token view, and the
+rough edges of issue 12 item 6 (a refused sampler costs nothing, one kernel-size message, the trace of an interrupted
+run and of the hires fix pass, a second dict in the API args) and the CUDA-graph guard's host side."""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from lib_ae import AttendAndExcite, AttentionCapture
+from lib_ae.params import PARAMS
+from support.webui_host import ROOT, TITLE, WebUI, ae_keys, embedding, hooks_on
+
+LIB = ROOT / "lib_ae"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layering
+
+
+def imported_modules(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_only_the_host_facade_imports_the_webui() -> None:
+    importers = {
+        path.relative_to(ROOT).as_posix()
+        for path in LIB.rglob("*.py")
+        if any(name == "modules" or name.startswith("modules.") for name in imported_modules(path))
+    }
+    assert importers == {"lib_ae/webui/host.py"}
+    core = [path for path in LIB.glob("*.py")]
+    for path in core:  # the core imports neither the adapter nor gradio
+        assert not any(n.startswith(("lib_ae.webui", "gradio")) for n in imported_modules(path)), path.name
+    script = imported_modules(ROOT / "scripts" / "attend_and_excite.py")
+    assert not any(name.startswith("modules") for name in script)  # the script goes through lib_ae.webui.host too
+    assert len((ROOT / "scripts" / "attend_and_excite.py").read_text().splitlines()) <= 250
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Token view
+
+
+def token_view(webui: WebUI, prompt: str, subjects: str, steps: int = 20) -> str:
+    """The view as the browser gets it: the hidden button's click handler called with the JSON the javascript
+    writes and the subjects textbox's value."""
+    accordion = webui.runner.inputs[webui.script.args_from].accordion
+    refresh = next(c for c in accordion.children if (c.elem_id or "").endswith("attend_and_excite_tokens_refresh"))
+    (listener,) = refresh.listeners
+    view, request, subjects_box = listener["outputs"][0], *listener["inputs"]
+    assert view.elem_id.endswith("_tokens") and not request.visible and subjects_box.label == PARAMS[1].label
+    return str(listener["fn"](json.dumps({"prompt": prompt, "subjects": subjects, "steps": steps}), subjects))
+
+
+def legend(html: str) -> list[str]:
+    return re.findall(r"<span class='ae-legend[^']*'[^>]*>([^<]*)</span>", html)
+
+
+def test_token_view_adds_no_script_argument(webui: WebUI) -> None:
+    assert webui.script.args_to - webui.script.args_from == len(PARAMS)
+
+
+def test_token_view_shows_the_subject_columns_and_what_is_missing(webui: WebUI) -> None:
+    html = token_view(webui, "a cat and a (red car:1.3) <lora:thing:0.8>", "cat, red car, zebra")
+    assert legend(html) == ["cat: column 2", "red car: columns 5-6", "zebra: not found"]
+    assert "data-ae-col='2'" in html and "ae-subject ae-subject-0" in html
+    assert "ae-token-weighted" in html  # the emphasis is shown on the subject's tokens
+    assert "lora" not in html  # extra-network tags are not conditioning
+
+
+def test_token_view_finds_a_textual_inversion_embedding_like_generation(webui: WebUI) -> None:
+    """The view used to locate subjects without the prompt's embeddings: an embedding named as the subject showed
+    "not found" while generation excited it."""
+    embedding(webui.host, "kittystyle", 2)
+    html = token_view(webui, "a kittystyle and a dog", "kittystyle, dog")
+    assert legend(html) == ["kittystyle: columns 2-3", "dog: column 6"]
+    assert "ae-token-embedding" in html
+
+
+def test_token_view_reports_invalid_input_without_raising(webui: WebUI, monkeypatch: pytest.MonkeyPatch) -> None:
+    html = token_view(webui, "a cat", '"cat"')
+    assert "ae-tokens-problem" in html and "double quotes" in html
+    handler = webui.adapter("token_view").token_view_request
+    assert "ae-tokens" in handler("not json", "cat") and "ae-tokens" in handler("[1, 2]", "cat")
+    monkeypatch.setattr(webui.host.shared, "sd_model", None)
+    assert "No model is loaded" in handler(json.dumps({"prompt": "a cat"}), "cat")
+
+
+def test_token_view_and_generation_share_one_subject_pipeline(webui: WebUI, monkeypatch: pytest.MonkeyPatch) -> None:
+    subjects = webui.adapter("subjects")
+    calls: list[tuple[str, ...]] = []
+    real = subjects.SubjectFinder.locate
+
+    def spy(self: Any, tokens: Any, entry: int, names: Any = None) -> Any:
+        calls.append(tuple(self.subjects if names is None else names))
+        return real(self, tokens, entry, names)
+
+    monkeypatch.setattr(subjects.SubjectFinder, "locate", spy)
+    token_view(webui, "a cat and a dog", " cat ,, Cat , dog")
+    webui.run(webui.args(enabled=True, subjects=" cat ,, Cat , dog"))
+    assert calls == [("cat", "dog"), ("cat", "dog")]  # parsed once, the same typed subjects on both sides
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 12 item 6
+
+
+def test_refused_sampler_installs_nothing(webui: WebUI, monkeypatch: pytest.MonkeyPatch) -> None:
+    unet = webui.host.model.model.diffusion_model
+    webui.run(webui.args(enabled=True, subjects="cat"))
+    assert hooks_on(unet) > 0  # an idle capture from the run before
+    made: list[str] = []
+    for cls in (AttendAndExcite, AttentionCapture):
+        original = cls.__init__
+
+        def counting(self: Any, *a: Any, _original: Any = original, _name: str = cls.__name__, **kw: Any) -> None:
+            made.append(_name)
+            _original(self, *a, **kw)
+
+        monkeypatch.setattr(cls, "__init__", counting)
+    monkeypatch.setattr(webui.adapter("subjects"), "encode_schedule", lambda *a: made.append("tokens"))
+    for sampler in ("DPM fast", "DPM adaptive"):  # UniPC and Restart are not in the stand-in
+        p, _ = webui.run(webui.args(enabled=True, subjects="cat"), sampler_name=sampler)
+        assert f"sampler {sampler} is not supported" in p.extra_generation_params["AE error"]
+        assert made == []  # no capture, no engine, no tokenizing
+        assert hooks_on(unet) == 0  # no hook of ours meets the refused run's model calls
+        assert "forward" not in vars(p.sampler.model_wrap_cfg)
+        assert webui.adapter("run_state").existing_state(p) is None  # no pass recorded
+
+
+def test_kernel_too_large_is_said_once(webui: WebUI, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO):
+        p, _ = webui.run(webui.args(enabled=True, subjects="cat", kernel_size=15))  # 4x4 maps at 128x128
+    lines = [r.getMessage() for r in caplog.records if "too large" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].endswith(p.extra_generation_params["AE error"])
+
+
+def test_interrupted_run_says_so_in_the_trace(webui: WebUI, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = AttendAndExcite.step
+    state = webui.host.shared.state
+
+    def step(self: AttendAndExcite, *args: Any, **kwargs: Any) -> Any:
+        result = real(self, *args, **kwargs)
+        state.interrupted = True  # Interrupt pressed during the first step
+        return result
+
+    monkeypatch.setattr(AttendAndExcite, "step", step)
+    p, processed = webui.run(webui.args(enabled=True, subjects="cat", thresholds="none"))
+    trace = ae_keys(processed.infotexts[0], webui.host)["AE trace"]
+    assert trace.startswith("interrupted after 1 steps")
+
+
+def test_hires_pass_has_its_own_trace(webui: WebUI) -> None:
+    """With "Also on the hires fix pass", the infotext says what A&E did there (emulated hires pass, as in
+    test_extension.test_hires_pass_is_excited_only_when_asked)."""
+    host = webui.host
+    from modules.scripts import PostSampleArgs
+
+    p, _ = webui.run(webui.args(enabled=True, subjects="cat", apply_to_hires=True))
+    assert "AE hires trace" not in p.extra_generation_params
+    p.is_hr_pass = True
+    p.hr_prompts = list(p.prompts)
+    p.sampler = host.processing.sd_samplers.create_sampler("Euler", p.sd_model)
+    noise = p.rng_next()
+    p.scripts.process_before_every_sampling(p=p, x=noise, noise=noise, c=p.c, uc=p.uc)
+    with torch.no_grad():
+        sampled = p.sampler.sample(p, noise, p.c, p.uc, image_conditioning=noise.new_zeros(1, 5, 1, 1))
+    p.scripts.post_sample(p, PostSampleArgs(sampled))
+    hires = p.extra_generation_params["AE hires trace"](index=0)
+    assert re.fullmatch(r"3 steps, refinement \d/\d/\d, final min attention [01]\.\d\d", hires)
+    assert "forward" not in vars(p.sampler.model_wrap_cfg)
+
+
+def test_second_dict_in_the_api_args_is_an_ae_error(webui: WebUI) -> None:
+    slot = [{"enabled": True, "subjects": "cat"}, {"scale_factor": 30}]
+    p, processed = webui.run(webui.host.standin.script_args(webui.runner, {TITLE: slot}))
+    error = ae_keys(processed.infotexts[0], webui.host)["AE error"]
+    assert "arg 2 is a dict too" in error and "scale_factor" in error
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CUDA graphs: the host's part of the guard
+
+
+def test_allowed_forward_patches_are_a1111s_own(webui: WebUI) -> None:
+    safety = webui.adapter("graph_safety")
+
+    def made_in(module: str) -> Any:
+        def forward(self: Any, x: Any) -> Any:
+            return x
+
+        forward.__module__ = module
+        return forward
+
+    for module in safety.ALLOWED_FORWARD_MODULES:
+        assert safety.allowed_forward(torch.nn.Linear, made_in(module)), module
+    for module in ("scripts.controlnet", "freeu", "__main__", "modules.sd_hijack_checkpoint"):
+        assert not safety.allowed_forward(torch.nn.Linear, made_in(module)), module
+
+
+def test_graphs_are_off_under_medvram_and_it_is_said_once(
+    webui: WebUI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    sampling_pass, host_facade = webui.adapter("sampling_pass"), webui.adapter("host")
+    monkeypatch.setattr(host_facade, "on_cuda", lambda: True)
+    p = SimpleNamespace(sd_model=webui.host.model)
+    assert sampling_pass.use_cuda_graphs(p)
+    monkeypatch.setattr(webui.host.shared, "cmd_opts", SimpleNamespace(medvram=True), raising=False)
+    with caplog.at_level(logging.WARNING):
+        assert not sampling_pass.use_cuda_graphs(p)
+        assert not sampling_pass.use_cuda_graphs(p)
+    assert [r.getMessage() for r in caplog.records if "--medvram" in r.getMessage()] != []
+    assert len([r for r in caplog.records if "--medvram" in r.getMessage()]) == 1
+
+
+def test_eager_evaluation_under_medvram_is_in_the_trace(webui: WebUI, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(webui.adapter("host"), "on_cuda", lambda: True)
+    monkeypatch.setattr(webui.host.shared, "cmd_opts", SimpleNamespace(lowvram=True), raising=False)
+    p, processed = webui.run(webui.args(enabled=True, subjects="cat"))
+    trace = ae_keys(processed.infotexts[0], webui.host)["AE trace"]
+    assert trace.endswith("no CUDA graph (--lowvram moves UNet blocks between devices)")
+
+
+def test_engine_fallback_reason_is_in_the_trace(webui: WebUI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the engine reports why it fell back to eager evaluation (`graph_fallback_reason`), the trace says it."""
+    original = AttendAndExcite.__init__
+
+    def with_reason(self: AttendAndExcite, *a: Any, **kw: Any) -> None:
+        original(self, *a, **kw)
+        self.graph_fallback_reason = "a forward hook on input_blocks.4 that is not ours"  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(AttendAndExcite, "__init__", with_reason)
+    p, processed = webui.run(webui.args(enabled=True, subjects="cat"))
+    assert ae_keys(processed.infotexts[0], webui.host)["AE trace"].endswith(
+        "no CUDA graph (a forward hook on input_blocks.4 that is not ours)"
+    )
