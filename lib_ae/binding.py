@@ -1,0 +1,243 @@
+"""SynGen's binding loss and update schedule (Rassin et al., NeurIPS 2023), operation for operation as the official
+code (RoyiRa/Linguistic-Binding-in-Diffusion-Models at 50b8eab: compute_loss.py, syngen_diffusion_pipeline.py).
+The derivation, with file:line citations, is in docs/binding.md.
+
+Maps. The loss reads the same aggregated cross-attention as A&E, A (h, w, T) = mean over layers x heads of the
+16x16 cross-attention probabilities of the conditional forward, but NOT A&E's x100 re-softmax over tokens: each
+token's column A[..., k] (times 100, which the normalisation cancels) is normalised over the pixels into a spatial
+distribution P_k = A_k / sum(A_k).
+
+Divergence. D(P, Q) = (KL(P||Q) + KL(Q||P)) / 2, with torch.distributions.Categorical's conventions: log terms use
+probabilities clamped to [eps, 1 - eps] (eps of the dtype), a term with P = 0 counts 0, a term with Q = 0 < P is +inf.
+
+Loss of one image, for each group (noun n, modifiers m_1..m_k; every word a set of word-piece columns):
+    O = the prompt's word-piece columns outside the group (the official `_get_outside_indices`)
+    D*(X, Y) = max over pieces x of X, y of Y of D(P_x, P_y)            (multi-piece words: the worst piece)
+    N(X) = -(1/|O|) sum over o in O of D*(X, o)                        (0 when O is empty)
+    L += sum over j of [ D*(m_j, n) + (N(m_j) + N(n)) / 2 ]             (a group with modifiers)
+    L += N(n)                                                           (a group without modifiers)
+The positive term pulls each modifier's map onto its noun's; the negative term pushes both away from every other word
+of the prompt (articles, conjunctions and punctuation included, as officially).
+
+Schedule (`BindingPlan`): one plain gradient step z <- z - 20 * grad_z L at each of the first 25 loop iterations,
+in the scheduler's (VP) latent space, no refinement, no decay; nothing after. In k-diffusion sigma space the same step
+is taken with the factor (1 + sigma^2) of `lib_ae.sampling.sigma_space_gradient_scale`, as for A&E.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+OFFICIAL_STEP_SIZE = 20.0
+"""`syngen_step_size` (syngen_diffusion_pipeline.py L114; run.py --step_size default)."""
+OFFICIAL_INTERVENTION_STEPS = 25
+"""`num_intervention_steps` (syngen_diffusion_pipeline.py L116)."""
+OFFICIAL_MAP_SCALE = 100.0
+"""`_get_attention_maps_list` multiplies the aggregated maps by 100 (syngen_diffusion_pipeline.py L548)."""
+
+Word = tuple[int, ...]
+"""The conditioning columns (word pieces) of one word."""
+
+
+@dataclass(frozen=True)
+class BindingGroup:
+    """One noun and the words that modify it, as conditioning columns (what the official code calls a subtree)."""
+
+    noun: Word
+    modifiers: tuple[Word, ...] = ()
+
+    def __post_init__(self) -> None:
+        # A one-piece word may be given as its column: BindingGroup(3, (2,)) == BindingGroup((3,), ((2,),)).
+        object.__setattr__(self, "noun", _word(self.noun))
+        object.__setattr__(self, "modifiers", tuple(_word(m) for m in self.modifiers))
+        if not self.noun:
+            raise ValueError("a binding group's noun must have at least one column")
+        for modifier in self.modifiers:
+            if not modifier:
+                raise ValueError("a modifier must have at least one column")
+
+    def columns(self) -> set[int]:
+        return set(self.noun).union(*self.modifiers)
+
+
+def _word(columns: int | Sequence[int]) -> Word:
+    if isinstance(columns, bool):
+        raise TypeError("a column must be a whole number")
+    if isinstance(columns, int):
+        return (columns,)
+    return tuple(int(c) for c in columns)
+
+
+@dataclass(frozen=True)
+class BindingSelection:
+    """What one image's binding loss looks at.
+
+    `groups`: the noun/modifier groups. `word_columns`: every word-piece column of the prompt, the pool the "other
+    words" of each group are taken from. Officially (one 77-token chunk) columns 1..n for a prompt of n word pieces:
+    the start and end tokens and the padding are not words (compute_loss.py L289-300). For A1111's several chunks,
+    the prompt tokens of every chunk (see `lib_ae.tokens`), never a chunk's BOS, EOS or padding.
+    """
+
+    groups: tuple[BindingGroup, ...]
+    word_columns: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        words = set(self.word_columns)
+        for group in self.groups:
+            stray = sorted(group.columns() - words)
+            if stray:
+                raise ValueError(f"binding columns {stray} are not word columns of the prompt")
+
+    @staticmethod
+    def official(num_word_pieces: int, groups: Sequence[BindingGroup]) -> "BindingSelection":
+        """The official columns for a one-chunk prompt of `num_word_pieces` word pieces."""
+        return BindingSelection(tuple(groups), tuple(range(1, num_word_pieces + 1)))
+
+
+def spatial_distributions(attention: torch.Tensor, columns: Sequence[int]) -> torch.Tensor:
+    """(K, h*w): each column's map of `attention` (h, w, T), scaled by 100 and normalised over the pixels, exactly as
+    `Categorical(probs=map.reshape(-1))` normalises it."""
+    index = torch.as_tensor(list(columns), device=attention.device, dtype=torch.long)
+    maps = (attention * OFFICIAL_MAP_SCALE).index_select(-1, index)
+    flat = maps.reshape(-1, maps.shape[-1]).transpose(0, 1)
+    return flat / flat.sum(-1, keepdim=True)
+
+
+def _log_clamped(probs: torch.Tensor) -> torch.Tensor:
+    eps = torch.finfo(probs.dtype).eps
+    return torch.log(probs.clamp(min=eps, max=1 - eps))
+
+
+def _kl(p: torch.Tensor, log_p: torch.Tensor, q: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last dim with Categorical's zero conventions (torch.distributions.kl, categorical)."""
+    terms = p * (log_p - log_q)
+    terms = terms.masked_fill((q == 0).expand_as(terms), math.inf)
+    terms = terms.masked_fill((p == 0).expand_as(terms), 0.0)
+    return terms.sum(-1)
+
+
+def symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """(KL(p||q) + KL(q||p)) / 2 over the last dim of normalised distributions (broadcasting)."""
+    log_p, log_q = _log_clamped(p), _log_clamped(q)
+    return (_kl(p, log_p, q, log_q) + _kl(q, log_q, p, log_p)) / 2
+
+
+def binding_loss(attention: torch.Tensor, selection: BindingSelection) -> torch.Tensor:
+    """The official loss of one image from its aggregated maps `attention` (h, w, T); 0-dim tensor (0 without groups).
+
+    All divergences a group needs are computed in one batched call: each of the group's pieces against every word
+    column. The reductions then follow the official order (positive and negative per pair, summed over pairs)."""
+    if not selection.groups:
+        return attention.new_zeros(())
+    words = list(selection.word_columns)
+    position = {column: i for i, column in enumerate(words)}
+    distributions = spatial_distributions(attention, words)  # (W, HW)
+    loss = attention.new_zeros(())
+    for group in selection.groups:
+        pieces = sorted(group.columns())
+        row = {column: i for i, column in enumerate(pieces)}
+        piece_rows = distributions[[position[c] for c in pieces]]  # (G, HW)
+        divergence = symmetric_kl(piece_rows[:, None, :], distributions[None, :, :])  # (G, W)
+        inside = group.columns()
+        outside = [position[c] for c in words if c not in inside]
+
+        def worst_outside(word: Word) -> torch.Tensor:
+            # mean over the outside words o of max over the word's pieces of D(piece, o), negated
+            if not outside:
+                return attention.new_zeros(())
+            rows = divergence[[row[c] for c in word]][:, outside]  # (pieces, |O|)
+            return -rows.amax(0).sum() / len(outside)
+
+        noun_negative = worst_outside(group.noun)
+        if not group.modifiers:
+            loss = loss + noun_negative
+            continue
+        positives = []
+        negatives = []
+        for modifier in group.modifiers:
+            pairs = divergence[[row[c] for c in modifier]][:, [position[c] for c in group.noun]]
+            positives.append(pairs.amax())
+            negatives.append((worst_outside(modifier) + noun_negative) / 2)
+        loss = loss + torch.stack(positives).sum() + torch.stack(negatives).sum()
+    return loss
+
+
+# --- the schedule ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BindingConfig:
+    """SynGen's schedule parameters, official defaults.
+
+    `step_size`: the constant step (no decay over the steps, unlike A&E's 20 * sqrt(linspace(1, 0.5))).
+    `intervention_steps`: the update runs at loop index i < intervention_steps. None = round(fraction * steps), which
+    is the official 25 at 50 steps; an int is used verbatim, as the official pipeline does for any step count.
+    `weight`: the factor on this loss when it is added to A&E's (`excite+bind`); 1 for `bind` alone.
+    """
+
+    step_size: float = OFFICIAL_STEP_SIZE
+    intervention_fraction: float = 0.5
+    intervention_steps: int | None = None
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name, value, high in (("step_size", self.step_size, 1e4), ("weight", self.weight, 1e4)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number (got {value!r})")
+            if not 0.0 <= value <= high:
+                raise ValueError(f"{name} must be in [0, {high:g}] (got {value!r})")
+        if not 0.0 <= self.intervention_fraction <= 1.0:
+            raise ValueError(f"intervention_fraction must be in [0, 1] (got {self.intervention_fraction!r})")
+        if self.intervention_steps is not None and (
+            isinstance(self.intervention_steps, bool) or not isinstance(self.intervention_steps, int)
+            or self.intervention_steps < 0
+        ):
+            raise ValueError(f"intervention_steps must be a whole number >= 0 (got {self.intervention_steps!r})")
+
+    def plan(self, steps: int) -> "BindingPlan":
+        return binding_plan(steps, self)
+
+
+@dataclass(frozen=True)
+class BindingPlan:
+    """What SynGen does at each of `steps` sampler steps: `step_sizes[i]` > 0 means one update
+    z <- z - step_sizes[i] * grad_z L at step i (VP space), after a single cond-only forward at that step's latent;
+    0 means no gradient pass at all. There is never more than one update per step (no refinement)."""
+
+    steps: int
+    step_sizes: tuple[float, ...]
+    intervention_steps: int
+    iterations_per_step: int = 1
+
+    def is_active(self, step: int) -> bool:
+        return 0 <= step < self.intervention_steps
+
+    def step_size(self, step: int) -> float:
+        return self.step_sizes[step] if 0 <= step < self.steps else 0.0
+
+
+def binding_plan(steps: int, config: BindingConfig | None = None) -> BindingPlan:
+    """The per-step schedule (official: 50 steps -> 20.0 at steps 0..24, nothing at 25..49)."""
+    config = config or BindingConfig()
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a whole number >= 1 (got {steps!r})")
+    if config.intervention_steps is not None:
+        active = config.intervention_steps
+    else:
+        active = int(math.floor(config.intervention_fraction * steps + 0.5))
+    active = min(active, steps)
+    sizes = tuple(float(config.step_size) if i < active else 0.0 for i in range(steps))
+    return BindingPlan(steps, sizes, active)
+
+
+def combined_loss(
+    excite: torch.Tensor | None, bind: torch.Tensor | None, *, excite_weight: float = 1.0, bind_weight: float = 1.0
+) -> torch.Tensor:
+    """`excite+bind`: excite_weight * L_excite + bind_weight * L_bind (either may be absent)."""
+    terms = [w * t for w, t in ((excite_weight, excite), (bind_weight, bind)) if t is not None]
+    if not terms:
+        raise ValueError("combined_loss needs at least one loss")
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]

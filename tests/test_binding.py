@@ -1,0 +1,220 @@
+"""SynGen's binding loss and schedule (lib_ae/binding.py) against the official code's own figures.
+
+The official figures below were produced once, on the METHODS helper's machine (torch 2.13.0+cpu, float64), by
+running the unmodified `compute_loss.py` and `SynGenDiffusionPipeline._attribution_loss` / `_calculate_losses` /
+`_get_attention_maps_list` of RoyiRa/Linguistic-Binding-in-Diffusion-Models at 50b8eab (pipeline imports of
+spaCy/diffusers/transformers stubbed out, since only these methods run; a stand-in tokenizer returning the word pieces
+listed per case). Inputs: the maps of `_maps()` below (a closed formula, no RNG) and the official subtrees
+(`_extract_attribution_indices` output format: word-piece indices, a nested list for a multi-piece word, noun last).
+For each case: the loss, and the gradient of the loss with respect to the (16, 16, 77) maps, summarised by its L2
+norm, its L1 norm and one entry. CI cannot reach that code; these literals stand for it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lib_ae.binding import (
+    OFFICIAL_INTERVENTION_STEPS,
+    OFFICIAL_STEP_SIZE,
+    BindingConfig,
+    BindingGroup,
+    BindingSelection,
+    binding_loss,
+    binding_plan,
+    combined_loss,
+    spatial_distributions,
+    symmetric_kl,
+)
+
+
+def _maps(h: int = 16, w: int = 16, tokens: int = 77) -> torch.Tensor:
+    """logits[y, x, k] = 3 sin(0.7 y (k mod 5 + 1) + 1.3 x (k mod 3 + 1) + 0.5 k), softmax over the tokens, float64."""
+    y = torch.arange(h, dtype=torch.float64)[:, None, None]
+    x = torch.arange(w, dtype=torch.float64)[None, :, None]
+    k = torch.arange(tokens, dtype=torch.float64)[None, None, :]
+    logits = 3 * torch.sin(0.7 * y * (k % 5 + 1) + 1.3 * x * (k % 3 + 1) + 0.5 * k)
+    return torch.softmax(logits, dim=-1)
+
+
+# name: (word pieces after the start token, official subtrees, official loss, grad L2, grad L1, grad[0, 0, 2])
+OFFICIAL = {
+    "red_car_blue_bench": (
+        "a red car and a blue bench".split(), [[2, 3], [6, 7]],
+        -0.12209710313392597, 258.28316078299235, 4886.5725942389145, -0.5385209289197597,
+    ),
+    "multi_piece_nouns": (
+        ["a", "pink", "sun", "flower", "and", "a", "yellow", "flam", "ingo"], [[2, [3, 4]], [7, [8, 9]]],
+        -0.2855423191119244, 300.24764531702095, 5701.206502821373, -0.5851450532380392,
+    ),
+    "several_modifiers": (
+        ["a", "big", "red", "check", "ered", "car", "on", "a", "wooden", "table"], [[2, 3, [4, 5], 6], [9, 10]],
+        0.5580394749027322, 479.3262153101869, 10797.331593647774, -0.1874463670718654,
+    ),
+    "noun_only_group": (
+        ["a", "cat", "and", "a", "red", "ball"], [[2], [5, 6]],
+        -2.1315066440150274, 267.3057644084161, 4559.12482698876, 0.22588000071293865,
+    ),
+    "no_outside_words": (
+        ["red", "car"], [[1, 2]],
+        2.4431971377858615, 241.5972397574844, 2102.5109386526374, -0.10177014327272774,
+    ),
+}
+
+
+def _groups(subtrees: list[list[int | list[int]]]) -> list[BindingGroup]:
+    groups = []
+    for subtree in subtrees:
+        words = [tuple(w) if isinstance(w, list) else (w,) for w in subtree]
+        groups.append(BindingGroup(words[-1], tuple(words[:-1])))
+    return groups
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_loss_and_gradient_equal_the_official_figures(name: str) -> None:
+    pieces, subtrees, loss_ref, l2_ref, l1_ref, entry_ref = OFFICIAL[name]
+    attention = _maps().requires_grad_(True)
+    loss = binding_loss(attention, BindingSelection.official(len(pieces), _groups(subtrees)))
+    (grad,) = torch.autograd.grad(loss, attention)
+    assert loss.dtype == torch.float64
+    loss = loss.detach()
+    # Equal up to the order of float64 summation (the official code sums Python lists): measured 4.4e-16 at most.
+    assert float(loss) == pytest.approx(loss_ref, rel=1e-12, abs=1e-14)
+    assert float(grad.norm()) == pytest.approx(l2_ref, rel=1e-12)
+    assert float(grad.abs().sum()) == pytest.approx(l1_ref, rel=1e-12)
+    assert float(grad[0, 0, 2]) == pytest.approx(entry_ref, rel=1e-10, abs=1e-13)
+
+
+def test_the_figures_can_fail() -> None:
+    # The same maps with the modifier moved to another word give another loss: the comparison above is not vacuous.
+    pieces, _, loss_ref, *_ = OFFICIAL["red_car_blue_bench"]
+    wrong = BindingSelection.official(len(pieces), [BindingGroup(3, (6,)), BindingGroup(7, (2,))])
+    assert float(binding_loss(_maps(), wrong)) != pytest.approx(loss_ref, rel=1e-6)
+
+
+def test_symmetric_kl_is_categoricals() -> None:
+    generator = torch.Generator().manual_seed(0)
+    a = torch.rand(5, 256, dtype=torch.float64, generator=generator) * 100
+    b = torch.rand(5, 256, dtype=torch.float64, generator=generator) * 100
+    dp, dq = torch.distributions.Categorical(probs=a), torch.distributions.Categorical(probs=b)
+    expected = (torch.distributions.kl_divergence(dp, dq) + torch.distributions.kl_divergence(dq, dp)) / 2
+    # Categorical normalises its probs once, as spatial_distributions does: the result is bit for bit the same.
+    p, q = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+    torch.testing.assert_close(symmetric_kl(p, q), expected, rtol=0, atol=0)
+
+
+def test_zero_probabilities_follow_categorical() -> None:
+    p = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
+    q = torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64)
+    # KL(p||q) is finite (p's zero term counts 0), KL(q||p) is +inf (q > 0 where p = 0): so is their mean.
+    assert math.isinf(float(symmetric_kl(p, q)))
+    assert float(symmetric_kl(p, p)) == 0.0
+
+
+def test_distributions_are_spatial_and_scale_free() -> None:
+    attention = _maps()
+    dist = spatial_distributions(attention, [2, 3])
+    assert dist.shape == (2, 256)
+    torch.testing.assert_close(dist.sum(-1), torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(dist[0], attention[..., 2].reshape(-1) / attention[..., 2].sum())
+
+
+def test_only_word_columns_are_other_words() -> None:
+    # Start token, end token and padding never enter the loss: changing their maps changes nothing.
+    selection = BindingSelection.official(7, [BindingGroup(3, (2,)), BindingGroup(7, (6,))])
+    attention = _maps()
+    changed = attention.clone()
+    changed[..., 0] *= 3
+    changed[..., 8:] = changed[..., 8:].flip(0)
+    assert float(binding_loss(changed, selection)) == float(binding_loss(attention, selection))
+    changed[..., 4] = changed[..., 4].flip(1)  # "and" is another word of the prompt: it does count
+    assert float(binding_loss(changed, selection)) != float(binding_loss(attention, selection))
+
+
+def test_several_chunks_use_the_given_word_columns() -> None:
+    # A1111 two-chunk row: words at 1..3 and 78..80; the second chunk's BOS (77) is not a word.
+    attention = _maps(tokens=154)
+    selection = BindingSelection((BindingGroup(79, (78,)),), (1, 2, 3, 78, 79, 80))
+    loss = binding_loss(attention, selection)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="not word columns"):
+        BindingSelection((BindingGroup(77, (78,)),), (1, 2, 3, 78, 79, 80))
+
+
+def test_no_groups_is_zero_and_bad_groups_are_refused() -> None:
+    assert float(binding_loss(_maps(), BindingSelection.official(5, []))) == 0.0
+    with pytest.raises(ValueError):
+        BindingGroup(())
+    with pytest.raises(ValueError):
+        BindingGroup((2,), ((),))
+    with pytest.raises(TypeError):
+        BindingGroup(True)  # type: ignore[arg-type]
+
+
+def test_float32_is_close_to_float64() -> None:
+    pieces, subtrees, loss_ref, *_ = OFFICIAL["several_modifiers"]
+    loss = binding_loss(_maps().float(), BindingSelection.official(len(pieces), _groups(subtrees)))
+    assert loss.dtype == torch.float32
+    assert float(loss) == pytest.approx(loss_ref, rel=1e-4)
+
+
+# --- the schedule ---------------------------------------------------------------------------------------------------
+
+# The official schedule at 50 steps (syngen_diffusion_pipeline.py L278-289, L354-396, L60-68): at loop index i < 25
+# one cond-only forward, one gradient, z <- z - 20.0 * grad (VP space, unscaled latent); no refinement; the step size
+# never decays. Steps 25..49: no gradient pass at all.
+OFFICIAL_50_STEP_SIZES = (
+    20.0, 20.0, 20.0, 20.0, 20.0, 20.0, 20.0, 20.0, 20.0, 20.0, 20.0, 20.0, 20.0, 20.0, 20.0, 20.0, 20.0, 20.0, 20.0,
+    20.0, 20.0, 20.0, 20.0, 20.0, 20.0,
+    0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+    0.0, 0.0, 0.0,
+)
+# With the pipeline's default scheduler (PNDM of CompVis/stable-diffusion-v1-4, skip_prk_steps) 50 steps are 51 loop
+# iterations; the 25 updated ones are at these timesteps (961 twice).
+OFFICIAL_PNDM_UPDATED_TIMESTEPS = (
+    981, 961, 961, 941, 921, 901, 881, 861, 841, 821, 801, 781, 761, 741, 721, 701, 681, 661, 641, 621, 601, 581,
+    561, 541, 521,
+)
+
+
+def test_official_schedule_at_50_steps() -> None:
+    plan = binding_plan(50)
+    assert plan.step_sizes == OFFICIAL_50_STEP_SIZES
+    assert plan.intervention_steps == OFFICIAL_INTERVENTION_STEPS == 25
+    assert plan.iterations_per_step == 1
+    assert [plan.is_active(i) for i in range(50)] == [i < 25 for i in range(50)]
+    assert OFFICIAL_STEP_SIZE == 20.0
+    assert plan.step_size(50) == 0.0
+
+
+def test_official_pndm_loop_of_51_iterations() -> None:
+    plan = binding_plan(51, BindingConfig(intervention_steps=25))
+    assert [i for i in range(51) if plan.is_active(i)] == list(range(len(OFFICIAL_PNDM_UPDATED_TIMESTEPS)))
+    assert set(plan.step_sizes[:25]) == {20.0} and set(plan.step_sizes[25:]) == {0.0}
+
+
+def test_schedule_for_other_step_counts() -> None:
+    assert binding_plan(20).intervention_steps == 10
+    assert binding_plan(1).intervention_steps == 1  # round half up, as lib_ae.config does for A&E
+    assert binding_plan(30, BindingConfig(intervention_steps=25)).intervention_steps == 25  # verbatim, as officially
+    assert binding_plan(10, BindingConfig(intervention_steps=25)).intervention_steps == 10
+    assert binding_plan(50, BindingConfig(step_size=5.0)).step_sizes[:2] == (5.0, 5.0)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError):
+            binding_plan(bad)  # type: ignore[arg-type]
+    for kwargs in ({"step_size": float("nan")}, {"weight": -1.0}, {"intervention_fraction": 2.0},
+                   {"intervention_steps": -3}):
+        with pytest.raises(ValueError):
+            BindingConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_combined_loss_weights() -> None:
+    excite = torch.tensor(0.25, dtype=torch.float64)
+    bind = torch.tensor(-0.5, dtype=torch.float64)
+    assert float(combined_loss(excite, bind, excite_weight=2.0, bind_weight=0.5)) == 0.25
+    assert float(combined_loss(None, bind)) == -0.5
+    with pytest.raises(ValueError):
+        combined_loss(None, None)
