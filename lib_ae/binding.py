@@ -26,11 +26,16 @@ is taken with the factor (1 + sigma^2) of `lib_ae.sampling.sigma_space_gradient_
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+
+from .tokens import CHUNK_LENGTH, PROMPT_TOKENS_PER_CHUNK, EmbeddingSpan, prompt_tokens
+
+logger = logging.getLogger(__name__)
 
 OFFICIAL_STEP_SIZE = 20.0
 """`syngen_step_size` (syngen_diffusion_pipeline.py L114; run.py --step_size default)."""
@@ -164,6 +169,123 @@ def binding_loss(attention: torch.Tensor, selection: BindingSelection) -> torch.
             negatives.append((worst_outside(modifier) + noun_negative) / 2)
         loss = loss + torch.stack(positives).sum() + torch.stack(negatives).sum()
     return loss
+
+
+# --- words -> columns ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BindingLocation:
+    """Where the (modifier, noun) pairs are in one conditioning row.
+
+    `selection`: the groups for `binding_loss` (None when no pair was found). `bound`: the pairs used, as
+    (modifier, noun, modifier columns, noun columns), in prompt order. `messages`: one human line per pair left out
+    (a word not in the prompt, or split between two chunks) and when there is nothing to bind, for the UI / log.
+    """
+
+    selection: BindingSelection | None
+    bound: tuple[tuple[str, str, Word, Word], ...]
+    messages: tuple[str, ...]
+
+
+def locate_bindings(
+    chunks: Sequence[Sequence[int]],
+    pairs: Sequence[tuple[str, str]],
+    encode: Callable[[str], Sequence[int]],
+    *,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    embeddings: Sequence[Sequence[EmbeddingSpan]] | None = None,
+) -> BindingLocation:
+    """Columns of each (modifier, noun) pair in A1111's 77-token `chunks` (the layout of `lib_ae.tokens`).
+
+    A word's columns are a contiguous run of its token ids inside one chunk (a textual-inversion embedding: its
+    vectors, matched by name). Pairs are placed in order, the way one reads them: a modifier takes its first
+    occurrence not yet bound, and its noun the nearest occurrence after it (else the first one), so "a red car and a
+    red bench" binds each "red" to its own noun, and "a red car and a blue car" makes two groups. Modifiers placed on
+    the same noun occurrence form one group ("a big red car"). The other words are every chunk's prompt tokens, never a
+    chunk's BOS, EOS or padding; a pair may straddle a chunk boundary (all chunks are in the same attention)."""
+    if isinstance(pairs, str) or any(isinstance(p, str) or len(p) != 2 for p in pairs):
+        raise TypeError("pairs must be a sequence of (modifier, noun) pairs")
+    if not chunks:
+        raise ValueError("a prompt has at least one chunk")
+    tokens = [prompt_tokens(chunk, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id) for chunk in chunks]
+    word_columns = tuple(
+        CHUNK_LENGTH * k + 1 + j for k, chunk_tokens in enumerate(tokens) for j in range(len(chunk_tokens))
+    )
+    spans = _embedding_spans(embeddings or [], len(tokens))
+    placeholders = {column for _, columns in spans for column in columns}
+
+    def occurrences(word: str) -> list[Word] | str:
+        key = " ".join(word.split()).lower()
+        named = [columns for name, columns in spans if " ".join(name.split()).lower() == key]
+        if named:
+            return named
+        ids = [int(t) for t in encode(key)]
+        if not ids:
+            return "has no tokens"
+        found: list[Word] = []
+        for k, chunk_tokens in enumerate(tokens):
+            for start in range(len(chunk_tokens) - len(ids) + 1):
+                if list(chunk_tokens[start : start + len(ids)]) == ids:
+                    columns = tuple(range(CHUNK_LENGTH * k + 1 + start, CHUNK_LENGTH * k + 1 + start + len(ids)))
+                    if not placeholders.intersection(columns):
+                        found.append(columns)
+        if found:
+            return found
+        for left, right in zip(tokens, tokens[1:]):
+            joined = list(left[-(len(ids) - 1) :] if len(ids) > 1 else []) + list(right[: len(ids) - 1])
+            if any(joined[i : i + len(ids)] == ids for i in range(len(joined) - len(ids) + 1)):
+                return "is split between two chunks of the prompt (75-token limit or BREAK)"
+        return "is not in the prompt"
+
+    messages: list[str] = []
+    bound: list[tuple[str, str, Word, Word]] = []
+    used_modifiers: set[Word] = set()
+    groups: dict[Word, list[Word]] = {}
+    for modifier, noun in pairs:
+        modifier_places, noun_places = occurrences(modifier), occurrences(noun)
+        problems = [
+            f"{role} {word!r} {places}"
+            for role, word, places in (("modifier", modifier, modifier_places), ("noun", noun, noun_places))
+            if isinstance(places, str)
+        ]
+        if problems or isinstance(modifier_places, str) or isinstance(noun_places, str):
+            messages.append(f"AE bind: {' and '.join(problems)}; the pair ({modifier!r}, {noun!r}) is not bound")
+            continue
+        free = [m for m in modifier_places if m not in used_modifiers] or modifier_places
+        modifier_columns = free[0]
+        after = [n for n in noun_places if n[0] > modifier_columns[-1]]
+        noun_columns = after[0] if after else noun_places[0]
+        if set(modifier_columns) & set(noun_columns):
+            messages.append(f"AE bind: modifier {modifier!r} and noun {noun!r} are the same words; not bound")
+            continue
+        used_modifiers.add(modifier_columns)
+        modifiers = groups.setdefault(noun_columns, [])
+        if modifier_columns not in modifiers:
+            modifiers.append(modifier_columns)
+        bound.append((modifier, noun, modifier_columns, noun_columns))
+    if not bound and not messages:
+        messages.append("AE bind: the prompt has no modifier to bind (no adjective or other modifier before a noun)")
+    selection = None
+    if groups:
+        ordered = sorted(groups.items(), key=lambda item: item[0][0])
+        selection = BindingSelection(tuple(BindingGroup(n, tuple(ms)) for n, ms in ordered), word_columns)
+    for message in messages:
+        logger.debug(message)
+    return BindingLocation(selection, tuple(bound), tuple(messages))
+
+
+def _embedding_spans(embeddings: Sequence[Sequence[EmbeddingSpan]], chunk_count: int) -> list[tuple[str, Word]]:
+    """(name, columns) of every textual-inversion embedding, as lib_ae.tokens places them."""
+    spans: list[tuple[str, Word]] = []
+    for k, chunk_embeddings in enumerate(embeddings[:chunk_count]):
+        for name, offset, vectors in chunk_embeddings:
+            first = CHUNK_LENGTH * k + 1 + int(offset)
+            last = min(first + int(vectors), CHUNK_LENGTH * k + 1 + PROMPT_TOKENS_PER_CHUNK)
+            if last > first:
+                spans.append((str(name), tuple(range(first, last))))
+    return spans
 
 
 # --- the schedule ---------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Subject suggestion: the head nouns of a prompt's noun phrases, and the modifiers bound to them.
 
-    suggest_subjects("a photo of a red car and a (blue:1.2) bench")   -> ["car", "bench"]
-    modifier_pairs("a big red car and a blue bench")                  -> [("big", "car"), ("red", "car"), ("blue", "bench")]
+    suggest_subjects("a photo of a red car and a (blue:1.2) bench")  -> ["car", "bench"]
+    modifier_pairs("a big red car and a blue bench")  -> [("big", "car"), ("red", "car"), ("blue", "bench")]
 
 What is read. The text the sampler conditions on at its first step, because that is where A&E and binding do their
 work (the first half of the steps) and the text whose tokens the engine can locate (lib_ae/tokens.py):
@@ -421,7 +421,9 @@ def _spacy_pipeline() -> Any | None:
             return spacy.load(name)
         except Exception:  # noqa: BLE001 - model not installed (OSError) or broken
             continue
-    logger.info("spaCy is installed but no English pipeline (%s); using the rule-based chunker", ", ".join(SPACY_MODELS))
+    logger.info(
+        "spaCy is installed but no English pipeline (%s); using the rule-based chunker", ", ".join(SPACY_MODELS)
+    )
     return None
 
 
@@ -473,13 +475,16 @@ def noun_phrases(
     text = first_step_text(prompt, steps)
     nlp = _spacy_pipeline() if parser in ("auto", "spacy") else None
     if parser == "spacy" and nlp is None:
-        raise RuntimeError("parser='spacy' needs spaCy and an English pipeline (python -m spacy download en_core_web_sm)")
+        raise RuntimeError(
+            "parser='spacy' needs spaCy and an English pipeline (python -m spacy download en_core_web_sm)"
+        )
     if nlp is None or embeddings:
         # Embedding names are not English words; the chunker keeps them whole, a tagger might split or mis-tag them.
         return _phrases_by_rules(text, embeddings)
     phrases: list[NounPhrase] = []
     for segment in text.split(SEGMENT_BREAK):
-        phrases.extend(phrases_from_dependency_parse(nlp(segment)))
+        # Removed brackets leave runs of spaces, which spaCy would turn into SPACE tokens.
+        phrases.extend(phrases_from_dependency_parse(nlp(" ".join(segment.split()))))
     return phrases
 
 

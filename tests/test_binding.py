@@ -19,6 +19,8 @@ import torch
 
 from lib_ae.binding import (
     OFFICIAL_INTERVENTION_STEPS,
+    BindingLocation,
+    locate_bindings,
     OFFICIAL_STEP_SIZE,
     BindingConfig,
     BindingGroup,
@@ -29,6 +31,9 @@ from lib_ae.binding import (
     spatial_distributions,
     symmetric_kl,
 )
+from support.thirdparty import ClipTokenizer, clip_tokenizer
+
+from lib_ae.tokens import CHUNK_LENGTH
 
 
 def _maps(h: int = 16, w: int = 16, tokens: int = 77) -> torch.Tensor:
@@ -218,3 +223,110 @@ def test_combined_loss_weights() -> None:
     assert float(combined_loss(None, bind)) == -0.5
     with pytest.raises(ValueError):
         combined_loss(None, None)
+
+
+# --- words -> columns in A1111's chunks ------------------------------------------------------------------------------
+
+BOS, EOS = 49406, 49407
+
+
+def _chunks(tok: ClipTokenizer, *segments: str) -> list[list[int]]:
+    """One 77-token chunk per segment (as A1111 lays out a short prompt, or BREAK-separated ones), SD1 padding."""
+    chunks = []
+    for segment in segments:
+        ids = tok.encode(segment)
+        chunks.append([BOS] + ids + [EOS] * (CHUNK_LENGTH - 1 - len(ids)))
+    return chunks
+
+
+@pytest.fixture(scope="module")
+def tok() -> ClipTokenizer:
+    return clip_tokenizer()
+
+
+def _locate(tok: ClipTokenizer, pairs: list[tuple[str, str]], *segments: str) -> BindingLocation:
+    return locate_bindings(_chunks(tok, *segments), pairs, tok.encode, bos_id=BOS, eos_id=EOS, pad_id=EOS)
+
+
+def test_locate_pairs_in_one_chunk(tok: ClipTokenizer) -> None:
+    # "a big red car and a blue bench": a=1 big=2 red=3 car=4 and=5 a=6 blue=7 bench=8
+    location = _locate(tok, [("big", "car"), ("red", "car"), ("blue", "bench")], "a big red car and a blue bench")
+    assert location.selection == BindingSelection(
+        (BindingGroup(4, (2, 3)), BindingGroup(8, (7,))), (1, 2, 3, 4, 5, 6, 7, 8)
+    )
+    assert location.messages == ()
+    assert [b[:2] for b in location.bound] == [("big", "car"), ("red", "car"), ("blue", "bench")]
+
+
+def test_repeated_words_bind_their_own_occurrence(tok: ClipTokenizer) -> None:
+    same_modifier = _locate(tok, [("red", "car"), ("red", "bench")], "a red car and a red bench")
+    assert same_modifier.selection is not None
+    assert same_modifier.selection.groups == (BindingGroup(3, (2,)), BindingGroup(7, (6,)))
+    same_noun = _locate(tok, [("red", "car"), ("blue", "car")], "a red car and a blue car")
+    assert same_noun.selection is not None
+    assert same_noun.selection.groups == (BindingGroup(3, (2,)), BindingGroup(7, (6,)))
+
+
+def test_multi_token_words(tok: ClipTokenizer) -> None:
+    assert len(tok.encode("hippopotamus")) == 3
+    location = _locate(tok, [("pink", "hippopotamus")], "a pink hippopotamus")
+    assert location.selection is not None
+    assert location.selection.groups == (BindingGroup((3, 4, 5), (2,)),)
+
+
+def test_hostile_pairs(tok: ClipTokenizer) -> None:
+    missing = _locate(tok, [("green", "car"), ("red", "car")], "a red car")
+    assert missing.messages == (
+        "AE bind: modifier 'green' is not in the prompt; the pair ('green', 'car') is not bound",
+    )
+    assert missing.selection is not None and missing.selection.groups == (BindingGroup(3, (2,)),)
+    nothing = _locate(tok, [], "a cat and a dog")
+    assert nothing.selection is None
+    assert nothing.messages == (
+        "AE bind: the prompt has no modifier to bind (no adjective or other modifier before a noun)",
+    )
+    with pytest.raises(TypeError):
+        _locate(tok, "red car", "a red car")  # type: ignore[arg-type]
+
+
+def test_pair_straddling_a_chunk_boundary_is_bound(tok: ClipTokenizer) -> None:
+    # "a red BREAK car": red in chunk 0 (column 2), car in chunk 1 (column 77 + 1); both chunks' words are the pool.
+    location = _locate(tok, [("red", "car")], "a red", "car on a bench")
+    assert location.selection == BindingSelection((BindingGroup(78, (2,)),), (1, 2, 78, 79, 80, 81))
+    assert torch.isfinite(binding_loss(_maps(tokens=154), location.selection))
+
+
+def test_word_split_between_chunks_is_reported(tok: ClipTokenizer) -> None:
+    ids = tok.encode("hippopotamus")
+    first = [BOS] + tok.encode("a pink") + ids[:1]
+    second = [BOS] + ids[1:]
+    chunks = [c + [EOS] * (CHUNK_LENGTH - len(c)) for c in (first, second)]
+    location = locate_bindings(chunks, [("pink", "hippopotamus")], tok.encode, bos_id=BOS, eos_id=EOS, pad_id=EOS)
+    assert location.selection is None
+    assert "split between two chunks" in location.messages[0]
+
+
+def test_embedding_names_are_words(tok: ClipTokenizer) -> None:
+    # An embedding of 2 vectors at chunk offset 1 (after "a"): placeholders 0 at columns 2, 3.
+    chunk = [BOS] + tok.encode("a") + [0, 0] + tok.encode("with a red hat")
+    chunk += [EOS] * (CHUNK_LENGTH - len(chunk))
+    pairs = [("red", "hat"), ("red", "my-cat")]
+    embeddings = [[("my-cat", 1, 2)]]
+    location = locate_bindings([chunk], pairs, tok.encode, bos_id=BOS, eos_id=EOS, pad_id=EOS, embeddings=embeddings)
+    assert location.selection is not None
+    # Groups in noun order; "red" follows the embedding, so it binds back to it (no noun occurrence after it).
+    assert location.selection.groups == (BindingGroup((2, 3), (6,)), BindingGroup(7, (6,)))
+    assert location.bound[1] == ("red", "my-cat", (6,), (2, 3))
+
+
+def test_suggested_pairs_end_to_end(tok: ClipTokenizer) -> None:
+    from lib_ae.suggest import modifier_pairs
+
+    prompt = "a photo of a (red:1.2) car and a blue bench"
+    pairs = modifier_pairs(prompt, parser="rules")
+    assert pairs == [("red", "car"), ("blue", "bench")]
+    # A1111 tokenizes the emphasis segments separately; for plain words the ids are the same as the whole text's.
+    location = _locate(tok, pairs, "a photo of a red car and a blue bench")
+    assert location.selection is not None
+    assert location.selection.groups == (BindingGroup(6, (5,)), BindingGroup(10, (9,)))
+    assert torch.isfinite(binding_loss(_maps(), location.selection))

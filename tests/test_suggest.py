@@ -1,4 +1,4 @@
-"""Subject suggestion and modifier pairs (lib_ae/suggest.py), on the rule-based chunker (spaCy is not a test dependency).
+"""Subject suggestion and modifier pairs (lib_ae/suggest.py), on the rule-based chunker (spaCy is no test dependency).
 
 Targets of issue 13:
 * the Attend-and-Excite paper's prompt templates over its word lists. The lists are those of the official evaluation
@@ -50,8 +50,12 @@ AE_OFFICIAL_SAMPLES = {
 
 # SynGen's example prompts and the (modifier, noun) pairs of its parse (compute_loss.extract_attribution_indices).
 SYNGEN_EXAMPLES = {
-    "a pink sunflower and a yellow flamingo": (["sunflower", "flamingo"], [("pink", "sunflower"), ("yellow", "flamingo")]),
-    "A yellow flamingo and a pink sunflower": (["flamingo", "sunflower"], [("yellow", "flamingo"), ("pink", "sunflower")]),
+    "a pink sunflower and a yellow flamingo": (
+        ["sunflower", "flamingo"], [("pink", "sunflower"), ("yellow", "flamingo")],
+    ),
+    "A yellow flamingo and a pink sunflower": (
+        ["flamingo", "sunflower"], [("yellow", "flamingo"), ("pink", "sunflower")],
+    ),
     "a checkered bowl in a cluttered room": (["bowl", "room"], [("checkered", "bowl"), ("cluttered", "room")]),
     "a horned lion and a spotted monkey": (["lion", "monkey"], [("horned", "lion"), ("spotted", "monkey")]),
     "a checkered bowl on a red and blue table": (
@@ -100,7 +104,8 @@ def test_animal_with_object_and_animal_and_coloured_object() -> None:
         _check(f"a {animal} with a {obj}", [animal, obj], [])
         for colour in AE_COLOURS:
             _check(f"a {animal} and a {colour} {obj}", [animal, obj], [(colour, obj)])
-            _check(f"{_article(animal)} {animal} with {_article(colour)} {colour} {obj}", [animal, obj], [(colour, obj)])
+            prompt = f"{_article(animal)} {animal} with {_article(colour)} {colour} {obj}"
+            _check(prompt, [animal, obj], [(colour, obj)])
 
 
 def test_coloured_object_and_coloured_object() -> None:
@@ -287,3 +292,55 @@ def test_spacy_parser_request_without_spacy_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match="spaCy"):
         noun_phrases("a cat", parser="spacy")
     assert suggest_subjects("a cat and a dog") == ["cat", "dog"]  # 'auto' falls back to the rules
+
+
+def test_spacy_path_with_a_stand_in_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spaCy branch end to end, with a stand-in `spacy` module whose pipeline returns a hand-built parse."""
+    import sys
+    import types
+
+    from lib_ae import suggest
+
+    parses = {
+        "a red car and a blue bench": [
+            ("a", "DET", "det", 2), ("red", "ADJ", "amod", 2), ("car", "NOUN", "ROOT", 2), ("and", "CCONJ", "cc", 2),
+            ("a", "DET", "det", 6), ("blue", "ADJ", "amod", 6), ("bench", "NOUN", "conj", 2),
+        ],
+    }
+    loaded: list[str] = []
+
+    def load(name: str) -> object:
+        loaded.append(name)
+        if name != "en_core_web_sm":
+            raise OSError(f"[E050] Can't find model '{name}'")
+        return lambda text: _parse(parses[text])
+
+    monkeypatch.setitem(sys.modules, "spacy", types.SimpleNamespace(load=load))
+    suggest._spacy_pipeline.cache_clear()
+    try:
+        assert suggest.spacy_available()
+        assert loaded == ["en_core_web_trf", "en_core_web_lg", "en_core_web_md", "en_core_web_sm"]
+        assert suggest_subjects("a (red:1.1) car and a blue bench") == ["car", "bench"]
+        assert modifier_pairs("a red car and a blue bench", parser="spacy") == [("red", "car"), ("blue", "bench")]
+        # Embedding names are not English: the rules handle prompts that carry them.
+        assert suggest_subjects("a photo of my-emb", embeddings=["my-emb"]) == ["my-emb"]
+    finally:
+        suggest._spacy_pipeline.cache_clear()
+
+
+def test_spacy_without_an_english_pipeline_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    from lib_ae import suggest
+
+    def load(name: str) -> object:
+        raise OSError(f"[E050] Can't find model '{name}'")
+
+    monkeypatch.setitem(sys.modules, "spacy", types.SimpleNamespace(load=load))
+    suggest._spacy_pipeline.cache_clear()
+    try:
+        assert not suggest.spacy_available()
+        assert suggest_subjects("a red car and a blue bench") == ["car", "bench"]
+    finally:
+        suggest._spacy_pipeline.cache_clear()
