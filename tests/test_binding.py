@@ -330,3 +330,144 @@ def test_suggested_pairs_end_to_end(tok: ClipTokenizer) -> None:
     assert location.selection is not None
     assert location.selection.groups == (BindingGroup(6, (5,)), BindingGroup(10, (9,)))
     assert torch.isfinite(binding_loss(_maps(), location.selection))
+
+
+# --- the official pipeline's trajectory on a random UNet (VP space) --------------------------------------------------
+#
+# The official `SynGenDiffusionPipeline.__call__` (unmodified; spaCy stubbed, the groups preset, a stand-in tokenizer
+# for the 10 word pieces below, diffusers 0.42.1 with the A&E module aliased to its deprecated path) was run once in
+# float64 on tests/test_reference.py's tiny random UNets (SD1_SMALL and SD2_SMALL, seed 11, its `make_inputs` with
+# seed 7), DDIM 8 steps, CFG 7.5, attn_res 4x4 (1/4 of the 16x16 latent), step size 20, 4 intervention steps.
+# Batch 1 per run: the official `_syngen_step` appends only the last image of a batch to its output (L392 sits after
+# the per-image loop), so a batch of 2 collapses to 1 image; each of the two inputs is therefore its own run.
+# Recorded: the loss at each intervention step, the latent's norm after each step, the final latent's sum and entry
+# [0, 1, 5, 9]. Below, the same steps are taken with lib_ae.binding's loss and plan (maps from diffusers' own A&E
+# attention store, as the official pipeline reads them), and must land on the same numbers.
+
+TRAJECTORY_STEPS, TRAJECTORY_CFG, TRAJECTORY_LATENT = 8, 7.5, 16
+TRAJECTORY_PIECES = 10  # "a red car and a blue bench , big ball"
+TRAJECTORY_GROUPS = (BindingGroup(3, (2,)), BindingGroup(7, (6,)), BindingGroup(10, (9,)))
+
+OFFICIAL_TRAJECTORY = {
+    "sd1-like-small/0": (
+        (-0.005324009275891883, -0.010744222838980827, -0.13761645807413975, -0.16943838576272224),
+        (65.75963194519167, 108.88261257155024, 158.25528731952787, 208.3940706757072, 253.35984403589157,
+         288.82830049554155, 313.8925439068489, 314.12368127998826),
+        776.2622099628225, -12.83905208206721,
+    ),
+    "sd1-like-small/1": (
+        (0.013720230548719459, -0.28331683454265877, -0.41904996725816923, -0.3484116286610553),
+        (65.80362834821852, 109.2692664232145, 159.25317997419276, 209.93234071347842, 255.4455064992156,
+         291.3840345447465, 316.895402270147, 317.1361800992269),
+        902.6095491864372, -4.645984568192868,
+    ),
+    "sd2-like-small/0": (
+        (-0.03246023229658608, -0.021131702369604807, -0.0658497783894546, -0.0897666930640823),
+        (70.51750622715383, 116.62957066399562, 169.44673027019098, 222.6965895599414, 270.1791181968646,
+         307.3901959978698, 333.18245033021225, 333.3961867317122),
+        -407.6271837348949, -19.873332801450758,
+    ),
+    "sd2-like-small/1": (
+        (0.03183921519102767, -0.03354471558793409, -0.023672997216074028, -0.005464994486215249),
+        (66.77999998059016, 111.84430469143143, 162.8952185413904, 214.25829440257183, 260.0272061292118,
+         295.8701583660851, 320.69531379548005, 320.90044221602045),
+        -200.45103714431718, -7.884821432826701,
+    ),
+}
+
+
+def _run_binding_vp(
+    unet: torch.nn.Module, z: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, plan: object
+) -> tuple[list[float], list[float], torch.Tensor]:
+    """SynGen's loop (update before each step's CFG evaluation, DDIM) with lib_ae.binding's loss and plan."""
+    from diffusers import DDIMScheduler
+    from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite import (
+        pipeline_stable_diffusion_attend_and_excite as attend_excite,
+    )
+
+    size = (TRAJECTORY_LATENT // 4, TRAJECTORY_LATENT // 4)
+    store = attend_excite.AttentionStore(size)
+    processors = {}
+    for name in unet.attn_processors:
+        place = "mid" if name.startswith("mid_block") else "up" if name.startswith("up_blocks") else "down"
+        processors[name] = attend_excite.AttendExciteAttnProcessor(attnstore=store, place_in_unet=place)
+    store.num_att_layers = len(processors)  # before set_attn_processor, which empties the dict it is given
+    unet.set_attn_processor(processors)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    scheduler.set_timesteps(TRAJECTORY_STEPS)
+    selection = BindingSelection.official(TRAJECTORY_PIECES, TRAJECTORY_GROUPS)
+    losses: list[float] = []
+    norms: list[float] = []
+    for i, t in enumerate(scheduler.timesteps):
+        if plan.is_active(i):  # type: ignore[attr-defined]
+            with torch.enable_grad():
+                leaf = z.detach().clone().requires_grad_(True)
+                unet(leaf, t, encoder_hidden_states=cond)
+                loss = binding_loss(store.aggregate_attention(("up", "down", "mid")), selection)
+                losses.append(float(loss.detach()))
+                if float(loss.detach()) != 0:
+                    (grad,) = torch.autograd.grad(loss, [leaf])
+                    z = (leaf - plan.step_size(i) * grad).detach()  # type: ignore[attr-defined]
+        with torch.no_grad():
+            eps_u, eps_c = unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+            z = scheduler.step(eps_u + TRAJECTORY_CFG * (eps_c - eps_u), t, z).prev_sample
+        norms.append(float(z.norm()))
+    return losses, norms, z
+
+
+@pytest.fixture(scope="module")
+def tiny_unets() -> dict[str, tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    import dataclasses
+
+    pytest.importorskip("diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite")
+    from support.models import SD1_LIKE, SD2_LIKE, make_unet, to_diffusers_unet
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: a second thread on a busy 2-core machine only costs
+    try:
+        unets = {}
+        for base in (SD1_LIKE, SD2_LIKE):
+            config = dataclasses.replace(
+                base, name=f"{base.name}-small", num_res_blocks=1, channel_mult=(1, 1, 2, 2)
+            )
+            unet = to_diffusers_unet(make_unet(config, seed=11, dtype=torch.float64), config)
+            g = torch.Generator().manual_seed(7)
+            z = torch.randn(2, 4, TRAJECTORY_LATENT, TRAJECTORY_LATENT, generator=g, dtype=torch.float64)
+            cond = torch.randn(2, 77, config.context_dim, generator=g, dtype=torch.float64)
+            uncond = torch.randn(2, 77, config.context_dim, generator=g, dtype=torch.float64)
+            unets[config.name] = (unet, z, cond, uncond)
+        yield unets
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("case", sorted(OFFICIAL_TRAJECTORY))
+def test_trajectory_equals_the_official_pipeline(case: str, tiny_unets: dict) -> None:
+    name, image = case.split("/")
+    unet, z, cond, uncond = tiny_unets[name]
+    b = int(image)
+    plan = binding_plan(TRAJECTORY_STEPS, BindingConfig(intervention_steps=4))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        losses, norms, final = _run_binding_vp(unet, z[b : b + 1], cond[b : b + 1], uncond[b : b + 1], plan)
+    finally:
+        torch.set_num_threads(threads)
+    want_losses, want_norms, want_sum, want_entry = OFFICIAL_TRAJECTORY[case]
+    # Measured against the official final latents: at most 2.3e-13 apart (entries up to 40), losses 2.2e-13 relative.
+    assert losses == pytest.approx(want_losses, rel=1e-11, abs=1e-13)
+    assert norms == pytest.approx(want_norms, rel=1e-12)
+    assert float(final.sum()) == pytest.approx(want_sum, rel=1e-10)
+    assert float(final[0, 1, 5, 9]) == pytest.approx(want_entry, rel=1e-10)
+
+
+def test_trajectory_check_can_fail(tiny_unets: dict) -> None:
+    # Without the updates (or with A&E's decaying step instead of the constant 20) the numbers move.
+    unet, z, cond, uncond = tiny_unets["sd1-like-small"]
+    official_sum = OFFICIAL_TRAJECTORY["sd1-like-small/0"][2]
+    for config in (BindingConfig(intervention_steps=0), BindingConfig(intervention_steps=4, step_size=17.0)):
+        _, _, final = _run_binding_vp(unet, z[:1], cond[:1], uncond[:1], binding_plan(TRAJECTORY_STEPS, config))
+        assert float(final.sum()) != pytest.approx(official_sum, rel=1e-6)
