@@ -21,8 +21,9 @@ work (the first half of the steps) and the text whose tokens the engine can loca
 * textual-inversion embedding names, passed as `embeddings`: kept whole, each one a noun (its vectors are one subject).
 
 Framing nouns that only say what kind of picture it is ("a photo of", "an oil painting of", "a close-up of",
-"an image of" ...) are left out, as are quantity nouns before "of" ("a group of", "a pair of") and common quality /
-style tags ("masterpiece", "8k", "trending on artstation", "by <artist>" without an article).
+"an image of" ...) are left out, as are quantity and place nouns before "of" ("a group of", "a pair of",
+"in front of") and common quality / style tags ("masterpiece", "8k", "35mm", "trending on artstation", "by <artist>"
+without an article).
 
 Two parsers, same output format:
 * spaCy, when `spacy` and an English pipeline are importable (as SynGen does; `en_core_web_trf` first). Pairs follow
@@ -31,9 +32,10 @@ Two parsers, same output format:
 * otherwise a built-in rule-based chunker (this module): function words (determiners, numerals, prepositions,
   conjunctions, pronouns, auxiliaries, a compact verb list) and punctuation close a phrase; a phrase's last word is its
   head and the words before it are its modifiers ("big red car" -> head car, modifiers big, red); adjectives joined by
-  "and", "or" or a comma stay in one phrase ("a red and blue table"); a present participle after a noun starts a
-  verb phrase ("a dog running"), before one it is a modifier ("a running dog"). It does not follow modifiers across a
-  verb ("the car is red" binds nothing).
+  "and", "or" or a comma stay in one phrase ("a red and blue table"); a participle after a noun starts a
+  verb phrase ("a dog running", "a car parked"), before one it is a modifier ("a running dog"); a colour or material
+  word alone after an article is a noun ("an orange"). It does not follow modifiers across a verb ("the car is red"
+  binds nothing).
 """
 
 from __future__ import annotations
@@ -229,6 +231,12 @@ QUALITIES = _words(
     "skewered realistic detailed intricate cinematic dramatic epic solo elegant majestic fancy cozy"
 )
 ADJECTIVES = COLOURS | MATERIALS | SIZES | SHAPES_PATTERNS | QUALITIES
+ALSO_NOUNS = _words(
+    "orange gold silver bronze emerald amber ivory lime olive lavender turquoise rainbow glass stone brick crystal "
+    "marble metal wood paper plastic rubber leather concrete iron steel silk cotton wool velvet denim porcelain giant "
+    "baby"
+)
+"""Modifier words that are also things: alone after an article they are the noun ("an apple and an orange")."""
 _ADJECTIVE_SUFFIXES = ("ful", "ous", "less", "ish")
 NOUNS_LOOKING_LIKE_ADJECTIVES = _words(
     "fish goldfish starfish jellyfish catfish swordfish radish polish bed shed sled seed weed steed reed "
@@ -246,6 +254,8 @@ FRAMING_NOUNS = _words(
     "screenshot selfie photoshoot print engraving etching lithograph mural fresco collage diagram graphic icon "
     "logo sticker wallpaper frame cinematic macro"
 )
+RELATION_NOUNS = _words("front top middle side edge center centre back bottom corner left right rest end surface")
+"""Nouns that only say where, before "of": "in front of a house", "on top of a hill"."""
 QUANTITY_NOUNS = _words(
     "group pair couple bunch herd flock pack swarm school lot lots number set collection crowd team dozen handful "
     "kind type sort variety piece pile stack row array series cluster family"
@@ -255,7 +265,7 @@ STYLE_NOUNS = _words(
     "artstation deviantart pixiv cgsociety behance unreal engine octane render rendering photorealism "
     "hyperrealism realism wallpaper trending aesthetic aesthetics 4k 8k 16k hd uhd hdr dof"
 )
-_RESOLUTION_TAG = re.compile(r"^\d+(?:k|p|px|x\d+)?$", re.IGNORECASE)
+_RESOLUTION_TAG = re.compile(r"^\d+(?:k|p|px|mm|fps|x\d+)?$", re.IGNORECASE)
 
 _TOKEN = re.compile(r"[A-Za-z0-9]+(?:['’\-_][A-Za-z0-9]+)*|[^\sA-Za-z0-9]")
 _CLOSE_UP = re.compile(r"\bclose[\s-]+up\b", re.IGNORECASE)
@@ -270,6 +280,11 @@ def _is_adjective(word: str) -> bool:
     if len(lower) > 4 and lower.endswith("ed") and not lower.endswith("eed"):
         return True
     return len(lower) > 5 and lower.endswith(_ADJECTIVE_SUFFIXES)
+
+
+def _is_lexicon_adjective(word: str) -> bool:
+    lower = word.lower()
+    return lower in ADJECTIVES or lower in ADVERBS
 
 
 def _is_participle(word: str) -> bool:
@@ -360,6 +375,9 @@ def _chunks(tokens: list[str], embeddings: Collection[str]) -> list[_Chunk]:
         if _is_participle(token) and run and not all(_is_adjective(w) for w in run):
             flush(token, tag_end=False)  # "a dog running"; "a running dog" keeps "running" as a modifier
             continue
+        if run and not _is_adjective(run[-1]) and _is_adjective(token) and not _is_lexicon_adjective(token):
+            flush(token, tag_end=False)  # "a car parked ...": a participle after a noun; "a long haired cat" stays
+            continue
         if lower in VERBS and not run and not determined and lower.endswith("ing"):
             continue  # "..., sitting on a bench": a verb phrase without its subject
         run.append(token)
@@ -391,10 +409,12 @@ def _phrase_of_chunk(chunk: _Chunk, embeddings: Collection[str]) -> NounPhrase |
     head = words[-1]
     lower = head.lower()
     if head not in embeddings:
-        if _is_adjective(head) or lower in VERBS or lower in STYLE_NOUNS:
+        # "an orange", "a glass": a colour or material word alone after an article is the thing itself.
+        as_noun = len(words) == 1 and chunk.determined and lower in ALSO_NOUNS
+        if (_is_adjective(head) and not as_noun) or lower in VERBS or lower in STYLE_NOUNS or len(head) < 2:
             return None  # a tag like "highly detailed", "8k", or a predicate adjective ("the car is red")
-        if chunk.next_word == "of" and (lower in FRAMING_NOUNS or lower in QUANTITY_NOUNS):
-            return None  # "a photo of", "a group of"
+        if chunk.next_word == "of" and (lower in FRAMING_NOUNS or lower in QUANTITY_NOUNS or lower in RELATION_NOUNS):
+            return None  # "a photo of", "a group of", "in front of"
         if lower in FRAMING_NOUNS and chunk.tag_start and chunk.tag_end and not chunk.determined:
             return None  # a standalone style tag: ", oil painting,"
         if chunk.after_by and not chunk.determined:

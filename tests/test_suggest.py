@@ -344,3 +344,24 @@ def test_spacy_without_an_english_pipeline_falls_back(monkeypatch: pytest.Monkey
         assert suggest_subjects("a red car and a blue bench") == ["car", "bench"]
     finally:
         suggest._spacy_pipeline.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "prompt, subjects, pairs",
+    [
+        ("a red sports car parked in front of a modern house", ["car", "house"],
+         [("red", "car"), ("sports", "car"), ("modern", "house")]),
+        ("an apple and an orange", ["apple", "orange"], []),
+        ("a glass of water and a stone", ["glass", "water", "stone"], []),
+        ("a stone bench", ["bench"], [("stone", "bench")]),
+        ("a long haired cat", ["cat"], [("long", "cat"), ("haired", "cat")]),
+        ("a bird on top of a tree", ["bird", "tree"], []),
+        ("photo of a lighthouse on a cliff, dramatic sky, 35mm, f/1.8", ["lighthouse", "cliff", "sky"],
+         [("dramatic", "sky")]),
+        ("a white cat and a black dog playing in the snow", ["cat", "dog", "snow"],
+         [("white", "cat"), ("black", "dog")]),
+        ("a man in a blue suit holding an umbrella", ["man", "suit", "umbrella"], [("blue", "suit")]),
+    ],
+)
+def test_everyday_prompts(prompt: str, subjects: list[str], pairs: list[tuple[str, str]]) -> None:
+    _check(prompt, subjects, pairs)
