@@ -103,12 +103,12 @@ class BindingSelection:
         return BindingSelection(tuple(groups), tuple(range(1, num_word_pieces + 1)))
 
 
-def spatial_distributions(attention: torch.Tensor, columns: Sequence[int]) -> torch.Tensor:
-    """(K, h*w): each column's map of `attention` (h, w, T), scaled by 100 and normalised over the pixels, exactly as
-    `Categorical(probs=map.reshape(-1))` normalises it."""
-    index = torch.as_tensor(list(columns), device=attention.device, dtype=torch.long)
+def spatial_distributions(attention: torch.Tensor, columns: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """(..., K, h*w): each column's map of `attention` (..., h, w, T), scaled by 100 and normalised over the pixels,
+    exactly as `Categorical(probs=map.reshape(-1))` normalises it."""
+    index = torch.as_tensor(columns, device=attention.device, dtype=torch.long)
     maps = (attention * OFFICIAL_MAP_SCALE).index_select(-1, index)
-    flat = maps.reshape(-1, maps.shape[-1]).transpose(0, 1)
+    flat = maps.flatten(-3, -2).transpose(-1, -2)
     return flat / flat.sum(-1, keepdim=True)
 
 
@@ -131,43 +131,109 @@ def symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (_kl(p, log_p, q, log_q) + _kl(q, log_q, p, log_p)) / 2
 
 
-def binding_loss(attention: torch.Tensor, selection: BindingSelection) -> torch.Tensor:
-    """The official loss of one image from its aggregated maps `attention` (h, w, T); 0-dim tensor (0 without groups).
+@dataclass(frozen=True)
+class BindingIndex:
+    """A `BindingSelection` as device tensors, so that `binding_loss` is a fixed sequence of tensor operations with no
+    host reads (it can be captured in a CUDA graph). Build it once per selection and device, outside any capture.
 
-    All divergences a group needs are computed in one batched call: each of the group's pieces against every word
-    column. The reductions then follow the official order (positive and negative per pair, summed over pairs)."""
+    Units are the words that receive a negative term (each group's noun and each of its modifiers); S is the number
+    of pieces of all groups, W the number of word columns.
+    """
+
+    words: torch.Tensor  # (W,) word columns
+    pieces: torch.Tensor  # (S,) positions in `words` of every group's pieces, group after group
+    unit_pieces: torch.Tensor  # (U, S) bool: the unit's own pieces
+    unit_outside: torch.Tensor  # (U, W) bool: the other words of the unit's group
+    outside_count: torch.Tensor  # (U,) |O| of the unit's group, as the loss dtype later
+    pair_modifier: torch.Tensor  # (P, S) bool: the modifier's pieces, one row per (modifier, noun) pair
+    pair_noun: torch.Tensor  # (P, W) bool: the noun's pieces, as word positions
+    pair_units: torch.Tensor  # (P, 2) long: (modifier unit, noun unit)
+    lone_nouns: torch.Tensor  # (N,) long: units of nouns without modifiers
+
+    @staticmethod
+    def build(selection: BindingSelection, device: torch.device | str = "cpu") -> "BindingIndex":
+        words = list(selection.word_columns)
+        position = {column: i for i, column in enumerate(words)}
+        pieces: list[int] = []
+        unit_pieces: list[list[int]] = []  # piece slots per unit
+        unit_group: list[int] = []
+        pairs: list[tuple[int, int]] = []
+        lone: list[int] = []
+        outside_rows: list[list[bool]] = []
+        for g, group in enumerate(selection.groups):
+            slot = {}
+            for column in sorted(group.columns()):
+                slot[column] = len(pieces)
+                pieces.append(position[column])
+            inside = group.columns()
+            outside_rows.append([c not in inside for c in words])
+            noun_unit = len(unit_pieces)
+            unit_pieces.append([slot[c] for c in group.noun])
+            unit_group.append(g)
+            if not group.modifiers:
+                lone.append(noun_unit)
+            for modifier in group.modifiers:
+                pairs.append((len(unit_pieces), noun_unit))
+                unit_pieces.append([slot[c] for c in modifier])
+                unit_group.append(g)
+        total = len(pieces)
+        unit_mask = torch.zeros(len(unit_pieces), total, dtype=torch.bool)
+        for u, slots in enumerate(unit_pieces):
+            unit_mask[u, slots] = True
+        outside = torch.tensor([outside_rows[g] for g in unit_group], dtype=torch.bool)
+        outside = outside.reshape(len(unit_group), len(words))
+        pair_noun = torch.zeros(len(pairs), len(words), dtype=torch.bool)
+        for p, (_, noun_unit) in enumerate(pairs):
+            pair_noun[p, [pieces[slot] for slot in unit_pieces[noun_unit]]] = True
+        pair_units = torch.tensor(pairs, dtype=torch.long).reshape(len(pairs), 2)
+        return BindingIndex(
+            words=torch.tensor(words, dtype=torch.long, device=device),
+            pieces=torch.tensor(pieces, dtype=torch.long, device=device),
+            unit_pieces=unit_mask.to(device),
+            unit_outside=outside.to(device),
+            outside_count=outside.sum(-1).to(device),
+            pair_modifier=unit_mask[pair_units[:, 0]].to(device),
+            pair_noun=pair_noun.to(device),
+            pair_units=pair_units.to(device),
+            lone_nouns=torch.tensor(lone, dtype=torch.long, device=device),
+        )
+
+
+def binding_loss(
+    attention: torch.Tensor, selection: BindingSelection, index: BindingIndex | None = None
+) -> torch.Tensor:
+    """The official loss from aggregated maps `attention` (..., h, w, T): one value per image, shape (...)
+    (0 without groups). Images of a batch share `selection`. `index`: `BindingIndex.build(selection, device)`, to
+    build once and keep (required for a host-read-free evaluation); built here when not given.
+
+    Every divergence is computed in one batched call (each group piece against every word column), then reduced with
+    masks: max over a word's pieces, mean over the group's other words, sums over pairs. Equal to the official
+    per-pair Python loops up to the order of float summation."""
+    batch_shape = attention.shape[:-3]
     if not selection.groups:
-        return attention.new_zeros(())
-    words = list(selection.word_columns)
-    position = {column: i for i, column in enumerate(words)}
-    distributions = spatial_distributions(attention, words)  # (W, HW)
-    loss = attention.new_zeros(())
-    for group in selection.groups:
-        pieces = sorted(group.columns())
-        row = {column: i for i, column in enumerate(pieces)}
-        piece_rows = distributions[[position[c] for c in pieces]]  # (G, HW)
-        divergence = symmetric_kl(piece_rows[:, None, :], distributions[None, :, :])  # (G, W)
-        inside = group.columns()
-        outside = [position[c] for c in words if c not in inside]
+        return attention.new_zeros(batch_shape)
+    if index is None:
+        index = BindingIndex.build(selection, attention.device)
+    distributions = spatial_distributions(attention, index.words)  # (..., W, HW)
+    piece_rows = distributions.index_select(-2, index.pieces)  # (..., S, HW)
+    divergence = symmetric_kl(piece_rows.unsqueeze(-2), distributions.unsqueeze(-3))  # (..., S, W)
+    lowest = torch.finfo(divergence.dtype).min
 
-        def worst_outside(word: Word) -> torch.Tensor:
-            # mean over the outside words o of max over the word's pieces of D(piece, o), negated
-            if not outside:
-                return attention.new_zeros(())
-            rows = divergence[[row[c] for c in word]][:, outside]  # (pieces, |O|)
-            return -rows.amax(0).sum() / len(outside)
+    # Negative term per unit: -(1/|O|) sum over o in O of max over the unit's pieces of D(piece, o); 0 when O is empty.
+    per_unit = torch.where(index.unit_pieces[:, :, None], divergence.unsqueeze(-3), lowest).amax(-2)  # (..., U, W)
+    outside_sum = torch.where(index.unit_outside, per_unit, 0.0).sum(-1)  # (..., U)
+    count = index.outside_count.to(divergence.dtype)
+    negative = torch.where(count > 0, -outside_sum / count.clamp(min=1), 0.0)  # (..., U)
 
-        noun_negative = worst_outside(group.noun)
-        if not group.modifiers:
-            loss = loss + noun_negative
-            continue
-        positives = []
-        negatives = []
-        for modifier in group.modifiers:
-            pairs = divergence[[row[c] for c in modifier]][:, [position[c] for c in group.noun]]
-            positives.append(pairs.amax())
-            negatives.append((worst_outside(modifier) + noun_negative) / 2)
-        loss = loss + torch.stack(positives).sum() + torch.stack(negatives).sum()
+    loss = negative.index_select(-1, index.lone_nouns).sum(-1)
+    if index.pair_units.shape[0]:
+        # Positive term per pair: max over modifier pieces x noun pieces of D.
+        mask = index.pair_modifier[:, :, None] & index.pair_noun[:, None, :]  # (P, S, W)
+        positive = torch.where(mask, divergence.unsqueeze(-3), lowest).amax((-2, -1))  # (..., P)
+        modifier_negative = negative.index_select(-1, index.pair_units[:, 0])
+        noun_negative = negative.index_select(-1, index.pair_units[:, 1])
+        pair_negative = (modifier_negative + noun_negative) / 2
+        loss = loss + positive.sum(-1) + pair_negative.sum(-1)
     return loss
 
 

@@ -19,6 +19,7 @@ import torch
 
 from lib_ae.binding import (
     OFFICIAL_INTERVENTION_STEPS,
+    BindingIndex,
     BindingLocation,
     locate_bindings,
     OFFICIAL_STEP_SIZE,
@@ -471,3 +472,18 @@ def test_trajectory_check_can_fail(tiny_unets: dict) -> None:
     for config in (BindingConfig(intervention_steps=0), BindingConfig(intervention_steps=4, step_size=17.0)):
         _, _, final = _run_binding_vp(unet, z[:1], cond[:1], uncond[:1], binding_plan(TRAJECTORY_STEPS, config))
         assert float(final.sum()) != pytest.approx(official_sum, rel=1e-6)
+
+
+def test_batched_loss_equals_per_image_and_index_is_reusable() -> None:
+    pieces, subtrees, *_ = OFFICIAL["several_modifiers"]
+    selection = BindingSelection.official(len(pieces), _groups(subtrees))
+    index = BindingIndex.build(selection)
+    first = _maps()
+    second = torch.softmax(first.log() * 1.3, dim=-1)  # (a pixel permutation would not change any divergence)
+    batch = torch.stack([first, second])
+    losses = binding_loss(batch, selection, index)
+    assert losses.shape == (2,)
+    assert float(losses[0]) == float(binding_loss(first, selection, index))
+    assert float(losses[1]) == float(binding_loss(second, selection))
+    assert float(losses[0]) != float(losses[1])
+    assert binding_loss(batch, BindingSelection.official(5, [])).shape == (2,)
