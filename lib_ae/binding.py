@@ -203,13 +203,17 @@ def binding_loss(
     attention: torch.Tensor, selection: BindingSelection, index: BindingIndex | None = None
 ) -> torch.Tensor:
     """The official loss from aggregated maps `attention` (..., h, w, T): one value per image, shape (...)
-    (0 without groups). Images of a batch share `selection`. `index`: `BindingIndex.build(selection, device)`, to
+    (0 without groups); float32 for half-precision maps. Images of a batch share `selection`. `index`: `BindingIndex.build(selection, device)`, to
     build once and keep (required for a host-read-free evaluation); built here when not given.
 
     Every divergence is computed in one batched call (each group piece against every word column), then reduced with
     masks: max over a word's pieces, mean over the group's other words, sums over pairs. Equal to the official
     per-pair Python loops up to the order of float summation."""
     batch_shape = attention.shape[:-3]
+    if attention.dtype in (torch.float16, torch.bfloat16):
+        # The official code runs in float32. In half precision the clamp floor eps (~1e-3) is above many pixels'
+        # probability (1/256 on average at 16x16), which would flatten the logarithms; compute in float32 instead.
+        attention = attention.float()
     if not selection.groups:
         return attention.new_zeros(batch_shape)
     if index is None:

@@ -160,6 +160,15 @@ def test_no_groups_is_zero_and_bad_groups_are_refused() -> None:
         BindingGroup(True)  # type: ignore[arg-type]
 
 
+def test_half_precision_maps_are_computed_in_float32() -> None:
+    pieces, subtrees, loss_ref, *_ = OFFICIAL["several_modifiers"]
+    selection = BindingSelection.official(len(pieces), _groups(subtrees))
+    loss = binding_loss(_maps().half(), selection)
+    assert loss.dtype == torch.float32
+    assert float(loss) == float(binding_loss(_maps().half().float(), selection))
+    assert float(loss) == pytest.approx(loss_ref, rel=1e-2)
+
+
 def test_float32_is_close_to_float64() -> None:
     pieces, subtrees, loss_ref, *_ = OFFICIAL["several_modifiers"]
     loss = binding_loss(_maps().float(), BindingSelection.official(len(pieces), _groups(subtrees)))
