@@ -240,7 +240,7 @@ ALSO_NOUNS = _words(
 _ADJECTIVE_SUFFIXES = ("ful", "ous", "less", "ish")
 NOUNS_LOOKING_LIKE_ADJECTIVES = _words(
     "fish goldfish starfish jellyfish catfish swordfish radish polish bed shed sled seed weed steed reed "
-    "speed feed hundred vegetable timetable turntable constable"
+    "speed feed hundred vegetable timetable turntable constable infrared watershed"
 )
 NOUNS_ENDING_IN_ING = _words(
     "painting building ring king wing string ceiling clothing drawing swing sling pudding wedding earring icing "
@@ -275,7 +275,7 @@ def _is_adjective(word: str) -> bool:
     lower = word.lower()
     if lower in ADJECTIVES or lower in ADVERBS:
         return True
-    if lower in NOUNS_LOOKING_LIKE_ADJECTIVES or lower.endswith("fish"):
+    if lower in NOUNS_LOOKING_LIKE_ADJECTIVES or lower.endswith(("fish", "bed", "shed", "sled")):
         return False
     if len(lower) > 4 and lower.endswith("ed") and not lower.endswith("eed"):
         return True
@@ -327,7 +327,6 @@ def _chunks(tokens: list[str], embeddings: Collection[str]) -> list[_Chunk]:
     chunks: list[_Chunk] = []
     run: list[str] = []
     determined = False
-    tag_start = True
     after_by = False
     pending_start = True  # the next run starts a tag
 
