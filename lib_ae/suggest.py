@@ -1,0 +1,539 @@
+"""Subject suggestion: the head nouns of a prompt's noun phrases, and the modifiers bound to them.
+
+    suggest_subjects("a photo of a red car and a (blue:1.2) bench")  -> ["car", "bench"]
+    modifier_pairs("a big red car and a blue bench")  -> [("big", "car"), ("red", "car"), ("blue", "bench")]
+
+What is read. The text the sampler conditions on at its first step, because that is where A&E and binding do their
+work (the first half of the steps) and the text whose tokens the engine can locate (lib_ae/tokens.py):
+* `<lora:...>`, `<hypernet:...>` and any other `<name:...>` extra-network tag: removed, as A1111 removes them before
+  the prompt is encoded.
+* `AND`: only the first sub-prompt (its trailing `:weight` dropped). The other sub-prompts are separate conditioning
+  rows that A&E does not read.
+* emphasis `(word)`, `(word:1.2)`, `[word]`: the words, without brackets and weights. A bracket also separates words,
+  as in A1111, which tokenizes each emphasis segment on its own: `(red)dish` is "red" + "dish".
+* prompt editing `[from:to:when]`: the side in effect at step 1, which is `from` unless `when` ends the edit before
+  step 1 (A1111: `when` < 1 step). `[add:when]` adds its text later, so it is left out; `[remove::when]` keeps it.
+  A decimal `when` is a fraction of `steps`; without `steps` any positive fraction counts as "later than step 1".
+  Why the first step's side: the objects' layout, which A&E and binding steer, is settled in the early steps, and the
+  maps the engine reads at those steps are computed from exactly this text.
+* alternation `[a|b|c]`: the first option, the one A1111 uses at step 1 (it alternates every step after that).
+* `BREAK`: a phrase boundary (it starts a new 75-token chunk; a phrase never spans it).
+* textual-inversion embedding names, passed as `embeddings`: kept whole, each one a noun (its vectors are one subject).
+
+Framing nouns that only say what kind of picture it is ("a photo of", "an oil painting of", "a close-up of",
+"an image of" ...) are left out, as are quantity and place nouns before "of" ("a group of", "a pair of",
+"in front of") and common quality / style tags ("masterpiece", "8k", "35mm", "trending on artstation", "by <artist>"
+without an article).
+
+Two parsers, same output format:
+* spaCy, when `spacy` and an English pipeline are importable (as SynGen does; `en_core_web_trf` first). Pairs follow
+  SynGen's `extract_attribution_indices` (compute_loss.py L145-168): a noun's children with a modifier dependency
+  (amod, nmod, compound, npadvmod, advmod, acomp) and, below them, further modifiers and conjuncts.
+* otherwise a built-in rule-based chunker (this module): function words (determiners, numerals, prepositions,
+  conjunctions, pronouns, auxiliaries, a compact verb list) and punctuation close a phrase; a phrase's last word is its
+  head and the words before it are its modifiers ("big red car" -> head car, modifiers big, red); adjectives joined by
+  "and", "or" or a comma stay in one phrase ("a red and blue table"); a participle after a noun starts a
+  verb phrase ("a dog running", "a car parked"), before one it is a modifier ("a running dog"); a colour or material
+  word alone after an article is a noun ("an orange"). It does not follow modifiers across a verb ("the car is red"
+  binds nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Collection, Iterable, Literal, Sequence
+
+logger = logging.getLogger(__name__)
+
+Parser = Literal["auto", "rules", "spacy"]
+
+
+@dataclass(frozen=True)
+class NounPhrase:
+    """One noun phrase: its head noun and the words that modify it, as written in the prompt."""
+
+    head: str
+    modifiers: tuple[str, ...]
+
+
+# --- A1111 prompt syntax -> the plain text conditioned on at step 1 ------------------------------------------------
+
+_EXTRA_NETWORK = re.compile(r"<\w+:[^>]+>")
+_AND = re.compile(r"\bAND\b")
+_SUBPROMPT_WEIGHT = re.compile(r"\s*:\s*[-+]?(?:\d+\.?|\d*\.\d+)\s*$")
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+_NUMBER = re.compile(r"^\s*[-+]?(?:\d+\.?\d*|\.\d+)\s*$")
+_WEIGHT_SUFFIX = re.compile(r":\s*[-+]?(?:\d+\.?\d*|\.\d+)\s*$")
+
+SEGMENT_BREAK = "\n"
+"""Separator `first_step_text` puts where BREAK was: no phrase spans it."""
+
+
+def first_step_text(prompt: str, steps: int | None = None) -> str:
+    """The text A1111 conditions on at step 1 of `prompt`, brackets and weights removed (rules in the module doc).
+    BREAK becomes `SEGMENT_BREAK`; each removed bracket becomes a space (a word boundary)."""
+    text = _EXTRA_NETWORK.sub(" ", prompt)
+    text = _AND.split(text)[0]
+    text = _SUBPROMPT_WEIGHT.sub("", text)
+    plain = _Schedule(text, steps).parse()
+    return SEGMENT_BREAK.join(part.strip() for part in _BREAK.split(plain))
+
+
+class _Schedule:
+    """A small recursive-descent reader of A1111's bracket syntax that resolves it at step 1.
+    Unbalanced brackets are read as literal characters, then dropped like the rest of the punctuation."""
+
+    def __init__(self, text: str, steps: int | None) -> None:
+        self.text = text
+        self.steps = steps
+        self.pos = 0
+
+    def parse(self) -> str:
+        out: list[str] = []
+        while self.pos < len(self.text):
+            out.append(self._item())
+        return "".join(out)
+
+    def _item(self) -> str:
+        """The step-1 text of one character, escape or bracket group starting at `pos`."""
+        char = self.text[self.pos]
+        if char == "\\" and self.pos + 1 < len(self.text):
+            self.pos += 2
+            return self.text[self.pos - 1]  # an escaped bracket is a literal character (punctuation) of the prompt
+        if char in "([":
+            start = self.pos
+            group = self._group()
+            if group is not None:
+                return " " + group + " "
+            self.pos = start + 1
+            return " "
+        self.pos += 1
+        return char
+
+    def _group(self) -> str | None:
+        """Read `( ... )` or `[ ... ]` at pos; return its step-1 text, or None if unbalanced."""
+        opening = self.text[self.pos]
+        closing = ")" if opening == "(" else "]"
+        self.pos += 1
+        parts: list[list[str]] = [[]]  # split at top-level ':' (or '|', recorded in `alternation`)
+        alternation = False
+        while self.pos < len(self.text):
+            char = self.text[self.pos]
+            if char == closing:
+                self.pos += 1
+                return self._resolve(opening, ["".join(p) for p in parts], alternation)
+            if char in ")]":
+                return None
+            if char == ":":
+                parts.append([])
+                self.pos += 1
+                continue
+            if char == "|" and opening == "[":
+                alternation = True
+                parts.append([])
+                self.pos += 1
+                continue
+            parts[-1].append(self._item())
+        return None
+
+    def _resolve(self, opening: str, parts: list[str], alternation: bool) -> str:
+        if opening == "(":
+            # (text) or (text:weight); a ':' that is not a weight is kept as text, as A1111 reads it.
+            if len(parts) > 1 and _NUMBER.match(parts[-1]):
+                parts = parts[:-1]
+            return ":".join(parts)
+        if alternation:
+            return parts[0]
+        if len(parts) in (2, 3) and _NUMBER.match(parts[-1]):
+            before = parts[0] if len(parts) == 3 else ""
+            after = parts[1] if len(parts) == 3 else parts[0]
+            return before if self._edit_later_than_first_step(parts[-1].strip()) else after
+        return ":".join(parts)
+
+    def _edit_later_than_first_step(self, when: str) -> bool:
+        """A1111 uses the 'before' side at step 1 when 1 <= when (when = int(fraction * steps) for decimals)."""
+        value = float(when)
+        if "." in when:
+            if self.steps is None:
+                return value > 0
+            return int(value * self.steps) >= 1
+        return int(value) >= 1
+
+
+# --- word classes of the rule-based chunker ------------------------------------------------------------------------
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+DETERMINERS = _words(
+    "a an the this that these those my your his her its our their some any each every no another several many few "
+    "much more most all both either neither such what whatever"
+)
+NUMERALS = _words(
+    "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen "
+    "eighteen nineteen twenty thirty forty fifty hundred thousand dozen dozens single double triple first second "
+    "third"
+)
+PREPOSITIONS = _words(
+    "of in on at with by from to into onto under over above below beside besides behind near next through across "
+    "inside outside around between among amongst against along toward towards without within for like upon beneath "
+    "underneath amid amidst via during before after beyond past off out up down atop throughout versus vs"
+)
+CONJUNCTIONS = _words("and or but nor plus & yet so")
+FUNCTION_WORDS = _words(
+    "is are was were be been being am has have had do does did will would can could should may might must "
+    "it they he she them him we us i you me there here while where when as than not too also then "
+    "which who whom whose that's it's there's how why if"
+)
+VERBS = _words(
+    "sit sits sat stand stands stood hold holds held wear wears wore eat eats ate drink drinks drank ride rides rode "
+    "play plays played read reads lie lies lay lays jump jumps jumped look looks looked watch watches watched sleep "
+    "sleeps slept carry carries carried chase chases chased climb climbs climbed sing sings sang fight fights fought "
+    "hug hugs hugged kiss kisses kissed sail sails sailed drive drives drove rest rests rested perch perches perched "
+    "float floats floated hang hangs hung cook cooks cooked throw throws threw catch catches caught kick kicks kicked "
+    "smile smiles smiled laugh laughs laughed cry cries cried stare stares stared gaze gazes gazed lean leans leaned "
+    "kneel kneels knelt crawl crawls crawled graze grazes grazed hunt hunts hunted run runs ran walk walks walked "
+    "fly flies flew swim swims swam dance dances danced make makes made take takes took give gives gave eating "
+    "sitting standing holding wearing riding playing reading lying jumping looking watching sleeping carrying "
+    "chasing climbing singing fighting hugging kissing sailing driving resting perching floating hanging cooking "
+    "throwing catching kicking smiling laughing crying staring gazing leaning kneeling crawling grazing hunting "
+    "running walking flying swimming dancing making taking giving trending featuring"
+)
+ADVERBS = _words(
+    "very highly extremely really incredibly slightly super ultra intricately beautifully brightly softly "
+    "partially fully completely mostly almost quite rather somewhat"
+)
+COLOURS = _words(
+    "red orange yellow green blue purple pink brown gray grey black white beige teal cyan magenta violet indigo "
+    "turquoise gold golden silver bronze crimson scarlet maroon navy olive lime lavender ivory tan amber emerald "
+    "dark light pale bright colorful colourful multicolored multicoloured transparent translucent neon pastel "
+    "vibrant rainbow"
+)
+MATERIALS = _words(
+    "wooden wood metal metallic steel iron glass plastic stone marble leather paper silk wool woolen woollen cotton "
+    "denim velvet ceramic porcelain crystal concrete brick rubber furry fluffy fuzzy hairy feathered"
+)
+SIZES = _words(
+    "big small large tiny huge giant little tall short long wide narrow thick thin massive miniature enormous "
+    "gigantic mini"
+)
+SHAPES_PATTERNS = _words(
+    "round square circular triangular rectangular oval flat curved spiky pointy sharp straight curly checkered "
+    "striped spotted dotted plaid floral patterned horned winged"
+)
+QUALITIES = _words(
+    "old new young ancient modern vintage antique retro futuristic broken rusty shiny dirty clean wet dry hot cold "
+    "warm empty full open closed sleepy happy sad angry cute beautiful pretty ugly scary fat skinny hungry sliced "
+    "skewered realistic detailed intricate cinematic dramatic epic solo elegant majestic fancy cozy"
+)
+ADJECTIVES = COLOURS | MATERIALS | SIZES | SHAPES_PATTERNS | QUALITIES
+ALSO_NOUNS = _words(
+    "orange gold silver bronze emerald amber ivory lime olive lavender turquoise rainbow glass stone brick crystal "
+    "marble metal wood paper plastic rubber leather concrete iron steel silk cotton wool velvet denim porcelain giant "
+    "baby"
+)
+"""Modifier words that are also things: alone after an article they are the noun ("an apple and an orange")."""
+_ADJECTIVE_SUFFIXES = ("ful", "ous", "less", "ish")
+NOUNS_LOOKING_LIKE_ADJECTIVES = _words(
+    "fish goldfish starfish jellyfish catfish swordfish radish polish bed shed sled seed weed steed reed "
+    "speed feed hundred vegetable timetable turntable constable infrared watershed"
+)
+NOUNS_ENDING_IN_ING = _words(
+    "painting building ring king wing string ceiling clothing drawing swing sling pudding wedding earring icing "
+    "lightning morning evening spring thing something nothing everything anything viking duckling dumpling "
+    "sapling seedling gosling railing stocking ping sibling darling pudding bedding frosting filling landing "
+    "earrings rings wings kings paintings buildings drawings swings things"
+)
+FRAMING_NOUNS = _words(
+    "photo photograph photography picture image painting drawing portrait illustration render rendering sketch "
+    "shot snapshot still view close-up closeup watercolor watercolour artwork art poster cartoon scene depiction "
+    "screenshot selfie photoshoot print engraving etching lithograph mural fresco collage diagram graphic icon "
+    "logo sticker wallpaper frame cinematic macro"
+)
+RELATION_NOUNS = _words("front top middle side edge center centre back bottom corner left right rest end surface")
+"""Nouns that only say where, before "of": "in front of a house", "on top of a hill"."""
+QUANTITY_NOUNS = _words(
+    "group pair couple bunch herd flock pack swarm school lot lots number set collection crowd team dozen handful "
+    "kind type sort variety piece pile stack row array series cluster family"
+)
+STYLE_NOUNS = _words(
+    "masterpiece quality detail details resolution style background lighting light focus bokeh composition "
+    "artstation deviantart pixiv cgsociety behance unreal engine octane render rendering photorealism "
+    "hyperrealism realism wallpaper trending aesthetic aesthetics 4k 8k 16k hd uhd hdr dof"
+)
+_RESOLUTION_TAG = re.compile(r"^\d+(?:k|p|px|mm|fps|x\d+)?$", re.IGNORECASE)
+
+_TOKEN = re.compile(r"[A-Za-z0-9]+(?:['’\-_][A-Za-z0-9]+)*|[^\sA-Za-z0-9]")
+_CLOSE_UP = re.compile(r"\bclose[\s-]+up\b", re.IGNORECASE)
+
+
+def _is_adjective(word: str) -> bool:
+    lower = word.lower()
+    if lower in ADJECTIVES or lower in ADVERBS:
+        return True
+    if lower in NOUNS_LOOKING_LIKE_ADJECTIVES or lower.endswith(("fish", "bed", "shed", "sled")):
+        return False
+    if len(lower) > 4 and lower.endswith("ed") and not lower.endswith("eed"):
+        return True
+    return len(lower) > 5 and lower.endswith(_ADJECTIVE_SUFFIXES)
+
+
+def _is_lexicon_adjective(word: str) -> bool:
+    lower = word.lower()
+    return lower in ADJECTIVES or lower in ADVERBS
+
+
+def _is_participle(word: str) -> bool:
+    lower = word.lower()
+    return len(lower) > 4 and lower.endswith("ing") and lower not in NOUNS_ENDING_IN_ING
+
+
+def _is_boundary_word(lower: str) -> bool:
+    return lower in DETERMINERS or lower in NUMERALS or lower in PREPOSITIONS or lower in FUNCTION_WORDS
+
+
+# --- the rule-based chunker -----------------------------------------------------------------------------------------
+
+@dataclass
+class _Chunk:
+    words: list[str]
+    determined: bool  # an article / determiner / numeral stood right before it
+    tag_start: bool  # it starts a comma-separated tag (segment start or right after a comma)
+    next_word: str = ""  # the word right after it ("of" marks framing and quantity nouns)
+    tag_end: bool = False
+    after_by: bool = False
+
+
+def _tokens(segment: str, embeddings: Sequence[str]) -> list[str]:
+    """Words and punctuation of one segment; embedding names (longest first) are kept whole."""
+    if not embeddings:
+        return _TOKEN.findall(segment)
+    pattern = "|".join(re.escape(name) for name in sorted(embeddings, key=len, reverse=True))
+    tokens: list[str] = []
+    position = 0
+    for match in re.finditer(rf"(?<!\S)(?:{pattern})(?!\S)", segment):
+        tokens.extend(_TOKEN.findall(segment[position : match.start()]))
+        tokens.append(match.group(0))
+        position = match.end()
+    tokens.extend(_TOKEN.findall(segment[position:]))
+    return tokens
+
+
+def _chunks(tokens: list[str], embeddings: Collection[str]) -> list[_Chunk]:
+    chunks: list[_Chunk] = []
+    run: list[str] = []
+    determined = False
+    after_by = False
+    pending_start = True  # the next run starts a tag
+
+    def flush(next_word: str, tag_end: bool) -> None:
+        nonlocal run, determined, pending_start
+        if run:
+            chunks.append(_Chunk(run, determined, pending_start, next_word.lower(), tag_end, after_by))
+        run = []
+        determined = False
+        pending_start = False
+
+    for index, token in enumerate(tokens):
+        lower = token.lower()
+        following = tokens[index + 1] if index + 1 < len(tokens) else ""
+        if token in embeddings:
+            run.append(token)
+            continue
+        if not (token[0].isalnum()):
+            if token in ",;" and run and all(_is_adjective(w) for w in run) and _starts_content(following):
+                continue  # "a big, fluffy dog": coordinated modifiers
+            flush(following, tag_end=token in ",;.!?")
+            pending_start = token in ",;.!?"
+            after_by = False if token in ",;.!?" else after_by
+            continue
+        if lower.endswith(("'s", "’s")):
+            run.append(token[:-2])
+            flush(following, tag_end=False)
+            determined = True  # "a cat's hat": the possessor acts as the determiner of what follows
+            continue
+        if lower in CONJUNCTIONS:
+            if run and all(_is_adjective(w) for w in run) and _starts_content(following):
+                continue  # "a red and blue table"
+            flush(following, tag_end=False)
+            continue
+        if _is_boundary_word(lower):
+            flush(token, tag_end=False)
+            if lower == "by":
+                after_by = True
+            elif lower in DETERMINERS or lower in NUMERALS:
+                determined = True
+            continue
+        if lower in VERBS and run and not _is_adjective(run[-1]):
+            flush(token, tag_end=False)  # "a cat sits", "a dog running"; but "a red bow" keeps "bow"
+            continue
+        if _is_participle(token) and run and not all(_is_adjective(w) for w in run):
+            flush(token, tag_end=False)  # "a dog running"; "a running dog" keeps "running" as a modifier
+            continue
+        if run and not _is_adjective(run[-1]) and _is_adjective(token) and not _is_lexicon_adjective(token):
+            flush(token, tag_end=False)  # "a car parked ...": a participle after a noun; "a long haired cat" stays
+            continue
+        if lower in VERBS and not run and not determined and lower.endswith("ing"):
+            continue  # "..., sitting on a bench": a verb phrase without its subject
+        run.append(token)
+    flush("", tag_end=True)
+    return chunks
+
+
+def _starts_content(token: str) -> bool:
+    lower = token.lower()
+    return bool(token) and token[0].isalnum() and not _is_boundary_word(lower) and lower not in CONJUNCTIONS
+
+
+def _phrases_by_rules(text: str, embeddings: Sequence[str]) -> list[NounPhrase]:
+    names = frozenset(embeddings)
+    phrases: list[NounPhrase] = []
+    for segment in text.split(SEGMENT_BREAK):
+        segment = _CLOSE_UP.sub("close-up", segment)
+        for chunk in _chunks(_tokens(segment, embeddings), names):
+            phrase = _phrase_of_chunk(chunk, names)
+            if phrase is not None:
+                phrases.append(phrase)
+    return phrases
+
+
+def _phrase_of_chunk(chunk: _Chunk, embeddings: Collection[str]) -> NounPhrase | None:
+    words = [w for w in chunk.words if not _RESOLUTION_TAG.match(w)]
+    if not words:
+        return None
+    head = words[-1]
+    lower = head.lower()
+    if head not in embeddings:
+        # "an orange", "a glass": a colour or material word alone after an article is the thing itself.
+        as_noun = len(words) == 1 and chunk.determined and lower in ALSO_NOUNS
+        if (_is_adjective(head) and not as_noun) or lower in VERBS or lower in STYLE_NOUNS or len(head) < 2:
+            return None  # a tag like "highly detailed", "8k", or a predicate adjective ("the car is red")
+        if chunk.next_word == "of" and (lower in FRAMING_NOUNS or lower in QUANTITY_NOUNS or lower in RELATION_NOUNS):
+            return None  # "a photo of", "a group of", "in front of"
+        if lower in FRAMING_NOUNS and chunk.tag_start and chunk.tag_end and not chunk.determined:
+            return None  # a standalone style tag: ", oil painting,"
+        if chunk.after_by and not chunk.determined:
+            return None  # "by greg rutkowski": an artist, not a thing in the picture
+    modifiers = tuple(w for w in words[:-1] if w.lower() not in STYLE_NOUNS)
+    return NounPhrase(head, modifiers)
+
+
+# --- the spaCy path -------------------------------------------------------------------------------------------------
+
+SPACY_MODELS = ("en_core_web_trf", "en_core_web_lg", "en_core_web_md", "en_core_web_sm")
+MODIFIER_DEPENDENCIES = frozenset({"amod", "nmod", "compound", "npadvmod", "advmod", "acomp"})
+"""SynGen's modifier dependencies (compute_loss.py L148)."""
+
+
+@lru_cache(maxsize=1)
+def _spacy_pipeline() -> Any | None:
+    try:
+        import spacy  # type: ignore[import-not-found]
+    except Exception:  # noqa: BLE001 - any import problem means "not available"
+        return None
+    for name in SPACY_MODELS:
+        try:
+            return spacy.load(name)
+        except Exception:  # noqa: BLE001 - model not installed (OSError) or broken
+            continue
+    logger.info(
+        "spaCy is installed but no English pipeline (%s); using the rule-based chunker", ", ".join(SPACY_MODELS)
+    )
+    return None
+
+
+def spacy_available() -> bool:
+    """Whether `parser="auto"` will use spaCy."""
+    return _spacy_pipeline() is not None
+
+
+def phrases_from_dependency_parse(tokens: Iterable[Any]) -> list[NounPhrase]:
+    """Noun phrases from a dependency parse: tokens with spaCy's attributes `text`, `i`, `pos_`, `dep_`, `children`,
+    `head`. Heads: NOUN/PROPN that are not themselves modifiers; modifiers: SynGen's subtree walk
+    (compute_loss.py L145-168), in prompt order. Framing and quantity nouns with an "of" child are left out."""
+    phrases: list[NounPhrase] = []
+    for word in tokens:
+        if word.pos_ not in ("NOUN", "PROPN") or word.dep_ in MODIFIER_DEPENDENCIES:
+            continue
+        lower = word.text.lower()
+        has_of = any(child.dep_ == "prep" and child.text.lower() == "of" for child in word.children)
+        if has_of and (lower in FRAMING_NOUNS or lower in QUANTITY_NOUNS):
+            continue
+        if lower in STYLE_NOUNS:
+            continue
+        found = []
+        stack = []
+        for child in word.children:
+            if child.dep_ in MODIFIER_DEPENDENCIES:
+                found.append(child)
+                stack.extend(child.children)
+        while stack:
+            node = stack.pop()
+            if node.dep_ in MODIFIER_DEPENDENCIES or node.dep_ == "conj":
+                found.append(node)
+                stack.extend(node.children)
+        found.sort(key=lambda token: token.i)
+        phrases.append(NounPhrase(word.text, tuple(token.text for token in found)))
+    return phrases
+
+
+# --- public API -----------------------------------------------------------------------------------------------------
+
+def noun_phrases(
+    prompt: str, *, embeddings: Sequence[str] = (), steps: int | None = None, parser: Parser = "auto"
+) -> list[NounPhrase]:
+    """The prompt's noun phrases in prompt order (framing, quantity and style nouns left out)."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+    if parser not in ("auto", "rules", "spacy"):
+        raise ValueError(f"parser must be 'auto', 'rules' or 'spacy', got {parser!r}")
+    text = first_step_text(prompt, steps)
+    nlp = _spacy_pipeline() if parser in ("auto", "spacy") else None
+    if parser == "spacy" and nlp is None:
+        raise RuntimeError(
+            "parser='spacy' needs spaCy and an English pipeline (python -m spacy download en_core_web_sm)"
+        )
+    if nlp is None or embeddings:
+        # Embedding names are not English words; the chunker keeps them whole, a tagger might split or mis-tag them.
+        return _phrases_by_rules(text, embeddings)
+    phrases: list[NounPhrase] = []
+    for segment in text.split(SEGMENT_BREAK):
+        # Removed brackets leave runs of spaces, which spaCy would turn into SPACE tokens.
+        phrases.extend(phrases_from_dependency_parse(nlp(" ".join(segment.split()))))
+    return phrases
+
+
+def suggest_subjects(
+    prompt: str, *, embeddings: Sequence[str] = (), steps: int | None = None, parser: Parser = "auto"
+) -> list[str]:
+    """Head nouns of the prompt's noun phrases, in prompt order, each once (case-insensitive), as spelled in the
+    prompt. `embeddings`: names of textual-inversion embeddings that may appear in the prompt. `steps`: the sampler's
+    step count, only needed to resolve `[a:b:0.05]`-style edits exactly (see the module doc)."""
+    subjects: list[str] = []
+    seen: set[str] = set()
+    for phrase in noun_phrases(prompt, embeddings=embeddings, steps=steps, parser=parser):
+        key = phrase.head.lower()
+        if key not in seen:
+            seen.add(key)
+            subjects.append(phrase.head)
+    return subjects
+
+
+def modifier_pairs(
+    prompt: str, *, embeddings: Sequence[str] = (), steps: int | None = None, parser: Parser = "auto"
+) -> list[tuple[str, str]]:
+    """(modifier, noun) pairs in prompt order, one per modifier: "a big red car" -> [("big", "car"), ("red", "car")].
+    A pair appears once even when the phrase repeats."""
+    pairs: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for phrase in noun_phrases(prompt, embeddings=embeddings, steps=steps, parser=parser):
+        for modifier in phrase.modifiers:
+            key = (modifier.lower(), phrase.head.lower())
+            if key not in seen:
+                seen.add(key)
+                pairs.append((modifier, phrase.head))
+    return pairs
