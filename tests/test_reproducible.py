@@ -103,7 +103,7 @@ def on_fresh_thread(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
 
 def test_same_request_gives_the_same_latent(host: ModuleType) -> None:
     runner = host.load_extension(ROOT)
-    args = host.script_args(runner, {TITLE: [(AE_VALUES | {}).get(s.name, s.default) for s in PARAMS]})
+    args = host.script_args(runner, {TITLE: [AE_VALUES.get(s.name, s.default) for s in PARAMS]})
     assert torch.get_num_threads() >= 2
 
     def generate() -> torch.Tensor:
