@@ -96,6 +96,13 @@ def find_graph_hazards(
     return reasons
 
 
+def owned_by(*owners: object) -> Callable[[Callable[..., Any]], bool]:
+    """An `is_own` for `find_graph_hazards`: hooks and forwards that are bound methods of one of `owners` (e.g. the
+    engine's `AttentionCapture`, whose hooks only record while the engine evaluates)."""
+    ids = {id(owner) for owner in owners}
+    return lambda fn: id(getattr(fn, "__self__", None)) in ids
+
+
 def _class_forward_hazard(cls: type, allowed_forward: Callable[[type, Callable[..., Any]], bool]) -> str | None:
     forward = getattr(cls, "forward", None)
     if forward is None:
