@@ -66,7 +66,7 @@ from lib_ae import (  # noqa: E402
     TokenSelection,
     frozen_parameters,
 )
-from lib_ae.engine import GraphableRunner  # noqa: E402
+from lib_ae.graphs import GraphableRunner  # noqa: E402
 from support.thirdparty import import_k_diffusion  # noqa: E402
 
 logger = logging.getLogger("benchmark")
