@@ -193,6 +193,8 @@ class GraphEvaluations:
             except Exception as error:  # noqa: BLE001 - any capture failure falls back to the eager computation
                 self.failed.add(key)
                 logger.warning("CUDA graph capture of the A&E evaluation failed (%s); evaluating eagerly", error)
+                if self.engine.graph_fallback_reason is None:  # the host says it once, in the console and the trace
+                    self.engine.graph_fallback_reason = f"graph capture failed: {error}"
         if entry is None:
             return self.engine.forward_backward(latent, lambda leaf: runner.fn(leaf, *inputs), plan, size)
         with torch.no_grad():
