@@ -58,7 +58,7 @@ def test_ui_is_generated_from_the_params_spec(webui: WebUI) -> None:
     # Infotext paste: text/number parameters by key (so "Send to img2img" copies them), booleans through readers.
     keys = [key for _, key in script.infotext_fields]
     assert [k for k in keys if isinstance(k, str)] == script.paste_field_names
-    assert all(callable(k) for k, spec in zip(keys, PARAMS) if spec.kind == "bool")
+    assert all(callable(k) for k, spec in zip(keys, PARAMS) if spec.kind == "bool" or spec.absent_means_default)
     # Settings: one default per advanced parameter, in the extension's own section.
     labels = webui.host.shared.opts.data_labels
     assert labels["ae_default_scale_factor"].section == ("attend_and_excite", TITLE)
@@ -133,16 +133,42 @@ def test_enabled_then_disabled_is_still_bit_identical(webui: WebUI) -> None:
     ("values", "expected"),
     [
         ({"scale_factor": "abc"}, "AE scale factor: expected a number"),
-        ({"subjects": ""}, "no subject words"),
+        # ({"subjects": ""}, "no subject words") was here: empty subjects now mean automatic subjects (issue 13),
+        # see test_empty_subjects_are_found_in_the_prompt; an automatic search that finds nothing is this case:
+        ({"subjects": "", "prompt": "masterpiece, 8k"}, "automatic subjects: no noun found in the prompt"),
         ({"subjects": "zebra"}, "subject 'zebra' is not in the prompt"),
     ],
 )
 def test_invalid_args_still_produce_the_image(webui: WebUI, values: dict[str, Any], expected: str) -> None:
-    reference = baseline(webui.host)
-    p, processed = webui.run(webui.args(enabled=True, **values))
+    fields = {"prompt": values.pop("prompt")} if "prompt" in values else {}
+    reference = baseline(webui.host, **fields)
+    p, processed = webui.run(webui.args(enabled=True, **values), **fields)
     assert torch.equal(torch.stack(processed.images), reference)  # A&E did nothing, the image is there
     error = ae_keys(processed.infotexts[0], webui.host)["AE error"]
     assert expected in error
+
+
+@pytest.mark.parametrize("subjects", ["", "auto", " Auto "])
+def test_empty_subjects_are_found_in_the_prompt(webui: WebUI, subjects: str) -> None:
+    # The same update as typing the subjects the suggestion finds: the same columns, the same loss.
+    _, typed = webui.run(webui.args(enabled=True, subjects="cat, dog"))
+    p, automatic = webui.run(webui.args(enabled=True, subjects=subjects))
+    assert torch.equal(torch.stack(automatic.images), torch.stack(typed.images))
+    assert not torch.equal(torch.stack(automatic.images), baseline(webui.host))
+    keys = ae_keys(automatic.infotexts[0], webui.host)
+    assert keys["AE subjects"] == "auto" and keys["AE subjects used"] == "cat, dog"
+    assert "AE error" not in keys and "AE bindings" not in keys
+    assert "AE subjects used" not in ae_keys(typed.infotexts[0], webui.host)  # only beside "auto"
+    text = automatic.infotexts[0]
+    assert text.index("AE subjects: auto") < text.index("AE subjects used") < text.index("AE scale factor")
+    assert from_infotext(keys) == from_script_args([True, ""]).as_dict() | {"max_refinement_steps": 2}
+
+
+def test_automatic_subjects_per_image_of_a_batch(webui: WebUI) -> None:
+    prompts = ["a cat and a dog", "a photo of a red car on a (bench:1.2)"]
+    p, processed = webui.run(webui.args(enabled=True, subjects=""), prompt=prompts, batch_size=2)
+    used = [ae_keys(text, webui.host)["AE subjects used"] for text in processed.infotexts]
+    assert used == ["cat, dog", "car, bench"]
 
 
 def test_missing_subject_is_reported_and_the_others_are_excited(webui: WebUI) -> None:

@@ -257,11 +257,18 @@ INPUT_CASES: list[InputCase] = [
     InputCase("too-many-positional", api([*(({spec.name: spec.default for spec in PARAMS} | FAST | ON)[spec.name]
                                             for spec in PARAMS), "extra", 99]),
               CHANGED, None, SETTINGS),  # api.py L356-360 drops what does not fit the script's slice
-    InputCase("too-few-positional", api([True]), SAME, "AE is enabled but no subject words are given", ERROR_ONLY),
+    # Until issue 13 this was SAME with "AE is enabled but no subject words are given": no subjects now means
+    # automatic subjects, found in the prompt (cat, dog).
+    InputCase("too-few-positional", api([True]), CHANGED, None, SETTINGS),
     InputCase("empty-args", api([]), SAME, None, NOTHING),
     # -- subject words
-    InputCase("empty-subjects", ui(enabled=True, subjects=" , ,, "), SAME,
-              "AE is enabled but no subject words are given", ERROR_ONLY),
+    InputCase("empty-subjects", ui(enabled=True, subjects=" , ,, "), CHANGED, None, SETTINGS),  # automatic (issue 13)
+    InputCase("auto-subjects-api", api_dict(enabled=True, subjects="auto"), CHANGED, None, SETTINGS),
+    InputCase("auto-subjects-none-found", ui(enabled=True, subjects=""), SAME,
+              "automatic subjects: no noun found in the prompt; type the subject words", SETTINGS,
+              {"prompt": "masterpiece, best quality, 8k"}),
+    InputCase("auto-subjects-empty-prompt", ui(enabled=True, subjects="auto"), SAME,
+              "automatic subjects: no noun found in the prompt", SETTINGS, {"prompt": ""}),
     InputCase("duplicated-subjects", ui(enabled=True, subjects="cat, Cat, CAT , dog, cat"), CHANGED, None, SETTINGS),
     InputCase("fifty-subjects", ui(enabled=True, subjects=WORDS_50), CHANGED,
               "48 subjects are not in the prompt: 'thing0', 'thing1'", SETTINGS),

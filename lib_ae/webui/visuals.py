@@ -18,7 +18,7 @@ from lib_ae.visualize import (
 
 from . import host
 from .host import Processing
-from .report import AE_HIRES_TRACE_KEY, AE_TRACE_KEY
+from .report import AE_BINDINGS_KEY, AE_HIRES_TRACE_KEY, AE_SUBJECTS_USED_KEY, AE_TRACE_KEY, NOTHING_USED
 from .run_state import existing_state, image_in_job, state_of
 from .sampling_pass import SamplingPass
 
@@ -36,6 +36,7 @@ def record_batch_traces(p: Processing) -> None:
     ("AE hires trace"); with heatmaps on, what to draw from the first pass that ran A&E."""
     state = state_of(p)
     state.visuals = {}
+    record_subjects_used(p, state.passes)
     ran = [sp for sp in state.passes if sp.excitation is not None and sp.excitation.reports]
     if not ran:
         return
@@ -52,6 +53,40 @@ def record_batch_traces(p: Processing) -> None:
     shown = ran[0]
     if shown.params.heatmaps:
         state.visuals = _visuals(shown)
+
+
+def record_subjects_used(p: Processing, passes: list[SamplingPass]) -> None:
+    """Per image of the batch, from the first pass: with automatic subjects "AE subjects used" (what was found in its
+    prompt), with a `bind` method "AE bindings" (the pairs bound). Written even when A&E found nothing to do, so the
+    infotext says what it looked at."""
+    first = next((sp for sp in passes if not sp.is_hr), None)
+    if first is None:
+        return
+    if first.params.auto_subjects and first.subjects_used:
+        used = {b: ", ".join(subjects) or NOTHING_USED for b, subjects in first.subjects_used.items()}
+        _put_after(
+            p.extra_generation_params, "AE subjects", AE_SUBJECTS_USED_KEY, lambda index=0, _used=used, **_: _used.get(index)
+        )
+    if first.params.binds and first.subjects_used:
+        bound = {
+            b: ", ".join(f"{modifier}->{noun}" for modifier, noun in first.bound.get(b, {})) or NOTHING_USED
+            for b in first.subjects_used
+        }
+        p.extra_generation_params[AE_BINDINGS_KEY] = lambda index=0, _bound=bound, **_: _bound.get(index)
+
+
+def _put_after(entries: dict[str, Any], anchor: str, key: str, value: Any) -> None:
+    """entries[key] = value, placed right after `anchor` when it is there ("AE subjects: auto, AE subjects used: ..."
+    reads as one statement). The dict is reordered in place: it is p's own, other scripts may hold it."""
+    entries.pop(key, None)
+    if anchor not in entries:
+        entries[key] = value
+        return
+    items = list(entries.items())
+    position = [k for k, _ in items].index(anchor) + 1
+    items.insert(position, (key, value))
+    entries.clear()
+    entries.update(items)
 
 
 def _traces(sampling_pass: SamplingPass) -> dict[int, ImageTrace]:
