@@ -171,6 +171,19 @@ def test_automatic_subjects_per_image_of_a_batch(webui: WebUI) -> None:
     assert used == ["cat, dog", "car, bench"]
 
 
+def test_bindings_are_written_into_the_infotext(webui: WebUI) -> None:
+    prompts = ["a red car and a blue bench", "a cat and a dog"]
+    args = webui.args(enabled=True, subjects="", method="excite+bind")
+    p, processed = webui.run(args, prompt=prompts, batch_size=2)
+    keys = [ae_keys(text, webui.host) for text in processed.infotexts]
+    assert [k["AE bindings"] for k in keys] == ["red->car, blue->bench", "none"]
+    assert [k["AE subjects used"] for k in keys] == ["car, bench", "cat, dog"]
+    assert keys[0]["AE method"] == "excite+bind"
+    assert "bind: the prompt has no modifier to bind (no adjective or other modifier before a noun) (image 2)" in keys[1][
+        "AE error"
+    ]
+
+
 def test_missing_subject_is_reported_and_the_others_are_excited(webui: WebUI) -> None:
     reference = baseline(webui.host)
     p, processed = webui.run(webui.args(enabled=True, subjects="cat, zebra"))

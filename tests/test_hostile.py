@@ -179,6 +179,7 @@ WORDS_50 = ", ".join(["cat", "dog"] + [f"thing{i}" for i in range(48)])
 LONG_FILLER = " ".join(["tree"] * 80)
 PROMPT_400 = " ".join(["a stone"] * 199) + " and a cat"  # 400 tokens: 6 chunks, the cat in the last
 STRADDLE = " ".join(["tree"] * 74) + " red car"  # "red" is token 75 of chunk 1, "car" token 1 of chunk 2
+PAIR_STRADDLE = "a cat" + " and" * 72 + " red car"  # the pair (red, car): red is token 75 of chunk 1, car token 1 of 2
 
 INPUT_CASES: list[InputCase] = [
     # -- wrong types, through the API (JSON values) and the positional UI form
@@ -309,6 +310,24 @@ INPUT_CASES: list[InputCase] = [
               {"prompt": PROMPT_400}),
     InputCase("substring-of-a-word", ui(enabled=True, subjects="ca"), SAME, "subject 'ca' is not in the prompt",
               SETTINGS),
+    # -- binding (AE method bind / excite+bind): what cannot be bound is said, the image is always produced
+    InputCase("bind-without-any-modifier", ui(enabled=True, subjects="", method="bind"), SAME,
+              "bind: the prompt has no modifier to bind", SETTINGS),
+    InputCase("bind-without-a-modifier-of-the-subjects", ui(enabled=True, subjects="dog", method="bind"), SAME,
+              "bind: no modifier of the subjects ('dog') to bind; the prompt's modifiers belong to 'car'", SETTINGS,
+              {"prompt": "a red car and a dog"}),
+    InputCase("bind-modifier-not-in-the-prompt", ui(enabled=True, subjects="", method="excite+bind",
+                                                     alter_fraction=1.0), CHANGED,
+              "bind: modifier 'red' is not in the prompt; the pair ('red', 'car') is not bound during step 3 "
+              "(prompt editing: the prompt then reads 'a blue car and a dog')", SETTINGS,
+              {"prompt": "a [red:blue:0.5] car and a dog", "steps": 3}),
+    InputCase("bind-pair-straddles-chunks", ui(enabled=True, subjects="", method="excite+bind"), CHANGED,
+              "bind: modifier 'red' and its noun 'car' are in different chunks of the prompt (75-token limit or "
+              "BREAK); they are bound, but the text encoder read them apart", SETTINGS, {"prompt": PAIR_STRADDLE}),
+    InputCase("bind-method-unknown", api_dict(**ON, method="syngen"), SAME,
+              "AE method: expected one of excite, bind, excite+bind, got 'syngen' (str)", ERROR_ONLY),
+    InputCase("bind-step-size-negative", api_dict(**ON, method="bind", bind_step_size=-1), SAME,
+              "AE bind step size: expected a number between 0 and 100, got -1 (int)", ERROR_ONLY),
 ]
 
 
