@@ -543,6 +543,14 @@ def test_xyz_axes_override_the_ui_values(host: SimpleNamespace) -> None:
         # Values are checked before the first cell (xyz_grid.py L611-613).
         with pytest.raises(RuntimeError, match="AE scale factor"):
             plot("[AE] Scale factor", "20, 1000", enabled=True, subjects="cat")
+        # Method axis: a dropdown of the three methods; each cell records its own.
+        method = xyz.axis_options[labels.index("[AE] Method")]
+        assert method.choices is not None and method.choices() == ["excite", "bind", "excite+bind"]
+        processed = plot("[AE] Method", "excite, excite+bind", enabled=True, subjects="")
+        assert [ae_keys(t, host)["AE method"] for t in processed.infotexts] == ["excite", "excite+bind"]
+        assert "[AE] Binding step size" in labels
+        with pytest.raises(RuntimeError, match="AE method: expected one of excite, bind, excite\\+bind"):
+            plot("[AE] Method", "excite, syngen", enabled=True, subjects="cat")
     finally:
         ui.unload()
 
