@@ -6,13 +6,19 @@
     latent, report = engine.step(latent, i, plan, selections, run_unet)   # one sampler step's update
     capture.remove()
 
+A step without refinement never waits for the GPU: the report's loss, maxima and skipped images stay on the device
+until first read (`read_reports(reports)` reads many at once, after sampling). With `cuda_graphs=True` the evaluation
+is replayed as a CUDA graph (`lib_ae.graphs`), unless a `graph_guard` (e.g. `find_graph_hazards`) finds what a graph
+cannot hold.
+
 `TokenSelection` says which conditioning columns are subjects; `InSamplerExcitation` applies the update in place on
 the tensor a sampler hands to its first model call of a step (k-diffusion sigma space or VP space).
 """
 
 from .capture import AttentionCapture, CaptureError, attention_probabilities, cross_attention_modules
 from .config import OFFICIAL_THRESHOLDS, REFERENCE_STEPS, ConfigError, ExciteConfig, StepPlan
-from .engine import AttendAndExcite, StepReport, UNetRunner, frozen_parameters
+from .engine import AttendAndExcite, StepReport, UNetRunner, frozen_parameters, read_reports
+from .graphs import GraphableRunner, find_graph_hazards
 from .loss import TokenSelection, excite_loss, official_gaussian_kernel, smooth, subject_maps, subject_maxima
 from .sampling import InSamplerExcitation, LatentSpace, StepClock, sigma_space_gradient_scale
 
@@ -22,6 +28,7 @@ __all__ = [
     "CaptureError",
     "ConfigError",
     "ExciteConfig",
+    "GraphableRunner",
     "InSamplerExcitation",
     "LatentSpace",
     "OFFICIAL_THRESHOLDS",
@@ -34,8 +41,10 @@ __all__ = [
     "attention_probabilities",
     "cross_attention_modules",
     "excite_loss",
+    "find_graph_hazards",
     "frozen_parameters",
     "official_gaussian_kernel",
+    "read_reports",
     "sigma_space_gradient_scale",
     "smooth",
     "subject_maps",

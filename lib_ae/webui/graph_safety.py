@@ -15,15 +15,11 @@ from typing import Any, Callable
 
 import torch
 
-from lib_ae import AttendAndExcite, AttentionCapture
-from lib_ae.config import ExciteConfig
+from lib_ae import AttentionCapture
 
 logger = logging.getLogger("lib_ae.webui")
 
-try:
-    from lib_ae.graphs import find_graph_hazards
-except ImportError:  # the core detector arrives with the engine's branch; until then graphs run unguarded, as before
-    find_graph_hazards = None
+from lib_ae.graphs import find_graph_hazards
 
 GraphGuard = Callable[[], "list[str] | None"]
 
@@ -56,11 +52,9 @@ def _no_sd_unet_replacement() -> bool:
     return getattr(sd_unet, "current_unet", None) is None
 
 
-def guard_for(capture: AttentionCapture, sd_model: Any) -> GraphGuard | None:
+def guard_for(capture: AttentionCapture, sd_model: Any) -> GraphGuard:
     """The engine's `graph_guard`: the reasons not to replay (empty/None = safe), checked at the first graph
     evaluation of a pass. Our own capture hooks are not a hazard."""
-    if find_graph_hazards is None:
-        return None
     unet: torch.nn.Module = sd_model.model.diffusion_model
 
     def is_own(hook: Any) -> bool:
@@ -71,15 +65,3 @@ def guard_for(capture: AttentionCapture, sd_model: Any) -> GraphGuard | None:
         return reasons or None
 
     return guard
-
-
-def make_engine(
-    capture: AttentionCapture, config: ExciteConfig, *, cuda_graphs: bool, graph_guard: GraphGuard | None
-) -> AttendAndExcite:
-    """The engine; `graph_guard` is passed once the engine takes it (lib_ae.graphs merged)."""
-    if graph_guard is not None and "graph_guard" in inspect.signature(AttendAndExcite).parameters:
-        engine: AttendAndExcite = AttendAndExcite(
-            capture, config, cuda_graphs=cuda_graphs, graph_guard=graph_guard  # type: ignore[call-arg]
-        )
-        return engine
-    return AttendAndExcite(capture, config, cuda_graphs=cuda_graphs)

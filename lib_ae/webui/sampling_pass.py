@@ -15,6 +15,7 @@ import torch
 
 from lib_ae import AttendAndExcite, AttentionCapture, CaptureError, InSamplerExcitation, StepClock, StepPlan, UNetRunner
 from lib_ae.binding import BindingLocation, BindingSelection
+from lib_ae.engine import read_reports
 from lib_ae.config import ConfigError
 from lib_ae.engine import GraphableRunner
 from lib_ae.loss import TokenSelection
@@ -447,6 +448,7 @@ class SamplingPass:
         self.active = False  # inert even if another wrapper on top keeps ours in its chain
         try:
             reports = self.excitation.reports if self.excitation is not None else []
+            read_reports(reports)  # one host transfer for the whole pass
             log_reports(reports)
             reported: set[int] = set()
             for report in reports:
@@ -484,7 +486,7 @@ def install(p: Processing, params: AEParams) -> None:
         capture = capture_for(p.sd_model.model.diffusion_model)
         graphs = use_cuda_graphs(p)
         guard = graph_safety.guard_for(capture, p.sd_model) if graphs else None
-        engine = graph_safety.make_engine(capture, params.to_config(), cuda_graphs=graphs, graph_guard=guard)
+        engine = AttendAndExcite(capture, params.to_config(), cuda_graphs=graphs, graph_guard=guard)
     except (CaptureError, UnsupportedModel) as error:
         report_problem(p, f"A&E was not applied: {error}")
         return
