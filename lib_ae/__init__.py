@@ -12,7 +12,8 @@ the tensor a sampler hands to its first model call of a step (k-diffusion sigma 
 
 from .capture import AttentionCapture, CaptureError, attention_probabilities, cross_attention_modules
 from .config import OFFICIAL_THRESHOLDS, REFERENCE_STEPS, ConfigError, ExciteConfig, StepPlan
-from .engine import AttendAndExcite, StepReport, UNetRunner, frozen_parameters
+from .engine import AttendAndExcite, StepReport, UNetRunner, frozen_parameters, read_reports
+from .graphs import GraphableRunner, find_graph_hazards
 from .loss import TokenSelection, excite_loss, official_gaussian_kernel, smooth, subject_maps, subject_maxima
 from .sampling import InSamplerExcitation, LatentSpace, StepClock, sigma_space_gradient_scale
 
@@ -22,6 +23,7 @@ __all__ = [
     "CaptureError",
     "ConfigError",
     "ExciteConfig",
+    "GraphableRunner",
     "InSamplerExcitation",
     "LatentSpace",
     "OFFICIAL_THRESHOLDS",
@@ -34,8 +36,10 @@ __all__ = [
     "attention_probabilities",
     "cross_attention_modules",
     "excite_loss",
+    "find_graph_hazards",
     "frozen_parameters",
     "official_gaussian_kernel",
+    "read_reports",
     "sigma_space_gradient_scale",
     "smooth",
     "subject_maps",

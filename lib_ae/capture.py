@@ -189,10 +189,6 @@ class Recording:
     def __init__(self, accumulator: _Accumulator) -> None:
         self._acc = accumulator
 
-    @property
-    def layers(self) -> list[str]:
-        return list(self._acc.layers or [])
-
     def maps(self) -> torch.Tensor:
         """(B, h, w, T): mean over all captured layers and heads, like the reference's `aggregate_attention`."""
         acc = self._acc

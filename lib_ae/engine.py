@@ -6,14 +6,18 @@ With the VP latent z (diffusers, DDIM, PLMS) gradient_scale is 1. With k-diffusi
 is x / sqrt(1 + sigma^2), it is 1 + sigma^2 (`lib_ae.sampling.sigma_space_gradient_scale`), which makes the update the
 official one mapped exactly into sigma space (algorithm.md §2.2).
 
-Per image b with subjects S_b, at sampler step i (step size a_i):
-    L, g = loss and gradient at z                                      (one cond-only forward + backward)
-    if i is a refinement step and L > 1 - threshold:                   (iterative refinement)
-        repeat: z <- z - a_i g (if L != 0); L, g <- at z   while L(previous z) > target, at most `max_refinement_steps`
-        L, g <- at the final z
-    if i < alter_steps and L != 0: z <- z - a_i g
+One step, in the paper's words (Chefer et al. 2023, Algorithm 1), per image b with subjects S_b at step i:
+    evaluate   L = max_s (1 - a_s) and its gradient at z_t          (`_evaluate`: one cond-only forward + backward)
+    refine     at a refinement step, while L > 1 - threshold:      (`_refine`: "iterative latent refinement")
+                   z_t <- z_t - a_i grad L, evaluate again, at most `max_refinement_steps` times
+    update     if i < alter_steps and L != 0: z_t' = z_t - a_i grad L   (`_update`)
 Images whose loss reached the target stop moving; the others keep refining in a smaller batch.
-A non-finite loss or gradient skips that image's update (reported), it never reaches the latent.
+A non-finite loss or gradient skips that image's update (a masked update on the device; reported), it never reaches
+the latent.
+
+A step without refinement never waits for the GPU: every value stays on the device, and the report reads it on first
+access (see `StepReport`). A refinement step has to read each iteration's loss to know whether to go on; it reads it
+while the next iteration already runs (`_refine`), so the GPU never idles waiting for the CPU.
 """
 
 from __future__ import annotations
@@ -21,16 +25,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .capture import AttentionCapture
 from .config import ExciteConfig, StepPlan
-from .loss import TokenSelection, excite_loss, official_gaussian_kernel, smoothed_subject_maps
+from .graphs import GraphableRunner, GraphEvaluations
+from .loss import SelectionIndex, TokenSelection, excite_losses, smoothed_subject_maps, subject_maxima
 
 logger = logging.getLogger(__name__)
 
@@ -39,48 +43,256 @@ UNetRunner = Callable[[torch.Tensor, torch.Tensor], object]
 (a LongTensor of indices into the batch, so the caller can pick each row's conditioning and timestep).
 The output is ignored; the attention hooks read what they need (the forward may be cut short)."""
 
+GraphGuard = Callable[[], "Sequence[str] | None"]
+"""Called once per sampling pass, before the first graph evaluation: reasons why a graph would be wrong (empty or
+None: safe). See `lib_ae.graphs.find_graph_hazards`."""
 
-@dataclass
+__all__ = ["AttendAndExcite", "Evaluation", "GraphableRunner", "StepReport", "UNetRunner", "frozen_parameters", "read_reports"]
+
+
+# --------------------------------------------------------------------------------------------------------- report
+
+
 class StepReport:
-    """What one step did, per image of the batch (None / 0 for images without subjects)."""
+    """What one step did, per image of the batch (None / 0 for images without subjects).
 
-    step: int
-    active: bool
-    loss: list[float | None] = field(default_factory=list)
-    """Loss at the latent the step started from."""
-    maxima: list[list[float] | None] = field(default_factory=list)
-    """Max attention per subject at the latent the final update was computed from."""
-    refinement_iterations: list[int] = field(default_factory=list)
-    skipped_nonfinite: list[int] = field(default_factory=list)
-    interrupted: bool = False
-    maps: list[torch.Tensor | None] = field(default_factory=list)
-    """With `step(keep_maps=True)`: per image, the (S, h, w) smoothed subject maps behind `maxima` (float32, CPU)."""
+    Attributes: `step`, `active`, `loss` (at the latent the step started from), `maxima` (max attention per subject
+    at the latent the final update was computed from), `refinement_iterations`, `skipped_nonfinite`, `interrupted`,
+    `maps` (with `step(keep_maps=True)`: per image, the (S, h, w) smoothed subject maps behind `maxima`, float32, CPU).
+
+    Which accesses wait for the GPU: the first access to `loss`, `maxima` or `skipped_nonfinite` reads all three from
+    the device at once (one host transfer; later accesses are free). `step`, `active`, `refinement_iterations`,
+    `interrupted` and `maps` are host values and never wait. `read_reports(reports)` reads many reports in a single
+    transfer: call it once after sampling, not during it.
+    """
+
+    def __init__(
+        self,
+        step: int,
+        active: bool,
+        loss: list[float | None] | None = None,
+        maxima: list[list[float] | None] | None = None,
+        refinement_iterations: list[int] | None = None,
+        skipped_nonfinite: list[int] | None = None,
+        interrupted: bool = False,
+        maps: list[torch.Tensor | None] | None = None,
+    ) -> None:
+        self.step = step
+        self.active = active
+        self.refinement_iterations = refinement_iterations if refinement_iterations is not None else []
+        self.interrupted = interrupted
+        self.maps = maps if maps is not None else []
+        self._loss = loss if loss is not None else []
+        self._maxima = maxima if maxima is not None else []
+        self._skipped = skipped_nonfinite if skipped_nonfinite is not None else []
+        self._pending: _DeviceValues | None = None
+
+    @property
+    def loss(self) -> list[float | None]:
+        self._read()
+        return self._loss
+
+    @loss.setter
+    def loss(self, value: list[float | None]) -> None:
+        self._read()
+        self._loss = value
+
+    @property
+    def maxima(self) -> list[list[float] | None]:
+        self._read()
+        return self._maxima
+
+    @maxima.setter
+    def maxima(self, value: list[list[float] | None]) -> None:
+        self._read()
+        self._maxima = value
+
+    @property
+    def skipped_nonfinite(self) -> list[int]:
+        self._read()
+        return self._skipped
+
+    @skipped_nonfinite.setter
+    def skipped_nonfinite(self, value: list[int]) -> None:
+        self._read()
+        self._skipped = value
+
+    @property
+    def pending(self) -> bool:
+        """Whether values still wait on the device (reading `loss`, `maxima` or `skipped_nonfinite` fetches them)."""
+        return self._pending is not None
+
+    def _read(self) -> None:
+        if self._pending is not None:
+            read_reports([self])
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (self.step, self.active, self.loss, self.maxima, self.refinement_iterations, self.skipped_nonfinite,
+                self.interrupted, self.maps)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StepReport):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __repr__(self) -> str:
+        return (
+            f"StepReport(step={self.step}, active={self.active}, loss={self.loss}, maxima={self.maxima}, "
+            f"refinement_iterations={self.refinement_iterations}, skipped_nonfinite={self.skipped_nonfinite}, "
+            f"interrupted={self.interrupted})"
+        )
+
+
+def read_reports(reports: Sequence[StepReport]) -> None:
+    """Fetch the device values of all `reports` in one host transfer (one wait for the GPU instead of one per report)."""
+    pending = [r for r in reports if r._pending is not None]
+    if not pending:
+        return
+    packs = [r._pending.pack() for r in pending]  # type: ignore[union-attr]
+    flat = torch.cat([p.to(device=packs[0].device, dtype=torch.float64) for p in packs]).tolist()
+    offset = 0
+    for report, pack in zip(pending, packs):
+        values = flat[offset : offset + pack.numel()]
+        offset += pack.numel()
+        device_values, report._pending = report._pending, None
+        assert device_values is not None
+        device_values.unpack(values, report)
 
 
 @dataclass
-class _Evaluation:
-    losses: list[float]
-    maxima: list[list[float] | None]
-    grads: torch.Tensor | None
-    finite: list[bool]
-    maps: list[torch.Tensor | None] | None = None
+class _DeviceValues:
+    """A step's report values still on the device, and where they go."""
+
+    batch: int
+    rows: list[int]
+    first: "Evaluation"  # the evaluation at the step's starting latent: the reported loss
+    maxima_from: list[tuple[list[int], "Evaluation"]]  # (batch rows, evaluation of exactly those rows)
+    skipped_from: list[tuple[list[int], "Evaluation"]]  # rows skipped when that evaluation is not finite
+    skipped_known: set[int]  # rows already known (on the host) to be skipped
+
+    def pack(self) -> torch.Tensor:
+        parts = [self.first.losses, self.first.finite]
+        for _, evaluation in self.maxima_from:
+            parts += [evaluation.maxima.flatten(), evaluation.values_finite]
+        parts += [evaluation.finite for _, evaluation in self.skipped_from]
+        return torch.cat([p.detach().to(torch.float64).flatten() for p in parts])
+
+    def unpack(self, values: list[float], report: StepReport) -> None:
+        count = len(self.rows)
+        losses, finite = values[:count], values[count : 2 * count]
+        offset = 2 * count
+        loss: list[float | None] = [None] * self.batch
+        for b, value, ok in zip(self.rows, losses, finite):
+            loss[b] = value if ok else math.nan
+        maxima: list[list[float] | None] = [None] * self.batch
+        for rows, evaluation in self.maxima_from:
+            width = evaluation.maxima.shape[-1]
+            table = values[offset : offset + len(rows) * width]
+            offset += len(rows) * width
+            values_finite = values[offset : offset + len(rows)]
+            offset += len(rows)
+            for j, b in enumerate(rows):
+                row = table[j * width : (j + 1) * width]
+                maxima[b] = [v for v in row if not math.isnan(v)] if values_finite[j] else None
+        skipped = set(self.skipped_known)
+        for rows, _ in self.skipped_from:
+            flags = values[offset : offset + len(rows)]
+            offset += len(rows)
+            skipped.update(b for b, ok in zip(rows, flags) if not ok)
+        report._loss, report._maxima, report._skipped = loss, maxima, sorted(skipped)
+        if skipped:
+            logger.warning(
+                "step %d: non-finite attention loss or gradient for image(s) %s; their update was skipped",
+                report.step,
+                report._skipped,
+            )
+
+
+# ----------------------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class Evaluation:
+    """Loss terms and gradient of some batch rows at one latent, all on the device (nothing read on the host)."""
+
+    losses: torch.Tensor  # (R,) L per row; 0 where the maxima are not finite
+    maxima: torch.Tensor  # (R, S) a_s per row and subject, NaN-padded when rows have fewer subjects
+    values_finite: torch.Tensor  # (R,) bool: the maxima are finite
+    finite: torch.Tensor  # (R,) bool: the maxima and the gradient are finite
+    grads: torch.Tensor  # (R, ...) gradient of L with respect to the row's latent
+    maps: list[torch.Tensor] | None = None  # with keep_maps: per row, (S, h, w) smoothed maps, float32, CPU
+
+    @property
+    def moves(self) -> torch.Tensor:
+        """(R,) bool: rows whose update applies (finite, and L != 0: the reference skips the update at L == 0)."""
+        return self.finite & (self.losses != 0)
+
+    def clone(self) -> "Evaluation":
+        return Evaluation(
+            self.losses.clone(), self.maxima.clone(), self.values_finite.clone(), self.finite.clone(), self.grads.clone()
+        )
+
+    def select(self, positions: list[int], index: torch.Tensor) -> "Evaluation":
+        """The rows at `positions` (indices into this evaluation's rows; `index`: the same on the device)."""
+        pick = lambda t: t.index_select(0, index)  # noqa: E731
+        maps = None if self.maps is None else [self.maps[j] for j in positions]
+        return Evaluation(pick(self.losses), pick(self.maxima), pick(self.values_finite), pick(self.finite),
+                          pick(self.grads), maps)
+
+
+@dataclass(frozen=True, eq=False)
+class _LossGroup:
+    index: SelectionIndex
+    selection: TokenSelection
+    positions: torch.Tensor | None  # rows of the evaluation in this group; None: all of them, in order
+
+
+@dataclass(frozen=True, eq=False)
+class _LossPlan:
+    """How the rows of one evaluation split into groups that share a token selection (computed together), all index
+    tensors prepared on the device in advance."""
+
+    key: tuple[TokenSelection, ...]
+    groups: tuple[_LossGroup, ...]
+    order: torch.Tensor | None  # positions that restore row order after concatenating the groups; None: identity
+    order_list: tuple[int, ...]
+    width: int  # most subjects of any row
 
 
 class AttendAndExcite:
     """The A&E latent update, bound to a UNet through its `AttentionCapture`."""
 
-    def __init__(self, capture: AttentionCapture, config: ExciteConfig | None = None, *, cuda_graphs: bool = False) -> None:
+    def __init__(
+        self,
+        capture: AttentionCapture,
+        config: ExciteConfig | None = None,
+        *,
+        cuda_graphs: bool = False,
+        graph_guard: GraphGuard | None = None,
+    ) -> None:
         """`cuda_graphs`: evaluate through `GraphableRunner`s as replayed CUDA graphs (see `GraphableRunner`); other
-        runners, and CPU tensors, are evaluated eagerly as always. Graphs live until `release_graphs()`."""
+        runners, and CPU tensors, are evaluated eagerly as always. Graphs live until `release_graphs()`.
+        `graph_guard`: asked once per sampling pass (the first graph evaluation after construction or after
+        `release_graphs()`); when it gives reasons, the pass is evaluated eagerly and `graph_fallback_reason` says why.
+        """
         self.capture = capture
         self.config = config or ExciteConfig()
         self.capture.early_stop = self.config.early_stop
-        self._graphs: _GraphEvaluations | None = _GraphEvaluations(self) if cuda_graphs else None
+        self._graphs: GraphEvaluations | None = GraphEvaluations(self) if cuda_graphs else None
+        self.graph_guard = graph_guard
+        self.graph_fallback_reason: str | None = None
+        """Why this sampling pass evaluates eagerly although graphs were asked for (None: graphs are used)."""
+        self._guard_pending = True
+        self._indices: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+        self._selections: dict[tuple[TokenSelection, torch.device], SelectionIndex] = {}
+        self._loss_plans: dict[tuple[tuple[TokenSelection, ...], torch.device], _LossPlan] = {}
 
     def release_graphs(self) -> None:
-        """Free the captured CUDA graphs and their memory pool (they are captured again when next needed)."""
+        """Free the captured CUDA graphs and their memory pool (they are captured again when next needed); the next
+        graph evaluation asks the `graph_guard` again (a new sampling pass)."""
         if self._graphs is not None:
             self._graphs.release()
+        self._guard_pending = True
 
     def plan(self, steps: int) -> StepPlan:
         return self.config.plan(steps)
@@ -94,147 +306,194 @@ class AttendAndExcite:
         run_unet: UNetRunner,
         should_stop: Callable[[], bool] | None = None,
         on_iteration: Callable[[int, int], None] | None = None,
-        gradient_scale: Sequence[float] | None = None,
+        gradient_scale: Sequence[float] | torch.Tensor | None = None,
         keep_maps: bool = False,
     ) -> tuple[torch.Tensor, StepReport]:
         """Return the updated latent (a new tensor; `latent` is not modified) and a report.
 
         `keep_maps`: also report the subject maps behind the reported maxima (for heatmaps). Those evaluations run
-        eagerly, never from a CUDA graph, so asking at a step or two of a run costs a few milliseconds.
+        eagerly, never from a CUDA graph, and copy the maps to the CPU, so asking at a step or two costs a few ms.
 
-        `gradient_scale[b]` multiplies image b's gradient step (see the module docstring); default 1.
+        `gradient_scale[b]` multiplies image b's gradient step (see the module docstring); default 1. A tensor (on
+        the latent's device) keeps the step free of host synchronisation.
         `should_stop()` is polled between refinement iterations (interrupt / skip); when it answers True the step
         returns at once with what it has done so far and `report.interrupted` set.
         """
         batch = latent.shape[0]
         if len(selections) != batch:
             raise ValueError(f"{len(selections)} token selections for a batch of {batch}")
-        report = StepReport(step, plan.is_active(step), [None] * batch, [None] * batch, [0] * batch, maps=[None] * batch)
+        report = StepReport(step, plan.is_active(step), [None] * batch, [None] * batch, [0] * batch, [],
+                            maps=[None] * batch)
         rows = [b for b in range(batch) if selections[b] is not None and selections[b].subjects]
         if not report.active or not rows:
             report.active = False
             return latent, report
-        stop = should_stop or (lambda: False)
         size = self.config.attention_size(latent.shape[-2], latent.shape[-1])
         self.config.check_map_size(*size)  # a precise ConfigError before any work, instead of F.pad's
         z = latent.detach().clone()
-        step_size = plan.step_sizes[step]
-        scales = [1.0] * batch if gradient_scale is None else [float(v) for v in gradient_scale]
+        coefficient = self._coefficients(plan.step_sizes[step], gradient_scale, z)
+        context = _StepContext(selections, size, run_unet, coefficient)
 
-        def evaluate(subset: list[int], with_maps: bool = False) -> _Evaluation:
-            return self._evaluate(z, subset, selections, size, run_unet, keep_maps=with_maps)
-
-        current = evaluate(rows, keep_maps)
-        loss = dict(zip(rows, current.losses))
-        maps = dict(zip(rows, current.maps or [None] * len(rows)))
-        for b, value in loss.items():
-            report.loss[b] = value
-        grad = {b: _row(current, rows, b) for b in rows}
-        maxima = dict(zip(rows, current.maxima))
-        bad = {b for b, ok in zip(rows, current.finite) if not ok}
+        first = self._evaluate(z, rows, context, keep_maps)
+        maxima_from: list[tuple[list[int], Evaluation]] = [(rows, first)]
+        skipped_from: list[tuple[list[int], Evaluation]] = [(rows, first)]
+        skipped: set[int] = set()
+        updates: list[tuple[list[int], Evaluation]] = [(rows, first)]
 
         threshold = plan.refinement_thresholds.get(step)
-        if threshold is not None:
-            target = max(0.0, 1.0 - threshold)
-            refining = [b for b in rows if b not in bad and loss[b] > target]
-            active, evaluation, first = list(refining), current, True
-            while active:
-                if stop():
-                    report.interrupted = True
-                    break
-                if not first:  # the first iteration's forward is the one already done at this very latent
-                    evaluation = evaluate(active)
-                    bad.update(b for b, ok in zip(active, evaluation.finite) if not ok)
-                first = False
-                for b in active:
-                    report.refinement_iterations[b] += 1
-                    g = _row(evaluation, active, b)
-                    if b not in bad and g is not None:
-                        z[b] -= step_size * scales[b] * g
-                    if on_iteration is not None:
-                        on_iteration(step, report.refinement_iterations[b])
-                still = {b: l for b, l in zip(active, evaluation.losses)}
-                active = [
-                    b
-                    for b in active
-                    if b not in bad and still[b] > target and report.refinement_iterations[b] < self.config.max_refinement_steps
-                ]
-            refined = [b for b in refining if b not in bad]
-            if refined and step < plan.alter_steps and not report.interrupted:
-                final = evaluate(refined, keep_maps)
-                for j, b in enumerate(refined):
-                    loss[b] = final.losses[j]
-                    maxima[b] = final.maxima[j]
-                    maps[b] = final.maps[j] if final.maps else None
-                    grad[b] = _row(final, refined, b)
-                    if not final.finite[j]:
-                        bad.add(b)
+        if threshold is not None and self.config.max_refinement_steps > 0:
+            refined = self._refine(z, rows, first, max(0.0, 1.0 - threshold), context, report, should_stop, on_iteration)
+            z, skipped = refined.latent, refined.skipped
+            skipped_from = []  # the first evaluation's finiteness was read: it is in `skipped`
+            updates = []
+            plain_rows = [b for b in rows if b not in refined.rows and b not in skipped]
+            if plain_rows:
+                updates.append((plain_rows, _rows_of(first, rows, plain_rows, self)))
+            if refined.rows and step < plan.alter_steps and not report.interrupted:
+                final = refined.final
+                if final is None or keep_maps:
+                    final = self._evaluate(z, refined.rows, context, keep_maps)
+                updates.append((refined.rows, final))
+                maxima_from.append((refined.rows, final))
+                skipped_from = [(refined.rows, final)]
 
         if step < plan.alter_steps and not report.interrupted:
-            for b in rows:
-                g = grad[b]
-                if b not in bad and g is not None:
-                    z[b] -= step_size * scales[b] * g
-        for b in rows:
-            report.maxima[b] = maxima[b]
-            report.maps[b] = maps[b]
-        report.skipped_nonfinite = sorted(bad)
-        if bad:
-            logger.warning("step %d: non-finite attention loss or gradient for image(s) %s; their update was skipped", step, report.skipped_nonfinite)
+            for update_rows, evaluation in updates:
+                z = self._update(z, update_rows, evaluation, coefficient)
+        if keep_maps:
+            for map_rows, evaluation in maxima_from:
+                if evaluation.maps is not None:
+                    for b, maps in zip(map_rows, evaluation.maps):
+                        report.maps[b] = maps
+        report._pending = _DeviceValues(batch, rows, first, _exact_rows(maxima_from, self), skipped_from, skipped)
         return z, report
 
-    def _evaluate(
+    # ------------------------------------------------------------------------------------------------ the three parts
+
+    def _evaluate(self, z: torch.Tensor, rows: list[int], context: "_StepContext", keep_maps: bool = False) -> Evaluation:
+        """L and its gradient at the latent `z` for batch rows `rows` (the paper's forward pass with attention)."""
+        loss_plan = self._loss_plan([context.selections[b] for b in rows], z.device)  # type: ignore[misc]
+        run_unet = context.run_unet
+        if self._graphs is not None and isinstance(run_unet, GraphableRunner) and not keep_maps and self._graphs_allowed():
+            return self._graphs.evaluate(z, rows, loss_plan, context.size, run_unet)
+        index = self.index(rows, z.device)
+        latent = z if self.row_index(rows, z) is None else z.index_select(0, index)
+        return self.forward_backward(latent, lambda leaf: run_unet(leaf, index), loss_plan, context.size, keep_maps)
+
+    def _refine(
         self,
         z: torch.Tensor,
         rows: list[int],
-        selections: Sequence[TokenSelection | None],
+        first: Evaluation,
+        target: float,
+        context: "_StepContext",
+        report: StepReport,
+        should_stop: Callable[[], bool] | None,
+        on_iteration: Callable[[int, int], None] | None,
+    ) -> "_Refinement":
+        """Iterative latent refinement: z <- z - a_i grad L while L > target, at most `max_refinement_steps` times.
+
+        Deciding whether iteration k+1 runs needs iteration k's loss on the host. Iteration k+1's evaluation is
+        launched before that loss is read (speculatively, for every image that has iterations left), so the GPU
+        never waits for the CPU; when k's loss says an image is done, its speculative result is just not used (no
+        latent is changed by an evaluation, so there is nothing to roll back). The iterations and their updates are
+        the reference's, one for one.
+        """
+        stop = should_stop or (lambda: False)
+        limit = self.config.max_refinement_steps
+        losses, finite = _HostRead(first.losses, first.finite).values()
+        skipped = {b for b, ok in zip(rows, finite) if not ok}
+        refining = [b for b, value, ok in zip(rows, losses, finite) if ok and value > target]
+        active = list(refining)
+        evaluation = _rows_of(first, rows, active, self) if active else first
+        last: tuple[list[int], Evaluation] | None = None
+        while active:
+            if stop():
+                report.interrupted = True
+                break
+            for b in active:
+                report.refinement_iterations[b] += 1
+                if on_iteration is not None:
+                    on_iteration(report.step, report.refinement_iterations[b])
+            z = self._update(z, active, evaluation, context.coefficient)
+            read = _HostRead(evaluation.losses, evaluation.finite)  # starts the copy, does not wait
+            candidates = [b for b in active if report.refinement_iterations[b] < limit]
+            speculative = self._evaluate(z, candidates, context) if candidates else None
+            losses, finite = read.values()  # waits for iteration k only; k+1 is already queued behind it
+            skipped.update(b for b, ok in zip(active, finite) if not ok)
+            still = {b: value for b, value in zip(active, losses)}
+            active = [b for b in candidates if b not in skipped and still[b] > target]
+            last = (candidates, speculative) if speculative is not None else None
+            if active:
+                assert speculative is not None
+                evaluation = _rows_of(speculative, candidates, active, self)
+        refined_rows = [b for b in refining if b not in skipped]
+        final = None
+        if last is not None and last[0] == refined_rows and not report.interrupted:
+            final = last[1]  # the speculative evaluation ran at exactly the final latents of exactly these rows
+        return _Refinement(z, refined_rows, final, skipped)
+
+    def _update(self, z: torch.Tensor, rows: list[int], evaluation: Evaluation, coefficient: torch.Tensor) -> torch.Tensor:
+        """z_t' = z_t - a_i * scale_b * grad L for `rows`, where the update applies (finite, L != 0): a masked update
+        on the device, so a non-finite image is left as it was without asking the host."""
+        index = self.row_index(rows, z)
+        current = z if index is None else z.index_select(0, index)
+        factor = coefficient if index is None else coefficient.index_select(0, index)
+        shape = (-1,) + (1,) * (z.dim() - 1)
+        # Product in the coefficient's precision, rounded to the latent's dtype: what `z[b] -= python_float * g` does.
+        delta = (factor.view(shape) * evaluation.grads).to(z.dtype)
+        updated = torch.where(evaluation.moves.view(shape), current - delta, current)
+        return updated if index is None else z.index_copy(0, index, updated)
+
+    # ---------------------------------------------------------------------------------------- the device computation
+
+    def forward_backward(
+        self,
+        latent: torch.Tensor,
+        run: Callable[[torch.Tensor], object],
+        loss_plan: _LossPlan,
         size: tuple[int, int],
-        run_unet: UNetRunner,
         keep_maps: bool = False,
-    ) -> _Evaluation:
-        if self._graphs is not None and isinstance(run_unet, GraphableRunner) and not keep_maps:
-            return self._graphs.evaluate(z, rows, selections, size, run_unet)
+    ) -> Evaluation:
+        """The whole evaluation on the device, with no host synchronisation (also what a CUDA graph captures)."""
         cfg = self.config
-        index = torch.as_tensor(rows, device=z.device)
-        self._probe_last_layer(size, lambda: run_unet(z.index_select(0, index), index))
+        self._probe_last_layer(size, lambda: run(latent.detach()))
         with torch.enable_grad(), frozen_parameters(self.capture.unet):
-            leaf = z.index_select(0, index).detach().requires_grad_(True)
+            leaf = latent.detach().requires_grad_(True)
             with self.capture.record(*size) as recording:
-                run_unet(leaf, index)
-            maps = recording.maps()
-            losses: list[torch.Tensor] = []
-            maxima: list[list[float] | None] = []
-            finite: list[bool] = []
-            kept: list[torch.Tensor | None] = []
-            for j, b in enumerate(rows):
-                selection = selections[b]
-                assert selection is not None
-                subject_maps = smoothed_subject_maps(
-                    maps[j],
-                    selection,
+                run(leaf)
+            attention = recording.maps()
+            parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+            kept: list[torch.Tensor] = []
+            for group in loss_plan.groups:
+                group_attention = attention if group.positions is None else attention.index_select(0, group.positions)
+                maps = smoothed_subject_maps(
+                    group_attention,
+                    group.selection,
                     smooth_attentions=cfg.smooth_attentions,
                     kernel_size=cfg.kernel_size,
                     sigma=cfg.sigma,
                     temperature=cfg.softmax_temperature,
+                    index=group.index,
                 )
-                # amax over pixels back-propagates like the reference's per-map `image.max()`.
-                values = subject_maps.amax(dim=(-2, -1))
+                values = subject_maxima(maps)
                 if keep_maps:
-                    kept.append(subject_maps.detach().float().cpu())
-                ok = bool(torch.isfinite(values).all())
-                finite.append(ok)
-                maxima.append([float(v) for v in values.detach()] if ok else None)
-                losses.append(excite_loss(values) if ok else values.new_zeros(()))
-            total = torch.stack(losses).sum()
-            grads = torch.autograd.grad(total, [leaf])[0] if total.requires_grad else None
-        if grads is not None:
-            per_row_finite = torch.isfinite(grads.flatten(1)).all(dim=1).tolist()
-            finite = [f and g for f, g in zip(finite, per_row_finite)]
-        loss_values = [float(l.detach()) if f else math.nan for l, f in zip(losses, finite)]
-        return _Evaluation(
-            loss_values, maxima, grads.detach() if grads is not None else None, finite, kept if keep_maps else None
-        )
-
+                    kept.extend(maps.detach().float().cpu().unbind(0))
+                values_finite = torch.isfinite(values).all(dim=-1)
+                # A non-finite image contributes a zero loss, which is all it can change.
+                losses = torch.where(values_finite, excite_losses(values), torch.zeros_like(values[..., 0]))
+                if values.shape[-1] < loss_plan.width:
+                    values = torch.nn.functional.pad(values, (0, loss_plan.width - values.shape[-1]), value=math.nan)
+                parts.append((losses, values, values_finite))
+            losses, values, values_finite = (torch.cat(p) if len(parts) > 1 else p[0] for p in zip(*parts))
+            if loss_plan.order is not None:
+                losses, values, values_finite = (t.index_select(0, loss_plan.order) for t in (losses, values, values_finite))
+                if keep_maps:
+                    kept = [kept[j] for j in loss_plan.order_list]
+            (grads,) = torch.autograd.grad(losses.sum(), [leaf])
+        finite = values_finite & torch.isfinite(grads.flatten(1)).all(dim=1)
+        return Evaluation(losses.detach(), values.detach(), values_finite, finite, grads.detach(),
+                          kept if keep_maps else None)
 
     def _probe_last_layer(self, size: tuple[int, int], forward: Callable[[], object]) -> None:
         """Before the first gradient forward at this map size: one no-grad forward to learn where it may stop."""
@@ -242,231 +501,143 @@ class AttendAndExcite:
             with torch.no_grad(), self.capture.probe(*size):
                 forward()
 
+    # ------------------------------------------------------------------------------------------------- bookkeeping
 
-def _row(evaluation: _Evaluation, rows: list[int], b: int) -> torch.Tensor | None:
-    """Gradient of batch image b, or None when its loss was exactly 0 (the reference skips the update then)."""
-    j = rows.index(b)
-    if evaluation.grads is None or not evaluation.finite[j] or evaluation.losses[j] == 0:
-        return None
-    return evaluation.grads[j]
+    def _graphs_allowed(self) -> bool:
+        if self._guard_pending:
+            self._guard_pending = False
+            self.graph_fallback_reason = None
+            if self.graph_guard is not None:
+                try:
+                    reasons = list(self.graph_guard() or [])
+                except Exception as error:  # noqa: BLE001 - a broken check must not break sampling: be safe instead
+                    reasons = [f"the graph safety check failed ({error})"]
+                if reasons:
+                    self.graph_fallback_reason = "; ".join(reasons)
+                    logger.warning("A&E evaluates without CUDA graphs in this pass: %s", self.graph_fallback_reason)
+        return self.graph_fallback_reason is None
 
+    def index(self, rows: Sequence[int], device: torch.device) -> torch.Tensor:
+        """`rows` as a LongTensor on `device`, cached: a fresh host-to-device copy would wait for the GPU."""
+        key = (tuple(rows), device)
+        if key not in self._indices:
+            self._indices[key] = torch.as_tensor(rows, device=device, dtype=torch.long)
+        return self._indices[key]
 
-@dataclass(frozen=True, eq=False)
-class GraphableRunner:
-    """A UNet runner whose evaluations can be captured once and replayed as a CUDA graph.
+    def row_index(self, rows: Sequence[int], z: torch.Tensor) -> torch.Tensor | None:
+        """The index of `rows` in `z`, or None when they are all of its rows in order (nothing to select)."""
+        if len(rows) == z.shape[0] and all(b == j for j, b in enumerate(rows)):
+            return None
+        return self.index(rows, z.device)
 
-    Eager use (a plain `UNetRunner`): `runner(latent_rows, rows)` calls `fn(latent_rows, *(t[rows] for t in inputs))`.
-    The contract that makes capture valid: every tensor `fn` reads that changes between calls (the step's sigma or
-    timestep, the conditioning) is one of `inputs` (batch-first, indexed by row), and everything else it reads (the
-    UNet's weights, schedules) stays the same tensor at the same address for as long as the graphs live. Nothing in
-    `fn` may synchronize with the host or copy from host memory (ldm's `timestep_embedding` builds its frequencies on
-    the CPU: a host must swap in a device-side version to use graphs). `key` names the function: runners with equal
-    keys, input shapes and dtypes share a graph.
+    def _loss_plan(self, selections: list[TokenSelection], device: torch.device) -> _LossPlan:
+        key = (tuple(selections), device)
+        plan = self._loss_plans.get(key)
+        if plan is None:
+            distinct = list(dict.fromkeys(selections))
+            groups = []
+            order_of_rows: list[int] = []
+            for selection in distinct:
+                positions = [j for j, s in enumerate(selections) if s == selection]
+                order_of_rows += positions
+                groups.append(
+                    _LossGroup(
+                        self._selection_index(selection, device),
+                        selection,
+                        None if len(distinct) == 1 else torch.as_tensor(positions, device=device),
+                    )
+                )
+            order, inverse = None, list(range(len(selections)))
+            if order_of_rows != list(range(len(selections))):
+                inverse = [0] * len(order_of_rows)
+                for concatenated, row in enumerate(order_of_rows):
+                    inverse[row] = concatenated
+                order = torch.as_tensor(inverse, device=device)
+            width = max(len(s.subjects) for s in distinct)
+            plan = _LossPlan(tuple(selections), tuple(groups), order, tuple(inverse), width)
+            self._loss_plans[key] = plan
+        return plan
 
-    Why: at batch 1 the UNet's gradient forward and backward are thousands of small kernels whose launch cost on the
-    CPU exceeds their GPU time; a replayed graph launches them all at once (README, "Performance").
-    """
-
-    fn: Callable[..., object]
-    inputs: tuple[torch.Tensor, ...]
-    key: Hashable = None
-
-    def __call__(self, latent_rows: torch.Tensor, rows: torch.Tensor) -> object:
-        return self.fn(latent_rows, *(t.index_select(0, rows) for t in self.inputs))
-
-
-class _DeviceLoss:
-    """`subject_maxima` + `excite_loss` for one selection, op for op (so bit for bit), with no host synchronization and
-    no host-to-device copy: index tensors and the smoothing kernel are prepared outside the captured region, and the
-    loss of a non-finite or fully excited image is selected on the device instead of in Python."""
-
-    def __init__(self, selection: TokenSelection, config: ExciteConfig, device: torch.device) -> None:
-        self.config = config
-        self.device = device
-        self.columns = torch.as_tensor(selection.text_columns, device=device)
-        position = {column: i for i, column in enumerate(selection.text_columns)}
-        relative = [[position[c] for c in subject] for subject in selection.subjects]
-        self.subjects: list[int | torch.Tensor] = [
-            rel[0] if len(rel) == 1 else torch.as_tensor(rel, device=device) for rel in relative
-        ]
-        self._kernels: dict[torch.dtype, torch.Tensor] = {}
-
-    def kernel(self, dtype: torch.dtype) -> torch.Tensor:
-        if dtype not in self._kernels:  # filled by the eager warm-up, before any capture
-            kernel = official_gaussian_kernel(self.config.kernel_size, self.config.sigma)
-            self._kernels[dtype] = kernel.to(device=self.device, dtype=dtype)
-        return self._kernels[dtype]
-
-    def maxima(self, attention: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
-        text = torch.softmax(attention.index_select(-1, self.columns) * cfg.softmax_temperature, dim=-1)
-        maps = torch.stack(
-            [text[..., rel] if isinstance(rel, int) else text.index_select(-1, rel).sum(-1) for rel in self.subjects]
-        )
-        if cfg.smooth_attentions:
-            pad = cfg.kernel_size // 2
-            flat = maps.reshape(-1, 1, *maps.shape[-2:])
-            padded = F.pad(flat, (pad, pad, pad, pad), mode="reflect")
-            maps = F.conv2d(padded, self.kernel(maps.dtype)[None, None]).reshape(maps.shape)
-        return maps.amax(dim=(-2, -1))
+    def _selection_index(self, selection: TokenSelection, device: torch.device) -> SelectionIndex:
+        key = (selection, device)
+        if key not in self._selections:
+            self._selections[key] = SelectionIndex.build(selection, device)
+        return self._selections[key]
 
     @staticmethod
-    def loss(values: torch.Tensor) -> torch.Tensor:
-        deficits = 1.0 - values
-        worst = deficits.gather(0, torch.argmax(deficits).reshape(1))[0]
-        return torch.where(worst > 0, worst, torch.zeros_like(worst))
+    def _coefficients(step_size: float, gradient_scale: Sequence[float] | torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
+        """(B,) a_i * scale_b in the precision the update multiplies in (float32 for half latents)."""
+        dtype = torch.promote_types(z.dtype, torch.float32)
+        if gradient_scale is None:
+            return torch.full((z.shape[0],), step_size, dtype=dtype, device=z.device)
+        if isinstance(gradient_scale, torch.Tensor):
+            scale = gradient_scale.detach().to(device=z.device, dtype=torch.float64).flatten()
+        else:  # a host list: one host-to-device copy (pass a device tensor to avoid it)
+            scale = torch.tensor([float(v) for v in gradient_scale], dtype=torch.float64).to(z.device)
+        # a_i * scale_b in float64, as the reference's Python floats, then rounded once.
+        return (scale * step_size).to(dtype)
 
 
 @dataclass
-class _Graph:
-    graph: Any
-    latent: torch.Tensor  # static leaf (requires grad), rows of z
-    inputs: tuple[torch.Tensor, ...]
-    stats: torch.Tensor  # (B, 3 + S): loss, values finite, gradient finite, maxima per subject (NaN-padded)
-    grads: torch.Tensor
+class _StepContext:
+    selections: Sequence[TokenSelection | None]
+    size: tuple[int, int]
+    run_unet: UNetRunner
+    coefficient: torch.Tensor
 
 
-class _GraphEvaluations:
-    """`AttendAndExcite._evaluate` for `GraphableRunner`s: on CUDA one captured graph per (rows, map size, shapes,
-    selections, runner key), replayed with the new latent and inputs copied into its static buffers; on the CPU the
-    same computation eagerly (which is how the CPU tests check it against the eager path, bit for bit)."""
-
-    WARMUP = 2  # eager runs on the capture stream before capturing (lazy library initialisation, autotuning)
-
-    def __init__(self, engine: AttendAndExcite) -> None:
-        self.engine = engine
-        self.graphs: dict[Hashable, _Graph] = {}
-        self.failed: set[Hashable] = set()
-        self.losses: dict[tuple[TokenSelection, torch.device], _DeviceLoss] = {}
-        self.pool: Any = None
-        self.weights: tuple[int, ...] | None = None
-
-    def release(self) -> None:
-        self.graphs.clear()
-        self.pool = None
-        self.weights = None
-
-    def evaluate(
-        self,
-        z: torch.Tensor,
-        rows: list[int],
-        selections: Sequence[TokenSelection | None],
-        size: tuple[int, int],
-        runner: GraphableRunner,
-    ) -> _Evaluation:
-        index = torch.as_tensor(rows, device=z.device)
-        latent = z.index_select(0, index)
-        inputs = tuple(t.index_select(0, index) for t in runner.inputs)
-        chosen = [selections[b] for b in rows]
-        assert all(s is not None for s in chosen)
-        losses = [self._loss(s, z.device) for s in chosen]  # type: ignore[arg-type]
-        if not z.is_cuda or torch.cuda.is_current_stream_capturing():
-            leaf = latent.detach().requires_grad_(True)
-            stats, grads = self._compute(leaf, inputs, runner, losses, size)
-            return self._unpack(stats, grads.detach(), len(rows))
-        key = (
-            tuple(rows), size, runner.key, tuple(chosen), _signature(latent), tuple(_signature(t) for t in inputs),
-            torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
-        )
-        weights = tuple(p.data_ptr() for p in self.engine.capture.unet.parameters())
-        if weights != self.weights:  # new or moved weights: graphs would read the old addresses
-            self.release()
-            self.weights = weights
-        entry = self.graphs.get(key)
-        if entry is None and key not in self.failed:
-            try:
-                entry = self._capture(latent, inputs, runner, losses, size)
-                self.graphs[key] = entry
-            except Exception as error:  # noqa: BLE001 - any capture failure falls back to the eager computation
-                self.failed.add(key)
-                logger.warning("CUDA graph capture of the A&E evaluation failed (%s); evaluating eagerly", error)
-        if entry is None:
-            leaf = latent.detach().requires_grad_(True)
-            stats, grads = self._compute(leaf, inputs, runner, losses, size)
-            return self._unpack(stats, grads.detach(), len(rows))
-        with torch.no_grad():
-            entry.latent.copy_(latent)
-            for static, value in zip(entry.inputs, inputs):
-                static.copy_(value)
-        entry.graph.replay()
-        # Copies: another graph sharing the pool, or the next replay, must not change what the caller holds.
-        return self._unpack(entry.stats.clone(), entry.grads.clone(), len(rows))
-
-    def _loss(self, selection: TokenSelection, device: torch.device) -> _DeviceLoss:
-        key = (selection, device)
-        if key not in self.losses:
-            self.losses[key] = _DeviceLoss(selection, self.engine.config, device)
-        return self.losses[key]
-
-    def _capture(
-        self,
-        latent: torch.Tensor,
-        inputs: tuple[torch.Tensor, ...],
-        runner: GraphableRunner,
-        losses: list[_DeviceLoss],
-        size: tuple[int, int],
-    ) -> _Graph:
-        stream = torch.cuda.Stream(device=latent.device)
-        stream.wait_stream(torch.cuda.current_stream(latent.device))
-        with torch.cuda.stream(stream):
-            static_latent = latent.detach().clone().requires_grad_(True)
-            static_inputs = tuple(t.detach().clone() for t in inputs)
-            for _ in range(self.WARMUP):
-                self._compute(static_latent, static_inputs, runner, losses, size)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                stats, grads = self._compute(static_latent, static_inputs, runner, losses, size)
-        torch.cuda.current_stream(latent.device).wait_stream(stream)
-        self.pool = graph.pool()  # every graph of this engine shares one pool: they are replayed one at a time
-        logger.info("captured the A&E evaluation of %d image(s) as a CUDA graph", latent.shape[0])
-        return _Graph(graph, static_latent, static_inputs, stats, grads)
-
-    def _compute(
-        self,
-        leaf: torch.Tensor,
-        inputs: tuple[torch.Tensor, ...],
-        runner: GraphableRunner,
-        losses: list[_DeviceLoss],
-        size: tuple[int, int],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole evaluation on the device: (stats, gradient), no host synchronization."""
-        self.engine._probe_last_layer(size, lambda: runner.fn(leaf.detach(), *inputs))  # eager warm-up only
-        with torch.enable_grad(), frozen_parameters(self.engine.capture.unet):
-            with self.engine.capture.record(*size) as recording:
-                runner.fn(leaf, *inputs)
-            maps = recording.maps()
-            values = [device_loss.maxima(maps[j]) for j, device_loss in enumerate(losses)]
-            finite = [torch.isfinite(v).all() for v in values]
-            # A non-finite image contributes a zero loss (the eager path's constant zero), which is all it can change.
-            row_losses = [torch.where(ok, _DeviceLoss.loss(v), torch.zeros_like(v[0])) for v, ok in zip(values, finite)]
-            total = torch.stack(row_losses).sum()
-            grads = torch.autograd.grad(total, [leaf])[0]
-        width = max(v.shape[0] for v in values)
-        stats = torch.full((len(values), 3 + width), math.nan, dtype=values[0].dtype, device=leaf.device)
-        stats[:, 0] = torch.stack(row_losses).detach()
-        stats[:, 1] = torch.stack(finite).to(stats.dtype)
-        stats[:, 2] = torch.isfinite(grads.flatten(1)).all(dim=1).to(stats.dtype)
-        for j, v in enumerate(values):
-            stats[j, 3 : 3 + v.shape[0]] = v.detach()
-        return stats, grads
-
-    @staticmethod
-    def _unpack(stats: torch.Tensor, grads: torch.Tensor, count: int) -> _Evaluation:
-        table = stats.tolist()  # the evaluation's single host synchronization
-        losses: list[float] = []
-        maxima: list[list[float] | None] = []
-        finite: list[bool] = []
-        for loss, values_finite, grads_finite, *values in table:
-            ok = bool(values_finite) and bool(grads_finite)
-            finite.append(ok)
-            losses.append(loss if ok else math.nan)
-            maxima.append([v for v in values if not math.isnan(v)] if values_finite else None)
-        assert len(finite) == count
-        return _Evaluation(losses, maxima, grads, finite)
+@dataclass
+class _Refinement:
+    latent: torch.Tensor
+    rows: list[int]  # the refined rows that stayed finite
+    final: Evaluation | None  # an evaluation of exactly `rows` at `latent`, when one is already there
+    skipped: set[int]  # rows found non-finite (read on the host)
 
 
-def _signature(t: torch.Tensor) -> tuple[Any, ...]:
-    return (tuple(t.shape), t.dtype, t.device, tuple(t.stride()))
+def _rows_of(evaluation: Evaluation, rows: list[int], wanted: list[int], engine: AttendAndExcite) -> Evaluation:
+    """The part of `evaluation` (of batch rows `rows`) for batch rows `wanted` (a subsequence of `rows`)."""
+    if wanted == rows:
+        return evaluation
+    positions = [rows.index(b) for b in wanted]
+    return evaluation.select(positions, engine.index(positions, evaluation.losses.device))
+
+
+def _exact_rows(sources: list[tuple[list[int], Evaluation]], engine: AttendAndExcite) -> list[tuple[list[int], Evaluation]]:
+    """Later sources override earlier ones row by row: keep each earlier source only for the rows no later one has."""
+    result: list[tuple[list[int], Evaluation]] = []
+    taken: set[int] = set()
+    for rows, evaluation in reversed(sources):
+        kept = [b for b in rows if b not in taken]
+        if kept:
+            result.append((kept, _rows_of(evaluation, rows, kept, engine)))
+            taken.update(kept)
+    return list(reversed(result))
+
+
+class _HostRead:
+    """Small device tensors copied to the host without waiting; `values()` waits only for the work queued before."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        packed = torch.cat([t.detach().to(torch.float64).flatten() for t in tensors])
+        self.sizes = [t.numel() for t in tensors]
+        self.event: Any = None
+        if packed.is_cuda:
+            self.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self.host.copy_(packed, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = packed
+
+    def values(self) -> list[list[float]]:
+        if self.event is not None:
+            self.event.synchronize()
+        flat = self.host.tolist()
+        out, offset = [], 0
+        for size in self.sizes:
+            out.append(flat[offset : offset + size])
+            offset += size
+        return out
 
 
 @contextlib.contextmanager

@@ -38,13 +38,20 @@ def official_gaussian_kernel(kernel_size: int = 3, sigma: float = 0.5) -> torch.
     return _official_kernel_float32(kernel_size, float(sigma)).clone()
 
 
+@lru_cache(maxsize=32)
+def _device_kernel(kernel_size: int, sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # Cached per device: a fresh host-to-device copy at every evaluation would wait for the GPU (and cannot be
+    # captured in a CUDA graph).
+    return _official_kernel_float32(kernel_size, sigma).to(device=device, dtype=dtype)[None, None]
+
+
 def smooth(maps: torch.Tensor, kernel_size: int = 3, sigma: float = 0.5) -> torch.Tensor:
     """Reflect-pad and convolve each (h, w) map of `maps` (..., h, w) with the official kernel."""
-    kernel = _official_kernel_float32(kernel_size, float(sigma)).to(device=maps.device, dtype=maps.dtype)
+    kernel = _device_kernel(kernel_size, float(sigma), maps.device, maps.dtype)
     pad = kernel_size // 2
     flat = maps.reshape(-1, 1, *maps.shape[-2:])
     padded = F.pad(flat, (pad, pad, pad, pad), mode="reflect")
-    return F.conv2d(padded, kernel[None, None]).reshape(maps.shape)
+    return F.conv2d(padded, kernel).reshape(maps.shape)
 
 
 @dataclass(frozen=True)
@@ -83,33 +90,44 @@ class TokenSelection:
         return TokenSelection(tuple(range(1, last)), tuple(tuple(s) for s in subjects))
 
 
-def subject_maps(attention: torch.Tensor, selection: TokenSelection, temperature: float = 100.0) -> torch.Tensor:
-    """(S, h, w) re-softmaxed attention of each subject, from one image's aggregated maps (h, w, T)."""
-    columns = torch.as_tensor(selection.text_columns, device=attention.device)
-    text = torch.softmax(attention.index_select(-1, columns) * temperature, dim=-1)
-    position = {column: i for i, column in enumerate(selection.text_columns)}
-    maps = []
-    for subject in selection.subjects:
-        rel = [position[c] for c in subject]
-        maps.append(text[..., rel[0]] if len(rel) == 1 else text[..., rel].sum(-1))
-    return torch.stack(maps)
+@dataclass(frozen=True, eq=False)
+class SelectionIndex:
+    """A `TokenSelection`'s columns as index tensors on one device, built once per run: an evaluation then makes no
+    host-to-device copy (which would wait for the GPU, and which a CUDA graph cannot hold)."""
+
+    columns: torch.Tensor
+    """(K,) the text columns, in order."""
+    single: torch.Tensor | None
+    """(S,) each subject's position among the text columns, when every subject is one token; else None."""
+    subjects: tuple[torch.Tensor, ...]
+    """Per subject, its positions among the text columns."""
+
+    @staticmethod
+    def build(selection: TokenSelection, device: torch.device | str) -> "SelectionIndex":
+        position = {column: i for i, column in enumerate(selection.text_columns)}
+        relative = [[position[c] for c in subject] for subject in selection.subjects]
+        single = None
+        if all(len(rel) == 1 for rel in relative):
+            single = torch.as_tensor([rel[0] for rel in relative], device=device)
+        return SelectionIndex(
+            torch.as_tensor(selection.text_columns, device=device),
+            single,
+            tuple(torch.as_tensor(rel, device=device) for rel in relative),
+        )
 
 
-def subject_maxima(
-    attention: torch.Tensor,
-    selection: TokenSelection,
-    *,
-    smooth_attentions: bool = True,
-    kernel_size: int = 3,
-    sigma: float = 0.5,
-    temperature: float = 100.0,
+def subject_maps(
+    attention: torch.Tensor, selection: TokenSelection, temperature: float = 100.0, *, index: SelectionIndex | None = None
 ) -> torch.Tensor:
-    """(S,) max over pixels of each subject's (smoothed) map."""
-    maps = smoothed_subject_maps(
-        attention, selection, smooth_attentions=smooth_attentions, kernel_size=kernel_size, sigma=sigma, temperature=temperature
-    )
-    # amax over pixels back-propagates like the reference's per-map `image.max()` (ties share the gradient).
-    return maps.amax(dim=(-2, -1))
+    """(..., S, h, w) re-softmaxed attention of each subject, from aggregated maps (..., h, w, T) of one or more images
+    that share `selection`."""
+    if index is None:
+        index = SelectionIndex.build(selection, attention.device)
+    text = torch.softmax(attention.index_select(-1, index.columns) * temperature, dim=-1)
+    if index.single is not None:  # one gather for all subjects instead of one per subject
+        return text.index_select(-1, index.single).movedim(-1, -3)
+    maps = [text[..., rel[0]] if rel.numel() == 1 else text.index_select(-1, rel).sum(-1) for rel in index.subjects]
+    return torch.stack(maps, dim=-3)
 
 
 def smoothed_subject_maps(
@@ -120,15 +138,30 @@ def smoothed_subject_maps(
     kernel_size: int = 3,
     sigma: float = 0.5,
     temperature: float = 100.0,
+    index: SelectionIndex | None = None,
 ) -> torch.Tensor:
-    """(S, h, w): the maps whose maxima the loss reads (re-softmaxed, smoothed); what a heatmap should show."""
-    maps = subject_maps(attention, selection, temperature)
+    """(..., S, h, w): the maps whose maxima the loss reads (re-softmaxed, smoothed); what a heatmap should show."""
+    maps = subject_maps(attention, selection, temperature, index=index)
     return smooth(maps, kernel_size, sigma) if smooth_attentions else maps
 
 
-def excite_loss(maxima: torch.Tensor) -> torch.Tensor:
-    """max_s max(0, 1 - a_s); exactly 0 (no gradient) when every subject reaches 1, like the reference."""
+def subject_maxima(maps: torch.Tensor) -> torch.Tensor:
+    """(..., S) the paper's a_s: max over pixels of each subject's smoothed map (..., S, h, w)."""
+    # amax over pixels back-propagates like the reference's per-map `image.max()` (ties share the gradient).
+    return maps.amax(dim=(-2, -1))
+
+
+def excite_losses(maxima: torch.Tensor) -> torch.Tensor:
+    """(...) max_s max(0, 1 - a_s) per image from maxima (..., S), computed on the device without reading any value
+    on the host (the engine's form, also inside CUDA graphs). An image whose subjects all reach 1 gets exactly 0."""
     deficits = 1.0 - maxima
     # Python's max() in the reference keeps the first of equal values; argmax does the same.
-    worst = deficits[int(torch.argmax(deficits))]
-    return worst if bool(worst > 0) else worst.new_zeros(())
+    worst = deficits.gather(-1, torch.argmax(deficits, dim=-1, keepdim=True)).squeeze(-1)
+    return torch.where(worst > 0, worst, torch.zeros_like(worst))
+
+
+def excite_loss(maxima: torch.Tensor) -> torch.Tensor:
+    """The reference's loss of one image, maxima (S,): `excite_losses` with the reference's Python test on the host,
+    so that a fully excited image gives a constant 0 without gradient (the reference returns int 0 then)."""
+    loss = excite_losses(maxima)
+    return loss if bool(loss > 0) else loss.new_zeros(())

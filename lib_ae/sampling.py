@@ -24,9 +24,13 @@ LatentSpace = Literal["sigma", "vp"]
 """'sigma': k-diffusion's x = x0 + sigma * eps, UNet input x / sqrt(1 + sigma^2); 'vp': the UNet input itself."""
 
 
-def sigma_space_gradient_scale(sigma: torch.Tensor) -> list[float]:
-    """Per-image factor (1 + sigma^2) that maps the official VP step into sigma space (algorithm.md §2.2 form A)."""
-    return [1.0 + float(s) ** 2 for s in sigma.detach().double().flatten()]
+def sigma_space_gradient_scale(sigma: torch.Tensor) -> torch.Tensor:
+    """Per-image factor (1 + sigma^2) that maps the official VP step into sigma space (algorithm.md §2.2 form A).
+
+    A float64 tensor on sigma's device: computing it on the host would wait for the GPU at every step. In float64,
+    as the Python floats of the reference's arithmetic (`1.0 + float(s) ** 2`), bit for bit."""
+    s = sigma.detach().to(torch.float64).flatten()
+    return 1.0 + s * s
 
 
 @dataclass

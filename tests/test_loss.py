@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lib_ae import TokenSelection, excite_loss, official_gaussian_kernel, smooth, subject_maps, subject_maxima
+from lib_ae.loss import SelectionIndex, excite_losses, smoothed_subject_maps
 
 reference = pytest.importorskip(
     "diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite.pipeline_stable_diffusion_attend_and_excite"
@@ -35,7 +36,7 @@ def test_kernel_is_the_official_sqrt2_sigma_kernel() -> None:
 def test_maxima_equal_reference(indices: list[int], seed: int) -> None:
     maps = random_maps(seed)
     expected = Pipeline._compute_max_attention_per_index(maps.clone(), indices)
-    ours = subject_maxima(maps, TokenSelection.official(77, [[i] for i in indices]))
+    ours = subject_maxima(smoothed_subject_maps(maps, TokenSelection.official(77, [[i] for i in indices])))
     assert torch.allclose(ours, torch.stack(expected), rtol=0, atol=1e-14)
 
 
@@ -43,7 +44,7 @@ def test_loss_and_gradient_equal_reference() -> None:
     maps = random_maps(3).requires_grad_(True)
     expected_loss = Pipeline._compute_loss(Pipeline._compute_max_attention_per_index(maps.clone(), [2, 5]))
     (expected_grad,) = torch.autograd.grad(expected_loss, [maps])
-    loss = excite_loss(subject_maxima(maps, TokenSelection.official(77, [[2], [5]])))
+    loss = excite_loss(subject_maxima(smoothed_subject_maps(maps, TokenSelection.official(77, [[2], [5]]))))
     (grad,) = torch.autograd.grad(loss, [maps])
     assert loss.item() == pytest.approx(expected_loss.item(), abs=1e-14)
     assert torch.allclose(grad, expected_grad, atol=1e-14)
@@ -97,3 +98,30 @@ def test_smoothing_is_reflect_padded_convolution() -> None:
     )
     assert torch.allclose(smooth(maps), expected, atol=1e-15)
     assert math.isclose(smooth(torch.ones(1, 5, 5)).mean().item(), 1.0, rel_tol=1e-6)  # float32 kernel sums to 1
+
+
+@pytest.mark.parametrize("subjects", [[[2], [5]], [[2, 3], [6], [9, 10, 11]]], ids=["single-token", "multi-token"])
+def test_batched_terms_equal_per_image_terms_bit_for_bit(subjects: list[list[int]]) -> None:
+    """The engine evaluates all images sharing a selection at once, with precomputed indices and no host read."""
+    maps = torch.stack([random_maps(seed) for seed in (7, 8, 9)]).requires_grad_(True)
+    selection = TokenSelection.official(77, subjects)
+    index = SelectionIndex.build(selection, maps.device)
+    batched = subject_maxima(smoothed_subject_maps(maps, selection, index=index))
+    losses = excite_losses(batched)
+    (batched_grad,) = torch.autograd.grad(losses.sum(), [maps])
+    for b in range(3):
+        image = maps[b].detach().requires_grad_(True)
+        maxima = subject_maxima(smoothed_subject_maps(image, selection))
+        assert torch.equal(batched[b], maxima)
+        loss = excite_loss(maxima)
+        assert torch.equal(losses[b], loss)
+        (grad,) = torch.autograd.grad(loss, [image])
+        assert torch.equal(batched_grad[b], grad)
+
+
+def test_batched_loss_is_zero_for_an_excited_image_and_reads_nothing_on_the_host() -> None:
+    maxima = torch.tensor([[1.0, 1.2], [0.3, 0.9], [0.4, 0.4]], requires_grad=True)
+    losses = excite_losses(maxima)
+    assert losses.tolist() == pytest.approx([0.0, 0.7, 0.6])
+    (grad,) = torch.autograd.grad(losses.sum(), [maxima])
+    assert grad.tolist() == [[0.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]]  # first of equal deficits, like Python's max()

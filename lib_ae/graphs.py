@@ -1,0 +1,235 @@
+"""CUDA-graph replay of the A&E evaluation, and the check that tells when a graph would be wrong.
+
+At batch 1 the UNet's gradient forward and backward are thousands of small kernels whose launch cost on the CPU
+exceeds their GPU time; a replayed graph launches them all at once (README, "Performance"). A graph freezes what
+Python decided while it was captured, so it is only valid when nothing in the forward decides anew at every call:
+`find_graph_hazards` lists what could (foreign hooks, patched `forward`s), and the engine then evaluates eagerly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .engine import AttendAndExcite, Evaluation, _LossPlan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class GraphableRunner:
+    """A UNet runner whose evaluations can be captured once and replayed as a CUDA graph.
+
+    Eager use (a plain `UNetRunner`): `runner(latent_rows, rows)` calls `fn(latent_rows, *(t[rows] for t in inputs))`.
+    The contract that makes capture valid: every tensor `fn` reads that changes between calls (the step's sigma or
+    timestep, the conditioning) is one of `inputs` (batch-first, indexed by row), and everything else it reads (the
+    UNet's weights, schedules) stays the same tensor at the same address for as long as the graphs live. Nothing in
+    `fn` may synchronize with the host or copy from host memory (ldm's `timestep_embedding` builds its frequencies on
+    the CPU: a host must swap in a device-side version to use graphs). `key` names the function: runners with equal
+    keys, input shapes and dtypes share a graph.
+    """
+
+    fn: Callable[..., object]
+    inputs: tuple[torch.Tensor, ...]
+    key: Hashable = None
+
+    def __call__(self, latent_rows: torch.Tensor, rows: torch.Tensor) -> object:
+        return self.fn(latent_rows, *(t.index_select(0, rows) for t in self.inputs))
+
+
+# --------------------------------------------------------------------------------------------- hazard detection
+
+
+def find_graph_hazards(
+    unet: nn.Module,
+    *,
+    is_own: Callable[[Callable[..., Any]], bool],
+    allowed_forward: Callable[[type, Callable[..., Any]], bool],
+) -> list[str]:
+    """What in `unet` a captured graph could not hold, as human-readable reasons (empty: a graph is safe).
+
+    - forward hooks, forward pre-hooks and backward hooks on the UNet or any submodule, and the global ones of
+      `torch.nn.modules.module`, unless `is_own(hook)`: a hook may decide per call (a ControlNet's guidance window,
+      a step counter) and the graph would replay its first decision forever;
+    - a `forward` set on a module instance (unless `is_own(fn)`): same reason, and the graph would not see a later swap;
+    - a class-level `forward` that is not the class's own definition (a monkey patch), unless
+      `allowed_forward(cls, fn)` vouches for it (e.g. the host's own attention optimisations, stateless per call).
+    """
+    reasons: list[str] = []
+    from torch.nn.modules import module as module_globals
+
+    for kind, hooks in (
+        ("global forward hook", module_globals._global_forward_hooks),
+        ("global forward pre-hook", module_globals._global_forward_pre_hooks),
+        ("global backward hook", module_globals._global_backward_hooks),
+        ("global backward pre-hook", getattr(module_globals, "_global_backward_pre_hooks", {})),
+    ):
+        for hook in hooks.values():
+            if not is_own(hook):
+                reasons.append(f"{kind} {_describe(hook)} on every module")
+    checked_classes: dict[type, str | None] = {}
+    for name, module in unet.named_modules():
+        where = name or "the UNet"
+        for kind, hooks in (
+            ("forward hook", module._forward_hooks),
+            ("forward pre-hook", module._forward_pre_hooks),
+            ("backward hook", module._backward_hooks),
+            ("backward pre-hook", getattr(module, "_backward_pre_hooks", {})),
+        ):
+            for hook in hooks.values():
+                if not is_own(hook):
+                    reasons.append(f"{kind} {_describe(hook)} on {where}")
+        override = module.__dict__.get("forward")
+        if override is not None and not is_own(override):
+            reasons.append(f"instance-level forward {_describe(override)} on {where}")
+        cls = type(module)
+        if cls not in checked_classes:
+            checked_classes[cls] = _class_forward_hazard(cls, allowed_forward)
+            if checked_classes[cls] is not None:
+                reasons.append(f"{checked_classes[cls]} (first seen on {where})")
+    return reasons
+
+
+def owned_by(*owners: object) -> Callable[[Callable[..., Any]], bool]:
+    """An `is_own` for `find_graph_hazards`: hooks and forwards that are bound methods of one of `owners` (e.g. the
+    engine's `AttentionCapture`, whose hooks only record while the engine evaluates)."""
+    ids = {id(owner) for owner in owners}
+    return lambda fn: id(getattr(fn, "__self__", None)) in ids
+
+
+def _class_forward_hazard(cls: type, allowed_forward: Callable[[type, Callable[..., Any]], bool]) -> str | None:
+    forward = getattr(cls, "forward", None)
+    if forward is None:
+        return None
+    owner = next((c for c in cls.__mro__ if "forward" in c.__dict__), None)
+    if owner is None or owner is nn.Module or _is_own_definition(owner, forward):
+        return None
+    if allowed_forward(cls, forward):
+        return None
+    return f"class-level forward {_describe(forward)} patched onto {cls.__module__}.{cls.__qualname__}"
+
+
+def _is_own_definition(owner: type, fn: Any) -> bool:
+    """Whether `fn` is the `forward` written in `owner`'s class body (not assigned later, not a wrapper of it)."""
+    if getattr(fn, "__wrapped__", None) is not None or not inspect.isfunction(fn):
+        return False
+    if fn.__qualname__ != f"{owner.__qualname__}.forward" or fn.__module__ != owner.__module__:
+        return False
+    try:
+        return inspect.getsourcefile(fn) == inspect.getsourcefile(owner)
+    except (TypeError, OSError):
+        return True  # no source to compare (frozen or generated module): the names already match
+
+
+def _describe(fn: Any) -> str:
+    target = getattr(fn, "__func__", fn)
+    name = getattr(target, "__qualname__", None) or type(target).__qualname__
+    module = getattr(target, "__module__", None)
+    return f"{module}.{name}" if module else str(name)
+
+
+# --------------------------------------------------------------------------------------------- graph evaluation
+
+
+@dataclass
+class _Graph:
+    graph: Any
+    latent: torch.Tensor  # static leaf (requires grad), rows of z
+    inputs: tuple[torch.Tensor, ...]
+    outputs: "Evaluation"  # static outputs, overwritten by each replay
+
+
+class GraphEvaluations:
+    """`AttendAndExcite`'s evaluation for `GraphableRunner`s: on CUDA one captured graph per (rows, map size, shapes,
+    selections, runner key), replayed with the new latent and inputs copied into its static buffers; on the CPU the
+    same computation eagerly (which is how the CPU tests check it against the eager path, bit for bit)."""
+
+    WARMUP = 2  # eager runs on the capture stream before capturing (lazy library initialisation, autotuning)
+
+    def __init__(self, engine: "AttendAndExcite") -> None:
+        self.engine = engine
+        self.graphs: dict[Hashable, _Graph] = {}
+        self.failed: set[Hashable] = set()
+        self.pool: Any = None
+        self.weights: tuple[int, ...] | None = None
+
+    def release(self) -> None:
+        self.graphs.clear()
+        self.pool = None
+        self.weights = None
+
+    def evaluate(
+        self,
+        z: torch.Tensor,
+        rows: Sequence[int],
+        plan: "_LossPlan",
+        size: tuple[int, int],
+        runner: GraphableRunner,
+    ) -> "Evaluation":
+        index = self.engine.row_index(rows, z)
+        latent = z if index is None else z.index_select(0, index)
+        inputs = runner.inputs if index is None else tuple(t.index_select(0, index) for t in runner.inputs)
+        if not z.is_cuda or torch.cuda.is_current_stream_capturing():
+            return self.engine.forward_backward(latent, lambda leaf: runner.fn(leaf, *inputs), plan, size)
+        key = (
+            tuple(rows), size, runner.key, plan.key, _signature(latent), tuple(_signature(t) for t in inputs),
+            torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+        )
+        weights = tuple(p.data_ptr() for p in self.engine.capture.unet.parameters())
+        if weights != self.weights:  # new or moved weights: graphs would read the old addresses
+            self.release()
+            self.weights = weights
+        entry = self.graphs.get(key)
+        if entry is None and key not in self.failed:
+            try:
+                entry = self._capture(latent, inputs, runner, plan, size)
+                self.graphs[key] = entry
+            except Exception as error:  # noqa: BLE001 - any capture failure falls back to the eager computation
+                self.failed.add(key)
+                logger.warning("CUDA graph capture of the A&E evaluation failed (%s); evaluating eagerly", error)
+        if entry is None:
+            return self.engine.forward_backward(latent, lambda leaf: runner.fn(leaf, *inputs), plan, size)
+        with torch.no_grad():
+            entry.latent.copy_(latent)
+            for static, value in zip(entry.inputs, inputs):
+                static.copy_(value)
+        entry.graph.replay()
+        # Copies: another graph sharing the pool, or the next replay, must not change what the caller holds.
+        return entry.outputs.clone()
+
+    def _capture(
+        self,
+        latent: torch.Tensor,
+        inputs: tuple[torch.Tensor, ...],
+        runner: GraphableRunner,
+        plan: "_LossPlan",
+        size: tuple[int, int],
+    ) -> _Graph:
+        stream = torch.cuda.Stream(device=latent.device)
+        stream.wait_stream(torch.cuda.current_stream(latent.device))
+        with torch.cuda.stream(stream):
+            static_latent = latent.detach().clone()
+            static_inputs = tuple(t.detach().clone() for t in inputs)
+
+            def run(leaf: torch.Tensor) -> object:
+                return runner.fn(leaf, *static_inputs)
+
+            for _ in range(self.WARMUP):
+                self.engine.forward_backward(static_latent, run, plan, size)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                outputs = self.engine.forward_backward(static_latent, run, plan, size)
+        torch.cuda.current_stream(latent.device).wait_stream(stream)
+        self.pool = graph.pool()  # every graph of this engine shares one pool: they are replayed one at a time
+        logger.info("captured the A&E evaluation of %d image(s) as a CUDA graph", latent.shape[0])
+        return _Graph(graph, static_latent, static_inputs, outputs)
+
+
+def _signature(t: torch.Tensor) -> tuple[Any, ...]:
+    return (tuple(t.shape), t.dtype, t.device, tuple(t.stride()))
