@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from lib_ae import AttendAndExcite, AttentionCapture
+from lib_ae.binding import BindingConfig
 from lib_ae.config import ExciteConfig
 
 logger = logging.getLogger("lib_ae.webui")
@@ -74,12 +75,15 @@ def guard_for(capture: AttentionCapture, sd_model: Any) -> GraphGuard | None:
 
 
 def make_engine(
-    capture: AttentionCapture, config: ExciteConfig, *, cuda_graphs: bool, graph_guard: GraphGuard | None
+    capture: AttentionCapture,
+    config: ExciteConfig,
+    *,
+    cuda_graphs: bool,
+    graph_guard: GraphGuard | None,
+    binding: BindingConfig | None = None,
+    excite: bool = True,
 ) -> AttendAndExcite:
-    """The engine; `graph_guard` is passed once the engine takes it (lib_ae.graphs merged)."""
-    if graph_guard is not None and "graph_guard" in inspect.signature(AttendAndExcite).parameters:
-        engine: AttendAndExcite = AttendAndExcite(
-            capture, config, cuda_graphs=cuda_graphs, graph_guard=graph_guard  # type: ignore[call-arg]
-        )
-        return engine
-    return AttendAndExcite(capture, config, cuda_graphs=cuda_graphs)
+    """The engine for one sampling pass; `binding` / `excite` select the method (excite, bind, excite+bind)."""
+    return AttendAndExcite(
+        capture, config, cuda_graphs=cuda_graphs, graph_guard=graph_guard, binding=binding, excite=excite
+    )
