@@ -330,3 +330,31 @@ def test_a_binding_step_reads_nothing_on_the_host_and_graphs_agree(method: str) 
     (eager, eager_losses), (graph, graph_losses) = results
     assert torch.equal(eager, graph) and eager_losses == graph_losses
     assert not torch.equal(eager, x)
+
+
+# --- the benchmark's binding rows -------------------------------------------------------------------------------------
+
+
+def test_benchmark_binding_rows_add_no_unet_work(tmp_path: Any) -> None:
+    """The tiny CPU benchmark with the binding rows: `excite+bind` makes exactly the UNet calls, gradient calls and
+    backward passes of `excite` at the same settings (the binding loss reads the same maps), and `bind` one
+    evaluation per updated step."""
+    import benchmark
+
+    steps = 4
+    rows = "ae_norefine,bind,excite_bind_norefine,excite_bind_norefine_graph"
+    report = benchmark.main(["--tiny", "--steps", str(steps), "--only", "sd15", "--no-reference", "--rows", rows,
+                             "--out", str(tmp_path / "bench.json")])
+    (scenario,) = report["scenarios"]
+    results = scenario["results"]
+    assert set(results) == {"plain", "ae_norefine", "bind", "excite_bind_norefine", "excite_bind_norefine_graph"}
+
+    def work(name: str) -> tuple[int, ...]:
+        r = results[name]
+        return r["unet_calls"], r["unet_grad_calls"], r["unet_calls_cut_short"], r["backward_passes"], r["unet_rows"]
+
+    assert work("excite_bind_norefine") == work("ae_norefine") == work("excite_bind_norefine_graph")
+    assert work("bind") == work("ae_norefine")  # both update at round(0.5 * steps) steps, one evaluation each
+    assert results["bind"]["ae_evaluations"] == steps // 2
+    assert "ours_excite_bind_norefine_over_ae_norefine" in scenario["ratios"]
+    assert results["excite_bind_norefine_graph"]["final_latent_max_abs_diff_vs_eager"] == 0.0
