@@ -28,7 +28,8 @@ method as one of its choices in lower case ("excite+bind").
 
 AUTOMATIC SUBJECTS. No subject words (an empty box, an empty list, or "auto" alone) means that the host finds the
 subjects in each image's prompt (`lib_ae.suggest`). Its canonical text is the empty string, the spec's default; the
-infotext writes it as "AE subjects: auto" (A1111 drops empty values), and the host writes the subjects it used beside it.
+infotext writes it as "AE subjects: auto" (A1111 drops empty values), and the host writes the subjects it used beside
+it.
 
 `AEParams`, the validated set, takes its fields from `PARAMS` and parses the two text parameters once: the host uses
 the typed `subject_names` / `threshold_steps`; the canonical text is what goes into the infotext and the API.

@@ -154,7 +154,9 @@ class _Marks:
     """How the tokens of one schedule entry are marked: `owner` column -> subject, `order` subject -> colour index,
     `suggested` (automatic subjects), `modifiers` column -> the subject (noun) the modifier is bound to."""
 
-    def __init__(self, owner: dict[int, str], order: dict[str, int], suggested: bool, modifiers: dict[int, str]):
+    def __init__(
+        self, owner: dict[int, str], order: dict[str, int], suggested: bool, modifiers: dict[int, str]
+    ) -> None:
         self.owner = owner
         self.order = order
         self.suggested = suggested
@@ -286,9 +288,8 @@ def token_view_request(request: str, subjects_text: str) -> str:
     except (TypeError, ValueError):
         steps = 20
     method = data.get("method", "excite")
-    return token_view_html(
-        prompt, subjects if isinstance(subjects, str) else subjects_text, steps, method if isinstance(method, str) else ""
-    )
+    subjects_value = subjects if isinstance(subjects, str) else subjects_text
+    return token_view_html(prompt, subjects_value, steps, method if isinstance(method, str) else "")
 
 
 def token_view_ui(elem_id: Callable[[str], str], subjects: Any) -> None:

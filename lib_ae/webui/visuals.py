@@ -66,9 +66,8 @@ def record_subjects_used(p: Processing, passes: list[SamplingPass]) -> None:
         return
     if first.params.auto_subjects and first.subjects_used:
         used = {b: ", ".join(subjects) or NOTHING_USED for b, subjects in first.subjects_used.items()}
-        _put_after(
-            p.extra_generation_params, "AE subjects", AE_SUBJECTS_USED_KEY, lambda index=0, _used=used, **_: _used.get(index)
-        )
+        per_image = lambda index=0, _used=used, **_: _used.get(index)  # noqa: E731  # evaluated per image by A1111
+        _put_after(p.extra_generation_params, "AE subjects", AE_SUBJECTS_USED_KEY, per_image)
     if first.params.binds and first.subjects_used:
         bound = {
             b: ", ".join(f"{modifier}->{noun}" for modifier, noun in first.bound.get(b, {})) or NOTHING_USED

@@ -144,7 +144,9 @@ class Dropdown(Component):
 class Radio(Component):
     """gradio 3.41.2 Radio: `choices` positional, the rest keyword-only."""
 
-    def __init__(self, choices: list[Any] | None = None, *, value: Any = None, type: str = "value", **kwargs: Any) -> None:
+    def __init__(
+        self, choices: list[Any] | None = None, *, value: Any = None, type: str = "value", **kwargs: Any
+    ) -> None:
         super().__init__(value, **kwargs)
         self.choices = choices or []
         self.type = type
