@@ -263,8 +263,8 @@ class Evaluation:
 
     def clone(self) -> "Evaluation":
         return Evaluation(
-            self.losses.clone(), self.maxima.clone(), self.values_finite.clone(), self.finite.clone(), self.grads.clone(),
-            self.bind_losses.clone(), self.objective.clone(),
+            self.losses.clone(), self.maxima.clone(), self.values_finite.clone(), self.finite.clone(),
+            self.grads.clone(), self.bind_losses.clone(), self.objective.clone(),
         )
 
     def select(self, positions: list[int], index: torch.Tensor) -> "Evaluation":
