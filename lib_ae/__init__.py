@@ -6,6 +6,11 @@
     latent, report = engine.step(latent, i, plan, selections, run_unet)   # one sampler step's update
     capture.remove()
 
+A step without refinement never waits for the GPU: the report's loss, maxima and skipped images stay on the device
+until first read (`read_reports(reports)` reads many at once, after sampling). With `cuda_graphs=True` the evaluation
+is replayed as a CUDA graph (`lib_ae.graphs`), unless a `graph_guard` (e.g. `find_graph_hazards`) finds what a graph
+cannot hold.
+
 `TokenSelection` says which conditioning columns are subjects; `InSamplerExcitation` applies the update in place on
 the tensor a sampler hands to its first model call of a step (k-diffusion sigma space or VP space).
 """

@@ -181,7 +181,7 @@ class GraphEvaluations:
             tuple(rows), size, runner.key, plan.key, _signature(latent), tuple(_signature(t) for t in inputs),
             torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
         )
-        weights = tuple(p.data_ptr() for p in self.engine.capture.unet.parameters())
+        weights = tuple(p.data_ptr() for p in self.engine.parameters())
         if weights != self.weights:  # new or moved weights: graphs would read the old addresses
             self.release()
             self.weights = weights

@@ -6,27 +6,35 @@ One process, one run, same weights / latent / prompt embedding / sampler for eve
   ae_norefine  the same plus lib_ae's update, refinement disabled (thresholds={})
   ae           the same plus lib_ae's update with the official defaults. Random weights never reach the refinement
                thresholds, so all three refinement steps run their 20 iterations: the WORST case of refinement
-  bind         (with --binding) lib_ae's `bind` method: SynGen's loss and schedule (25 updates of step 20, no
-               refinement) on two modifier-noun groups
+  bind         (with --binding) lib_ae's `bind` method: SynGen's loss and schedule (round(0.5 * steps) updates of step
+               20, no refinement) on two modifier-noun groups
   excite_bind_norefine, excite_bind
                (with --binding) `excite+bind`: the ae_norefine / ae rows with SynGen's loss added to the same evaluation
-               (no extra UNet call); ratios over the matching excite row (target: at most 1.02)
+               (no extra UNet call); ratios `ours_excite_bind*_over_ae*` over the matching excite row (target <= 1.02)
   ref_plain    diffusers StableDiffusionPipeline (DDIM, same steps and CFG) on the same UNet converted to diffusers
   ref_ae       diffusers StableDiffusionAttendAndExcitePipeline (DDIM, its defaults) on that converted UNet
-SD1.5 runs all five rows at 512x512; SDXL (diffusers' SDXL UNet layout, the real config, random weights) runs the
-three lib_ae rows at 1024x1024 (the reference pipeline is SD1-only).
+Each lib_ae row exists with CUDA-graph evaluation (`_graph`) and eager. The reference rows run for SD1.5 at batch 1
+only; SDXL uses diffusers' SDXL UNet layout (the real config, random weights; the reference pipeline is SD1-only).
 
 On CUDA the UNet has fp16 weights and runs under fp16 autocast (lib_ae's attention probabilities and loss in float32);
-on CPU everything is float32. Prints a table and writes JSON: seconds per image (median of --repeats after a warm-up,
-synchronized), UNet calls (CFG-batched call = 1; grad-enabled ones; ones lib_ae cut short after the last needed
-layer), backward passes (torch.autograd.grad calls), peak allocated GPU memory, ratios A&E/plain for both
-implementations, device name, library versions and the exact command.
+on CPU everything is float32. Configurations: SD1.5 512x512 at --batch 1 (all rows) and 4 (graph rows), SDXL
+1024x1024 at batch 1 (graph rows); --all-rows adds the rest.
 
-    python tests/benchmark.py --out tests/benchmark-h100.json        # on a GPU: SD1.5 512x512 and SDXL 1024x1024
+Timing: every row once as a warm-up (--warmup-steps, which captures the same graphs; it also measures each row's peak
+memory over what was allocated before it, and counts the host synchronisations of each A&E step after the first: CUDA
+sync-debug mode; on the CPU the value reads that would wait), then --trials interleaved rounds
+(plain, A&E rows, plain, A&E rows, ...). Ratios: median over rounds of (row / plain of the same round). The JSON has
+per configuration the rows (seconds per image, UNet calls, backward passes, evaluations, memory, syncs per step), the
+ratios, the profile numbers (GPU busy ms of one plain CFG step and of one A&E evaluation, eager and graph) and, with
+--determinism, whether the same inputs give bit-identical latents (eager, graph) and which operations warn under
+torch.use_deterministic_algorithms(True, warn_only=True); at the top, the `ratios` block keyed
+<scenario>_b<batch>_<norefine|worst>_<graph|eager> (+ reference_worst) and the memory rows.
+
+    python tests/benchmark.py --determinism --deadline-s 330 --out /tmp/bench.json    # on a GPU, one device call
     python tests/benchmark.py --tiny --out /tmp/bench.json           # small CPU configuration (CI smoke test)
     python tests/benchmark.py --profile --only sd15                  # where one A&E evaluation spends its time
-    python tests/benchmark.py --binding --rows ae_norefine,ae_norefine_graph,bind,bind_graph,excite_bind_norefine,excite_bind_norefine_graph --no-reference
-                                                                     # the binding rows beside their excite rows
+    python tests/benchmark.py --binding --only sd15 --batch 1 --no-reference --no-profile-numbers \
+        --rows ae_norefine_graph,bind_graph,excite_bind_norefine_graph --out /tmp/bind.json   # binding beside excite
 """
 
 from __future__ import annotations
@@ -66,7 +74,7 @@ from lib_ae import (  # noqa: E402
     frozen_parameters,
 )
 from lib_ae.binding import BindingConfig, BindingGroup, BindingSelection  # noqa: E402
-from lib_ae.engine import GraphableRunner  # noqa: E402
+from lib_ae.graphs import GraphableRunner  # noqa: E402
 from support.thirdparty import import_k_diffusion  # noqa: E402
 
 logger = logging.getLogger("benchmark")
@@ -74,11 +82,11 @@ logger = logging.getLogger("benchmark")
 SUBJECT_COLUMNS = ((2,), (5,))  # "a cat and a dog": cat = 2, dog = 5
 CFG_SCALE = 7.5
 AE_ROWS = ("ae_norefine", "ae_norefine_graph", "ae", "ae_graph")
-BINDING_ROWS = ("bind", "bind_graph", "excite_bind_norefine", "excite_bind_norefine_graph", "excite_bind", "excite_bind_graph")
-"""Rows of the binding methods, run with --binding (or named in --rows)."""
+BINDING_ROWS = ("bind", "bind_graph", "excite_bind_norefine", "excite_bind_norefine_graph", "excite_bind",
+                "excite_bind_graph")
+"""Rows of the binding methods: with --binding (or named in --rows)."""
 BINDING = BindingSelection.official(7, [BindingGroup(2, (1,)), BindingGroup(5, (4,))])
-"""Two modifier-noun groups whose nouns are the subjects (columns 2 and 5) among 7 word pieces: "red cat and a blue
-dog ." with the subjects of SUBJECT_COLUMNS."""
+"""Two modifier-noun groups whose nouns are the subjects of SUBJECT_COLUMNS (2 and 5), among 7 word pieces."""
 TOKENS = 77
 TEXT_SCALE = 0.25
 """Standard deviation of the random prompt embeddings. It sets the spread of the cross-attention logits of random
@@ -367,7 +375,7 @@ def k_euler(
 class Run:
     seconds: list[float] = field(default_factory=list)
     counts: Counts = field(default_factory=Counts)
-    peak_bytes: int = 0
+    peak_bytes: int = 0  # peak allocated during one run, over what was allocated when it started (+ the resident)
     peak_reserved_bytes: int = 0
     resident_bytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -378,37 +386,57 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def repeat(fn: Callable[[], Any], counts: Counts, device: torch.device, repeats: int) -> Run:
-    """One warm-up (kernel selection, allocator, lib_ae learning its last layer, CUDA-graph capture), then `repeats`
-    timed runs. Memory peaks cover the warm-up too: a replayed graph allocates nothing, its tensors live in the private
-    pool allocated while it was captured, so a peak taken over the replays alone would miss them."""
-    with counting_backward(counts):
-        if device.type == "cuda":
-            synchronize(device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        fn()
+def past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() > deadline
+
+
+def warm_up(fns: dict[str, Callable[[int], Any]], steps: int, device: torch.device, counts: Counts) -> dict[str, Run]:
+    """Each row once, one after the other (kernel selection, allocator, lib_ae learning its last layer, CUDA-graph
+    capture), measuring its memory: the peak allocated during its run over what was allocated when it started. A
+    graph's private pool is allocated while it is captured, i.e. in this run, so it is counted; other rows' pools,
+    alive at the same time, are not (they were allocated before)."""
+    runs: dict[str, Run] = {}
+    for name, fn in fns.items():
         run = Run()
-        for _ in range(repeats):
-            synchronize(device)
-            if device.type == "cuda":
-                run.resident_bytes = torch.cuda.memory_allocated()
-            counts.reset()
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            run.seconds.append(time.perf_counter() - start)
-            run.counts = Counts(**vars(counts))
+        synchronize(device)
         if device.type == "cuda":
-            run.peak_bytes = torch.cuda.max_memory_allocated()
-            run.peak_reserved_bytes = torch.cuda.max_memory_reserved()
-    return run
+            run.resident_bytes = torch.cuda.memory_allocated()
+            reserved = torch.cuda.memory_reserved()
+            torch.cuda.reset_peak_memory_stats()
+        fn(steps)
+        synchronize(device)
+        if device.type == "cuda":
+            run.peak_bytes = torch.cuda.max_memory_allocated() - run.resident_bytes
+            run.peak_reserved_bytes = torch.cuda.max_memory_reserved() - reserved
+        runs[name] = run
+    return runs
 
 
-def summarize(run: Run) -> dict[str, Any]:
+def interleave(
+    fns: dict[str, Callable[[int], Any]], runs: dict[str, Run], steps: int, trials: int, device: torch.device,
+    counts: Counts, deadline: float | None,
+) -> None:
+    """`trials` rounds of every row in turn (plain, A&E, plain, A&E, ...): a machine that speeds up or slows down
+    during the run moves all rows alike, and each round gives one paired ratio per row. The counts are the last run's."""
+    with counting_backward(counts):
+        for trial in range(trials):
+            if trial and past(deadline):
+                logger.warning("deadline reached: %d of %d trials", trial, trials)
+                break
+            for name, fn in fns.items():
+                synchronize(device)
+                counts.reset()
+                start = time.perf_counter()
+                fn(steps)
+                synchronize(device)
+                runs[name].seconds.append(time.perf_counter() - start)
+                runs[name].counts = Counts(**vars(counts))
+
+
+def summarize(run: Run, batch: int = 1) -> dict[str, Any]:
     c = run.counts
     return {
-        "seconds_per_image": statistics.median(run.seconds),
+        "seconds_per_image": statistics.median(run.seconds) / batch,
         "seconds_all": [round(v, 4) for v in run.seconds],
         "unet_calls": c.calls,
         "unet_grad_calls": c.grad_calls,
@@ -416,30 +444,119 @@ def summarize(run: Run) -> dict[str, Any]:
         "unet_rows": c.rows,
         "backward_passes": c.backward,
         "ae_evaluations": c.evaluations,
-        "peak_allocated_gib": run.peak_bytes / 2**30,
-        "peak_reserved_gib": run.peak_reserved_bytes / 2**30,
+        "peak_allocated_gib": (run.peak_bytes + run.resident_bytes) / 2**30,
+        "peak_over_resident_gib": run.peak_bytes / 2**30,
+        "peak_reserved_growth_gib": run.peak_reserved_bytes / 2**30,
         "resident_gib": run.resident_bytes / 2**30,
         **run.extra,
     }
 
 
-def make_inputs(s: Scenario, device: torch.device) -> tuple[torch.Tensor, Any, Any]:
+def paired_ratio(runs: dict[str, Run], name: str, base: str) -> float:
+    """Median over trials of (row / base) within the same trial."""
+    return statistics.median(a / b for a, b in zip(runs[name].seconds, runs[base].seconds))
+
+
+def make_inputs(s: Scenario, device: torch.device, batch: int = 1) -> tuple[torch.Tensor, Any, Any]:
+    """One prompt for the whole batch (as an A1111 batch), a different starting noise per image."""
     g = torch.Generator().manual_seed(42)
-    x_t = torch.randn(1, 4, s.latent, s.latent, generator=g).to(device)
+    x_t = torch.randn(batch, 4, s.latent, s.latent, generator=g).to(device)
     cond_text = (TEXT_SCALE * torch.randn(1, TOKENS, s.context_dim, generator=g)).to(device)
     uncond_text = (TEXT_SCALE * torch.randn(1, TOKENS, s.context_dim, generator=g)).to(device)
+    repeat_rows = lambda t: t.expand(batch, *t.shape[1:]).contiguous()  # noqa: E731
     if s.sdxl_kwargs is None:
-        return x_t, cond_text, uncond_text
+        return x_t, repeat_rows(cond_text), repeat_rows(uncond_text)
     side = s.latent * 8.0
     time_ids = torch.tensor([[side, side, 0.0, 0.0, side, side]], device=device)
-    cond = {"crossattn": cond_text, "text_embeds": torch.randn(1, s.pooled_dim, generator=g).to(device), "time_ids": time_ids}
-    uncond = {"crossattn": uncond_text, "text_embeds": torch.randn(1, s.pooled_dim, generator=g).to(device), "time_ids": time_ids}
-    return x_t, cond, uncond
+    pooled_cond = torch.randn(1, s.pooled_dim, generator=g).to(device)
+    pooled_uncond = torch.randn(1, s.pooled_dim, generator=g).to(device)
+    cond = {"crossattn": cond_text, "text_embeds": pooled_cond, "time_ids": time_ids}
+    uncond = {"crossattn": uncond_text, "text_embeds": pooled_uncond, "time_ids": time_ids}
+    return x_t, {k: repeat_rows(v) for k, v in cond.items()}, {k: repeat_rows(v) for k, v in uncond.items()}
 
 
-def bench_scenario(s: Scenario, device: torch.device, steps: int, repeats: int, rows: set[str]) -> dict[str, Any]:
+@contextlib.contextmanager
+def counting_syncs(device: torch.device) -> Iterator[list[int]]:
+    """Host synchronisations inside the block: CUDA's sync-debug mode on a GPU (every call that waits for the GPU
+    warns), `support.host_reads.HostReads` on the CPU (the calls that would wait)."""
+    found = [0]
+    if device.type == "cuda":
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield found
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        found[0] = sum("synchroniz" in str(w.message) for w in caught)
+    else:
+        from support.host_reads import HostReads
+
+        with HostReads() as reads:
+            yield found
+        found[0] = reads.total
+
+
+def sync_counts(excitation: InSamplerExcitation, device: torch.device, table: dict[int, int]) -> None:
+    """Count the host synchronisations of each A&E step of this excitation into `table` (step -> count)."""
+    hook = excitation.before_model_call
+
+    def counted(call_index: int, *args: Any, **kwargs: Any) -> Any:
+        with counting_syncs(device) as found:
+            result = hook(call_index, *args, **kwargs)
+        if result is not None:
+            table[result.step] = found[0]
+        return result
+
+    excitation.before_model_call = counted  # type: ignore[method-assign]
+
+
+def busy_ms(fn: Callable[[], None], device: torch.device, runs: int = 3) -> float:
+    """Kernel time per call (the GPU's busy time; on the CPU the operators' own time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        for _ in range(runs):
+            fn()
+        synchronize(device)
+    if device.type == "cuda":
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        return sum(e.device_time_total for e in kernels) / runs / 1000
+    return prof.key_averages().self_cpu_time_total / runs / 1000
+
+
+ROW_CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {
+    "ae_norefine": ({"thresholds": {}}, False),
+    "ae_norefine_graph": ({"thresholds": {}}, True),
+    "ae": ({}, False),
+    "ae_graph": ({}, True),
+    "bind": ({}, False),
+    "bind_graph": ({}, True),
+    "excite_bind_norefine": ({"thresholds": {}}, False),
+    "excite_bind_norefine_graph": ({"thresholds": {}}, True),
+    "excite_bind": ({}, False),
+    "excite_bind_graph": ({}, True),
+}
+ROW_METHODS: dict[str, tuple[BindingConfig | None, bool]] = {
+    name: ((BindingConfig(), not name.startswith("bind")) if name in BINDING_ROWS else (None, True))
+    for name in ROW_CONFIGS
+}
+"""Per row: the engine's binding config and whether it excites (bind: SynGen alone; excite_bind: both)."""
+ROW_KEYS = {"ae_norefine_graph": "norefine_graph", "ae_graph": "worst_graph", "ae_norefine": "norefine_eager", "ae": "worst_eager"}
+
+
+def bench_scenario(
+    s: Scenario, device: torch.device, steps: int, trials: int, rows: set[str], *, batch: int = 1,
+    warmup_steps: int | None = None, reference_trials: int | None = None, determinism: bool = False,
+    profile_numbers: bool = True, deadline: float | None = None, determinism_steps: int = 20,
+) -> dict[str, Any]:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    x_t, cond, uncond = make_inputs(s, device)
+    x_t, cond, uncond = make_inputs(s, device, batch)
     unet = build_unet(s, device, dtype)
     counts = Counts()
     handles = count_calls(unet, counts)
@@ -447,19 +564,20 @@ def bench_scenario(s: Scenario, device: torch.device, steps: int, repeats: int, 
     _, external = import_k_diffusion()
     # One denoiser for the whole configuration: a captured graph keeps reading its schedule buffers.
     denoiser = external.CompVisDenoiser(model)
-    results: dict[str, Any] = {}
     finals: dict[str, torch.Tensor] = {}
-
-    def plain() -> torch.Tensor:
-        with torch.no_grad():
-            return k_euler(denoiser, x_t, cond, uncond, steps, None)
-
     capture = AttentionCapture(unet)
+    engines: dict[str, AttendAndExcite] = {}
+    reports: dict[str, list[Any]] = {}
+    syncs: dict[str, dict[int, int]] = {}
 
-    def ae_row(
-        name: str, config: ExciteConfig, graphs: bool, binding: BindingConfig | None = None, excite: bool = True
-    ) -> dict[str, Any]:
-        # One engine per row, as a host keeps one per model: graphs are captured in the warm-up run and replayed after.
+    def plain(run_steps: int) -> torch.Tensor:
+        with torch.no_grad():
+            finals["plain"] = k_euler(denoiser, x_t, cond, uncond, run_steps, None)
+        return finals["plain"]
+
+    def make_engine(
+        config: ExciteConfig, graphs: bool, binding: BindingConfig | None = None, excite: bool = True
+    ) -> AttendAndExcite:
         engine = AttendAndExcite(capture, config, cuda_graphs=graphs, binding=binding, excite=excite)
         evaluate = engine._evaluate
 
@@ -468,102 +586,226 @@ def bench_scenario(s: Scenario, device: torch.device, steps: int, repeats: int, 
             return evaluate(*args, **kwargs)
 
         engine._evaluate = counted  # type: ignore[method-assign]
-        reports: list[Any] = []
+        return engine
 
-        def run() -> torch.Tensor:
-            excitation = InSamplerExcitation(engine, engine.plan(steps), "sigma", StepClock(1))
+    def ae_row(name: str, config: ExciteConfig, graphs: bool) -> Callable[[int], torch.Tensor]:
+        # One engine per row, as a host keeps one per model: graphs are captured in the warm-up run and replayed after.
+        binding, excite = ROW_METHODS[name]
+        engine = engines[name] = make_engine(config, graphs, binding, excite)
+
+        def run(run_steps: int) -> torch.Tensor:
+            excitation = InSamplerExcitation(engine, engine.plan(run_steps), "sigma", StepClock(1))
+            if name not in syncs:  # the warm-up run: count each A&E step's synchronisations (not timed)
+                sync_counts(excitation, device, syncs.setdefault(name, {}))
             with torch.no_grad():
-                out = k_euler(denoiser, x_t, cond, uncond, steps, excitation, graphable=graphs, binds=binding is not None)
-            reports[:] = excitation.reports
+                out = k_euler(denoiser, x_t, cond, uncond, run_steps, excitation, graphable=graphs,
+                              binds=binding is not None)
+            reports[name] = excitation.reports
             finals[name] = out
             return out
 
-        measured = repeat(run, counts, device, repeats)
-        engine.release_graphs()
-        plan = engine.plan(steps)
-        measured.extra = {
-            "cuda_graphs": graphs and device.type == "cuda",
-            "alter_steps": plan.alter_steps,
-            "refinement_steps": sorted(plan.refinement_thresholds),
-            "refinement_iterations": {r.step: r.refinement_iterations[0] for r in reports if r.step in plan.refinement_thresholds},
-        }
-        if graphs:
-            eager = name.removesuffix("_graph")
-            if eager in finals:  # same arithmetic, so the same final latent, bit for bit
-                measured.extra["final_latent_max_abs_diff_vs_eager"] = float((finals[name] - finals[eager]).abs().max())
-        return summarize(measured)
+        return run
 
-    results["plain"] = summarize(repeat(plain, counts, device, repeats))
-    binding = BindingConfig()
-    methods: tuple[tuple[str, ExciteConfig, BindingConfig | None, bool], ...] = (
-        ("ae_norefine", ExciteConfig(thresholds={}), None, True),
-        ("ae", ExciteConfig(), None, True),
-        ("bind", ExciteConfig(), binding, False),
-        ("excite_bind_norefine", ExciteConfig(thresholds={}), binding, True),
-        ("excite_bind", ExciteConfig(), binding, True),
-    )
-    for name, config, with_binding, excite in methods:
+    fns: dict[str, Callable[[int], Any]] = {"plain": plain}
+    for name in ("ae_norefine_graph", "ae_graph", "ae_norefine", "ae", *BINDING_ROWS):
         if name in rows:
-            results[name] = ae_row(name, config, False, with_binding, excite)
-        if name + "_graph" in rows:
-            results[name + "_graph"] = ae_row(name + "_graph", config, True, with_binding, excite)
+            overrides, graphs = ROW_CONFIGS[name]
+            fns[name] = ae_row(name, ExciteConfig(**overrides), graphs)
+    runs = warm_up(fns, warmup_steps or steps, device, counts)
+    interleave(fns, runs, steps, trials, device, counts, deadline)
+
+    results: dict[str, Any] = {}
+    for name, run in runs.items():
+        if name != "plain":
+            plan = engines[name].plan(steps)
+            refinement_steps = set(engines[name].plan(warmup_steps or steps).refinement_thresholds)
+            # Step 0 of the warm-up also learns the last layer (a probe forward) and captures the graph: not counted.
+            counted = {k: v for k, v in syncs.get(name, {}).items() if k > 0}
+            plain_steps = [v for k, v in counted.items() if k not in refinement_steps]
+            refine_steps = [v for k, v in counted.items() if k in refinement_steps]
+            run.extra = {
+                "cuda_graphs": ROW_CONFIGS[name][1] and device.type == "cuda",
+                "graph_fallback_reason": engines[name].graph_fallback_reason,
+                "alter_steps": plan.alter_steps,
+                "refinement_steps": sorted(plan.refinement_thresholds),
+                "refinement_iterations": {
+                    r.step: r.refinement_iterations[0] for r in reports[name] if r.step in plan.refinement_thresholds
+                },
+                "host_syncs_per_step": statistics.mean(plain_steps) if plain_steps else None,
+                "host_syncs_per_refinement_step": statistics.mean(refine_steps) if refine_steps else None,
+            }
+            if name.endswith("_graph"):
+                eager = name.removesuffix("_graph")
+                if eager in finals:  # same arithmetic, so the same final latent, bit for bit
+                    run.extra["final_latent_max_abs_diff_vs_eager"] = float((finals[name] - finals[eager]).abs().max())
+        results[name] = summarize(run, batch)
+
+    profile: dict[str, Any] = {}
+    if profile_numbers:
+        profile = profile_numbers_for(s, device, denoiser, capture, x_t, cond, uncond, batch, rows)
+        profile["host_syncs_per_step"] = {name: results[name]["host_syncs_per_step"] for name in results if name != "plain"}
+        profile["host_syncs_per_refinement_step"] = {
+            name: results[name]["host_syncs_per_refinement_step"] for name in results if name != "plain"
+        }
+    checks: dict[str, Any] = {}
+    if determinism:
+        checks = determinism_checks(device, denoiser, capture, x_t, cond, uncond, make_engine, determinism_steps)
+    for engine in engines.values():
+        engine.release_graphs()
     capture.remove()
     for handle in handles:
         handle.remove()
-    del model, denoiser
-    if s.with_reference:
+    del model, denoiser, engines
+    reference_runs: dict[str, Run] = {}
+    if s.with_reference and batch == 1:
         assert s.ldm_kwargs is not None
         # Ours leaves the GPU before the converted copy arrives, so both implementations' peaks hold one UNet.
         unet_cpu = unet.to(device="cpu")
         del unet
         empty_cache(device)
-        results.update(bench_reference(unet_cpu, s, x_t, cond, uncond, device, dtype, steps, counts, repeats))
+        reference_runs = bench_reference(unet_cpu, s, x_t, cond, uncond, device, dtype, steps, counts,
+                                         reference_trials or trials, warmup_steps, deadline)
+        for name, run in reference_runs.items():
+            results[name] = summarize(run)
     else:
         del unet
     empty_cache(device)
 
     base = results["plain"]
-    ours = ("ae", "bind", "excite_bind")
-    ratios = {
-        f"ours_{name}_over_plain": row["seconds_per_image"] / base["seconds_per_image"]
-        for name, row in results.items()
-        if name.startswith(ours)
-    }
-    for name in results:  # the issue's target for binding: at most 2% over excite alone at the same settings
-        if name.startswith("excite_bind"):
-            excite_row = "ae" + name.removeprefix("excite_bind")
-            if excite_row in results:
-                ratios[f"ours_{name}_over_{excite_row}"] = (
-                    results[name]["seconds_per_image"] / results[excite_row]["seconds_per_image"]
-                )
-    memory = {
-        f"ours_{name}_minus_plain_gib": row["peak_allocated_gib"] - base["peak_allocated_gib"]
-        for name, row in results.items()
-        if name.startswith(ours)
-    }
+    ours = [name for name in results if name.startswith(("ae", "bind", "excite_bind"))]
+    ratios = {f"ours_{name}_over_plain": results[name]["seconds_per_image"] / base["seconds_per_image"] for name in ours}
+    paired = {f"ours_{name}_over_plain": paired_ratio(runs, name, "plain") for name in ours}
+    memory = {f"ours_{name}_minus_plain_gib": results[name]["peak_over_resident_gib"] - base["peak_over_resident_gib"] for name in ours}
     memory.update({
-        f"ours_{name}_minus_plain_reserved_gib": row["peak_reserved_gib"] - base["peak_reserved_gib"]
-        for name, row in results.items()
-        if name.startswith(ours)
+        f"ours_{name}_minus_plain_reserved_gib": results[name]["peak_reserved_growth_gib"] - base["peak_reserved_growth_gib"]
+        for name in ours
     })
-    if s.with_reference:
+    for name in ours:  # issue 13's target: excite+bind at most 2% over excite alone at the same settings
+        excite_row = "ae" + name.removeprefix("excite_bind")
+        if name.startswith("excite_bind") and excite_row in results:
+            key = f"ours_{name}_over_{excite_row}"
+            ratios[key] = results[name]["seconds_per_image"] / results[excite_row]["seconds_per_image"]
+            paired[key] = paired_ratio(runs, name, excite_row)
+    if reference_runs:
         ratios["reference_ae_over_plain"] = results["ref_ae"]["seconds_per_image"] / results["ref_plain"]["seconds_per_image"]
+        paired["reference_ae_over_plain"] = paired_ratio(reference_runs, "ref_ae", "ref_plain")
         for name in ("ae", "ae_graph"):
             if name in results:
                 ratios[f"ours_{name}_ratio_over_reference_ratio"] = ratios[f"ours_{name}_over_plain"] / ratios["reference_ae_over_plain"]
-        memory["reference_ae_minus_plain_gib"] = results["ref_ae"]["peak_allocated_gib"] - results["ref_plain"]["peak_allocated_gib"]
+        memory["reference_ae_minus_plain_gib"] = (
+            results["ref_ae"]["peak_over_resident_gib"] - results["ref_plain"]["peak_over_resident_gib"]
+        )
         memory["reference_ae_minus_plain_reserved_gib"] = (
-            results["ref_ae"]["peak_reserved_gib"] - results["ref_plain"]["peak_reserved_gib"]
+            results["ref_ae"]["peak_reserved_growth_gib"] - results["ref_plain"]["peak_reserved_growth_gib"]
         )
     return {
         "scenario": s.name,
         "image_side": s.latent * 8,
-        "batch": 1,
+        "batch": batch,
         "steps": steps,
+        "trials": len(runs["plain"].seconds),
         "results": results,
         "ratios": ratios,
+        "paired_ratios": paired,
         "memory": memory,
+        "profile": profile,
+        "determinism": checks,
     }
+
+
+def profile_numbers_for(
+    s: Scenario, device: torch.device, denoiser: nn.Module, capture: AttentionCapture, x_t: torch.Tensor, cond: Any,
+    uncond: Any, batch: int, rows: set[str],
+) -> dict[str, Any]:
+    """GPU busy time of one plain CFG step and of one A&E evaluation (a step without refinement: one cond-only
+    forward to the last needed layer, the loss, the input-only backward, the update), eager and from a graph."""
+    sigma = denoiser.get_sigmas(50)[5:6].expand(batch).contiguous()
+    x = x_t * denoiser.get_sigmas(50)[0]
+    selections = [TokenSelection.official(TOKENS, SUBJECT_COLUMNS)] * batch
+
+    def cfg_step() -> None:
+        with torch.no_grad():
+            denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=concat(uncond, cond))
+
+    def run_unet(latent_rows: torch.Tensor, index: torch.Tensor) -> None:
+        denoiser(latent_rows, sigma.index_select(0, index), cond=select_rows(cond, index))
+
+    def ae_step(graphs: bool) -> Callable[[], None]:
+        engine = AttendAndExcite(capture, ExciteConfig(thresholds={}), cuda_graphs=graphs)
+        plan = engine.plan(50)
+        runner = graphable_runner(denoiser, sigma, cond) if graphs else run_unet
+
+        def fn() -> None:
+            with torch.no_grad():
+                engine.step(x, 1, plan, selections, runner)
+
+        fn.engine = engine  # type: ignore[attr-defined]
+        return fn
+
+    numbers: dict[str, Any] = {"plain_cfg_step_busy_ms": busy_ms(cfg_step, device)}
+    eager = ae_step(False)
+    numbers["ae_evaluation_busy_ms"] = busy_ms(eager, device)
+    if any(r.endswith("_graph") for r in rows):
+        graph = ae_step(True)
+        numbers["ae_evaluation_graph_busy_ms"] = busy_ms(graph, device)
+        graph.engine.release_graphs()  # type: ignore[attr-defined]
+    return numbers
+
+
+def determinism_checks(
+    device: torch.device, denoiser: nn.Module, capture: AttentionCapture, x_t: torch.Tensor, cond: Any, uncond: Any,
+    make_engine: Callable[[ExciteConfig, bool], AttendAndExcite], steps: int = 20,
+) -> dict[str, Any]:
+    """Same inputs twice -> bit-identical final latents? (eager, graph, and graph vs eager), with refinement on; then
+    once more under torch.use_deterministic_algorithms(True, warn_only=True), logging which operations warn (they have
+    no deterministic kernel: atomics that may reorder sums from run to run)."""
+    import warnings
+
+    def run(graphs: bool) -> torch.Tensor:
+        engine = make_engine(ExciteConfig(), graphs)
+        excitation = InSamplerExcitation(engine, engine.plan(steps), "sigma", StepClock(1))
+        try:
+            with torch.no_grad():
+                out = k_euler(denoiser, x_t, cond, uncond, steps, excitation, graphable=graphs)
+        finally:
+            engine.release_graphs()
+        synchronize(device)
+        return out.cpu()
+
+    def diff(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.double() - b.double()).abs().max())
+
+    eager = [run(False), run(False)]
+    graph = [run(True), run(True)]
+    result: dict[str, Any] = {
+        "steps": steps,
+        "eager_repeatable": torch.equal(eager[0], eager[1]),
+        "eager_max_abs_diff": diff(eager[0], eager[1]),
+        "graph_repeatable": torch.equal(graph[0], graph[1]),
+        "graph_max_abs_diff": diff(graph[0], graph[1]),
+        "graph_equals_eager": torch.equal(graph[0], eager[0]),
+        "graph_vs_eager_max_abs_diff": diff(graph[0], eager[0]),
+    }
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            deterministic_eager = run(False)
+            deterministic_graph = run(True)
+        except Exception as error:  # noqa: BLE001 - reported, not fatal: the timing rows are already measured
+            result["deterministic_mode_error"] = repr(error)
+            deterministic_eager = deterministic_graph = None
+        finally:
+            torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+    messages = sorted({str(w.message).split("\n")[0][:300] for w in caught if "determinis" in str(w.message)})
+    result["deterministic_mode_warnings"] = messages
+    for message in messages:
+        logger.info("deterministic mode: %s", message)
+    if deterministic_eager is not None and deterministic_graph is not None:
+        result["deterministic_mode_eager_equals_default"] = torch.equal(deterministic_eager, eager[0])
+        result["deterministic_mode_graph_equals_default"] = torch.equal(deterministic_graph, graph[0])
+    return result
 
 
 def empty_cache(device: torch.device) -> None:
@@ -588,8 +830,10 @@ def bench_reference(
     dtype: torch.dtype,
     steps: int,
     counts: Counts,
-    repeats: int,
-) -> dict[str, Any]:
+    trials: int,
+    warmup_steps: int | None = None,
+    deadline: float | None = None,
+) -> dict[str, Run]:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from diffusers.models.attention_processor import AttnProcessor2_0
     from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite.pipeline_stable_diffusion_attend_and_excite import (
@@ -615,37 +859,43 @@ def bench_reference(
     plain_pipe = StableDiffusionPipeline(scheduler=scheduler(), **common)
     for pipe in (ae_pipe, plain_pipe):
         pipe.set_progress_bar_config(disable=True)
-    args: dict[str, Any] = dict(
-        prompt_embeds=cond_text.to(dtype), negative_prompt_embeds=uncond_text.to(dtype), latents=x_t.to(dtype),
-        num_inference_steps=steps, guidance_scale=CFG_SCALE, height=s.latent * 8, width=s.latent * 8,
-        output_type="latent",
-    )
     attn = math.ceil(s.latent / 4)
-    ref_plan = {} if steps == 50 else reference_plan(steps)
 
-    def ref_plain() -> Any:
+    def call_args(run_steps: int) -> dict[str, Any]:
+        return dict(
+            prompt_embeds=cond_text.to(dtype), negative_prompt_embeds=uncond_text.to(dtype), latents=x_t.to(dtype),
+            num_inference_steps=run_steps, guidance_scale=CFG_SCALE, height=s.latent * 8, width=s.latent * 8,
+            output_type="latent",
+        )
+
+    def plan_args(run_steps: int) -> dict[str, Any]:
+        return {} if run_steps == 50 else reference_plan(run_steps)
+
+    def ref_plain(run_steps: int) -> Any:
         ref_unet.set_attn_processor(AttnProcessor2_0())  # diffusers' default (SDPA); the A&E pipeline restores it too
-        return plain_pipe(**args)
+        return plain_pipe(**call_args(run_steps))
 
-    def ref_ae() -> Any:
-        return ae_pipe(prompt=None, token_indices=[c[0] for c in SUBJECT_COLUMNS], attn_res=(attn, attn), **ref_plan, **args)
+    def ref_ae(run_steps: int) -> Any:
+        return ae_pipe(prompt=None, token_indices=[c[0] for c in SUBJECT_COLUMNS], attn_res=(attn, attn),
+                       **plan_args(run_steps), **call_args(run_steps))
 
     # The A&E pipeline logs one line per step at INFO; keep the benchmark's output readable.
     pipe_logger = logging.getLogger(StableDiffusionAttendAndExcitePipeline.__module__)
     level = pipe_logger.level
     pipe_logger.setLevel(logging.WARNING)
+    fns: dict[str, Callable[[int], Any]] = {"ref_plain": ref_plain, "ref_ae": ref_ae}
     try:
-        out = {
-            "ref_plain": summarize(repeat(ref_plain, counts, device, repeats)),
-            "ref_ae": summarize(repeat(ref_ae, counts, device, repeats)),
-        }
+        runs = warm_up(fns, warmup_steps or steps, device, counts)
+        interleave(fns, runs, steps, trials, device, counts, deadline)
     finally:
         pipe_logger.setLevel(level)
         for handle in handles:
             handle.remove()
-    out["ref_ae"]["reference_arguments"] = {"token_indices": [c[0] for c in SUBJECT_COLUMNS], "attn_res": [attn, attn], **ref_plan}
+    runs["ref_ae"].extra = {
+        "reference_arguments": {"token_indices": [c[0] for c in SUBJECT_COLUMNS], "attn_res": [attn, attn], **plan_args(steps)}
+    }
     del ref_unet, ae_pipe, plain_pipe
-    return out
+    return runs
 
 
 # --------------------------------------------------------------------------------------------------- profile
@@ -853,68 +1103,146 @@ def scenarios_for(args: argparse.Namespace) -> list[Scenario]:
     else:
         found = [
             Scenario("sd15-512", SD15, None, 64, 768, with_reference=True),
-            Scenario("sdxl-1024", None, SDXL, 128, 2048, pooled_dim=1280, skip_by_default=("ae",)),
+            Scenario("sdxl-1024", None, SDXL, 128, 2048, pooled_dim=1280, skip_by_default=("ae_norefine", "ae")),
         ]
     if args.only:
         found = [sc for sc in found if sc.family == args.only]
     return found
 
 
+def rows_for(scenario: Scenario, batch: int, args: argparse.Namespace) -> set[str]:
+    """The A&E rows of one configuration. By default: everything at batch 1 except the scenario's skipped rows (SDXL's
+    eager rows), only the graph rows at batch > 1 and for SDXL only batch 1, to fit one device call."""
+    rows = set(AE_ROWS) | (set(BINDING_ROWS) if args.binding or args.rows else set())
+    if not args.all_rows:
+        rows -= set(scenario.skip_by_default)
+        if batch > 1:
+            rows = {r for r in rows if r.endswith("_graph")}
+    if args.no_graphs:
+        rows = {r for r in rows if not r.endswith("_graph")}
+    if args.rows:
+        rows &= set(args.rows)
+    return rows
+
+
+def configurations(args: argparse.Namespace) -> list[tuple[Scenario, int]]:
+    found = []
+    for scenario in scenarios_for(args):
+        if args.no_reference:
+            scenario = Scenario(**{**vars(scenario), "with_reference": False})
+        for batch in args.batch:
+            if batch > 1 and scenario.family == "sdxl" and not args.all_rows:
+                continue
+            found.append((scenario, batch))
+    return found
+
+
+def headline_ratios(scenarios: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
+    """The issue's `ratios` block (median over interleaved trials of A&E / plain) and the memory rows, keyed
+    `<scenario>_b<batch>_<row>` (e.g. sd15_512_b1_worst_graph), plus `reference_worst`."""
+    ratios: dict[str, float] = {}
+    memory: dict[str, float] = {}
+    for result in scenarios:
+        if "paired_ratios" not in result:
+            continue
+        prefix = f"{result['scenario'].replace('-', '_')}_b{result['batch']}"
+        for row, key in ROW_KEYS.items():
+            value = result["paired_ratios"].get(f"ours_{row}_over_plain")
+            if value is not None:
+                ratios[f"{prefix}_{key}"] = value
+                memory[f"{prefix}_{key}_minus_plain_gib"] = result["memory"][f"ours_{row}_minus_plain_gib"]
+        if "reference_ae_over_plain" in result["paired_ratios"] and result["batch"] == 1:
+            ratios["reference_worst"] = result["paired_ratios"]["reference_ae_over_plain"]
+            memory["reference_worst_minus_plain_gib"] = result["memory"]["reference_ae_minus_plain_gib"]
+        for name, row in result["results"].items():
+            memory[f"{prefix}_{name}_peak_allocated_gib"] = row["peak_allocated_gib"]
+    return ratios, memory
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="small CPU configuration (CI smoke run)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per row after one warm-up (3; tiny: 1)")
+    parser.add_argument("--trials", "--repeats", dest="trials", type=int, default=None,
+                        help="interleaved timed rounds of every row after the warm-up (5; tiny: 1)")
+    parser.add_argument("--reference-trials", type=int, default=None, help="rounds of the diffusers rows (--trials)")
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="sampler steps of the warm-up run (10; tiny: --steps): it captures the same graphs")
+    parser.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (1 4; tiny: 1)")
     parser.add_argument("--only", choices=("sd15", "sdxl"), default=None)
+    parser.add_argument("--rows", type=lambda v: [r for r in v.split(",") if r], default=None,
+                        help=f"comma-separated A&E rows to keep, of {','.join(AE_ROWS + BINDING_ROWS)} (plain always runs)")
+    parser.add_argument("--binding", action="store_true",
+                        help=f"add the binding rows ({', '.join(BINDING_ROWS)}) beside the excite rows")
     parser.add_argument("--no-reference", action="store_true", help="skip the diffusers rows")
     parser.add_argument("--all-rows", action="store_true", help="also the rows a configuration skips by default")
     parser.add_argument("--no-graphs", action="store_true", help="skip the rows with lib_ae's CUDA-graph evaluation")
-    parser.add_argument("--binding", action="store_true", help="add the binding rows (" + ", ".join(BINDING_ROWS) + ")")
-    parser.add_argument("--rows", default=None,
-                        help="comma-separated lib_ae rows to run instead of the defaults (" + ", ".join(AE_ROWS + BINDING_ROWS) + ")")
+    parser.add_argument("--no-profile-numbers", action="store_true", help="skip the GPU busy times per step/evaluation")
+    parser.add_argument("--determinism", action="store_true",
+                        help="also check bit-identical repeats (eager, graph) and log deterministic-mode warnings")
+    parser.add_argument("--determinism-steps", type=int, default=20, help="sampler steps of each determinism run")
+    parser.add_argument("--deadline-s", type=float, default=None,
+                        help="stop starting new trials / configurations after this many seconds (keeps what is done)")
     parser.add_argument("--profile", action="store_true", help="time one A&E evaluation and its ablations instead")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="where to write the JSON (after each configuration)")
     args = parser.parse_args(argv)
-    repeats = args.repeats if args.repeats is not None else (1 if args.tiny else 3)
+    started = time.monotonic()
+    deadline = started + args.deadline_s if args.deadline_s else None
+    trials = args.trials if args.trials is not None else (1 if args.tiny else 5)
+    if args.batch is None:
+        args.batch = [1] if args.tiny else [1, 4]
+    warmup_steps = args.warmup_steps if args.warmup_steps is not None else (args.steps if args.tiny else min(10, args.steps))
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     argv_used = sys.argv[1:] if argv is None else list(argv)
     report: dict[str, Any] = {
         "command": "python tests/benchmark.py " + shlex.join(argv_used),
         "device": device_name(device),
         "precision": "fp16 weights + fp16 autocast (lib_ae loss in float32)" if device.type == "cuda" else "float32",
-        "sampler": f"ours: k-diffusion Euler; reference: DDIM; {args.steps} steps, CFG {CFG_SCALE}, batch 1",
-        "repeats": repeats,
+        "sampler": f"ours: k-diffusion Euler; reference: DDIM; {args.steps} steps, CFG {CFG_SCALE}",
+        "repeats": trials,
+        "trials": "interleaved rounds (plain, A&E rows, plain, ...) after a warm-up; ratios = median of per-round ratios",
         "versions": versions(),
         "scenarios": [],
+        "ratios": {},
+        "memory": {},
+        "skipped": [],
     }
     with host_patches():
-        for scenario in scenarios_for(args):
-            if args.no_reference:
-                scenario = Scenario(**{**vars(scenario), "with_reference": False})
-            logger.info("running %s ...", scenario.name)
-            if args.profile:
-                result = profile_scenario(scenario, device, iters=max(repeats, 5))
+        if args.profile:
+            for scenario in scenarios_for(args):
+                logger.info("profiling %s ...", scenario.name)
+                result = profile_scenario(scenario, device, iters=max(trials, 5))
                 print_profile(result)
-            else:
-                rows = set(AE_ROWS) if args.all_rows else set(AE_ROWS) - set(scenario.skip_by_default)
-                if args.binding:
-                    rows |= set(BINDING_ROWS) if args.all_rows else set(BINDING_ROWS) - {"excite_bind", "excite_bind_graph"}
-                if args.rows:
-                    rows = {r.strip() for r in args.rows.split(",") if r.strip()}
-                    unknown = rows - set(AE_ROWS + BINDING_ROWS)
-                    if unknown:
-                        raise SystemExit(f"unknown rows: {', '.join(sorted(unknown))}")
-                if args.no_graphs:
-                    rows = {r for r in rows if not r.endswith("_graph")}
-                result = bench_scenario(scenario, device, args.steps, repeats, rows)
+                report["scenarios"].append(result)
+        else:
+            for scenario, batch in configurations(args):
+                name = f"{scenario.name} batch {batch}"
+                if past(deadline):
+                    logger.warning("deadline reached: %s skipped", name)
+                    report["skipped"].append(name)
+                    continue
+                logger.info("running %s ...", name)
+                result = bench_scenario(
+                    scenario, device, args.steps, trials, rows_for(scenario, batch, args), batch=batch,
+                    warmup_steps=warmup_steps, reference_trials=args.reference_trials,
+                    determinism=args.determinism and batch == 1 and scenario.family == "sd15",
+                    profile_numbers=not args.no_profile_numbers, deadline=deadline,
+                    determinism_steps=args.determinism_steps,
+                )
                 print_table(result)
-            report["scenarios"].append(result)
-            if args.out:  # written after each configuration, so a run cut short keeps what it measured
-                args.out.write_text(json.dumps(report, indent=2) + "\n")
+                report["scenarios"].append(result)
+                report["ratios"], report["memory"] = headline_ratios(report["scenarios"])
+                report["wall_seconds"] = round(time.monotonic() - started, 1)
+                if args.out:  # written after each configuration, so a run cut short keeps what it measured
+                    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    report["wall_seconds"] = round(time.monotonic() - started, 1)
     if not report["scenarios"]:
         raise SystemExit("no configuration selected")
     if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
         logger.info("wrote %s", args.out)
+    for key, value in report["ratios"].items():
+        print(f"  {key:36s} {value:7.3f}")
     return report
 
 
@@ -926,18 +1254,24 @@ def print_profile(result: dict[str, Any]) -> None:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"{result['scenario']} ({result['image_side']}x{result['image_side']}, {result['steps']} steps, batch 1)")
-    print(f"  {'row':17s} {'s/image':>9s} {'calls':>6s} {'grad':>5s} {'cut':>5s} {'bwd':>5s} {'evals':>5s} {'peak GiB':>9s} {'reserved':>9s}")
+    print(f"{result['scenario']} ({result['image_side']}x{result['image_side']}, {result['steps']} steps, batch {result['batch']}, {result['trials']} trials)")
+    print(f"  {'row':17s} {'s/image':>9s} {'calls':>6s} {'grad':>5s} {'cut':>5s} {'bwd':>5s} {'evals':>5s} {'peak GiB':>9s} {'+reserv.':>9s}")
     for name, row in result["results"].items():
         print(
             f"  {name:17s} {row['seconds_per_image']:9.3f} {row['unet_calls']:6d} {row['unet_grad_calls']:5d} "
             f"{row['unet_calls_cut_short']:5d} {row['backward_passes']:5d} {row['ae_evaluations']:5d} "
-            f"{row['peak_allocated_gib']:9.2f} {row['peak_reserved_gib']:9.2f}"
+            f"{row['peak_allocated_gib']:9.2f} {row['peak_reserved_growth_gib']:9.2f}"
         )
     for name, value in {**result["ratios"], **result["memory"]}.items():
         print(f"  {name:40s} {value:7.3f}")
+    for name, value in result["paired_ratios"].items():
+        print(f"  paired {name:33s} {value:7.3f}")
+    for name, value in result["profile"].items():
+        print(f"  {name:40s} {value}")
+    for name, value in result["determinism"].items():
+        print(f"  {name:40s} {value}")
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     main()

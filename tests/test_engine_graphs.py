@@ -1,5 +1,5 @@
 """The CUDA-graph evaluation path (`AttendAndExcite(cuda_graphs=True)` with a `GraphableRunner`) computes exactly what
-the eager path computes. On the CPU `_GraphEvaluations` runs the very computation it would capture on a GPU (device-side
+the eager path computes. On the CPU `lib_ae.graphs.GraphEvaluations` runs the very computation it would capture on a GPU (device-side
 loss, no host synchronization inside), so comparing it with the eager engine here checks the arithmetic of what is
 replayed; the H200 benchmark (tests/benchmark-h200.json, `final_latent_max_abs_diff_vs_eager`) checks the replay."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lib_ae import AttendAndExcite, AttentionCapture, ExciteConfig, StepReport, TokenSelection
-from lib_ae.engine import GraphableRunner
+from lib_ae.graphs import GraphableRunner
 from support.models import SD1_LIKE, make_unet
 
 SIDE = 16  # latent side: 4x4 maps (1/4 of the latent)
