@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lib_ae import AttendAndExcite, AttentionCapture, InSamplerExcitation, StepClock
+from lib_ae.binding import locate_bindings
 from lib_ae.params import PARAMS, AEParams, from_infotext, from_script_args, to_infotext
 from lib_ae.tokens import locate_subjects
 from support.webui_host import DEFAULT_FIELDS, FAST, PROMPT, ROOT, TITLE, WebUI, ae_keys, hooks_on
@@ -235,9 +236,13 @@ def test_only_images_with_subjects_are_updated(webui: WebUI) -> None:
 # The update is lib_ae's, applied to the sampler's own latent at the right model calls
 
 
-def direct_lib_ae_run(host: SimpleNamespace, params: AEParams, sampler: str, steps: int, seed: int) -> torch.Tensor:
+def direct_lib_ae_run(
+    host: SimpleNamespace, params: AEParams, sampler: str, steps: int, seed: int, prompt: str = PROMPT,
+    pairs: list[tuple[str, str]] | None = None,
+) -> torch.Tensor:
     """The same generation written directly against lib_ae and k-diffusion, without the WebUI glue: CFG as A1111's
-    CFGDenoiser computes it for one prompt, and InSamplerExcitation fed with the model-call index."""
+    CFGDenoiser computes it for one prompt, and InSamplerExcitation fed with the model-call index. `pairs`: the
+    (modifier, noun) pairs to bind, for a `bind` method."""
     from support.thirdparty import A1111_KDIFFUSION_SAMPLERS, import_k_diffusion
 
     _, external = import_k_diffusion()
@@ -245,8 +250,8 @@ def direct_lib_ae_run(host: SimpleNamespace, params: AEParams, sampler: str, ste
     entry = A1111_KDIFFUSION_SAMPLERS[sampler]
     denoiser = external.CompVisDenoiser(model)
     encoder = model.cond_stage_model
-    cond, uncond = model.get_learned_conditioning([PROMPT]), model.get_learned_conditioning([""])
-    chunks = [c.tokens for c in encoder.process_texts([PROMPT])[0][0]]
+    cond, uncond = model.get_learned_conditioning([prompt]), model.get_learned_conditioning([""])
+    chunks = [c.tokens for c in encoder.process_texts([prompt])[0][0]]
     selection = locate_subjects(
         chunks,
         params.subject_list,
@@ -255,8 +260,17 @@ def direct_lib_ae_run(host: SimpleNamespace, params: AEParams, sampler: str, ste
         eos_id=encoder.id_end,
         pad_id=encoder.id_pad,
     ).selection
+    binding = None
+    if pairs is not None:
+        binding = locate_bindings(
+            chunks, pairs, lambda s: encoder.tokenize([s])[0], bos_id=encoder.id_start, eos_id=encoder.id_end,
+            pad_id=encoder.id_pad,
+        ).selection
     capture = AttentionCapture(model.model.diffusion_model)
-    engine = AttendAndExcite(capture, params.to_config())
+    engine = AttendAndExcite(
+        capture, params.to_config(), binding=params.to_binding_config() if params.binds else None,
+        excite=params.excites,
+    )
     calls_per_step = 2 if entry.second_order else 1
     excitation = InSamplerExcitation(engine, engine.plan(steps), "sigma", StepClock(calls_per_step))
     image_cond = torch.zeros(1, 5, 1, 1)
@@ -270,7 +284,7 @@ def direct_lib_ae_run(host: SimpleNamespace, params: AEParams, sampler: str, ste
                 latent_rows, sigma[rows], cond={"c_crossattn": [cond[rows]], "c_concat": [image_cond[rows]]}
             )
 
-        excitation.before_model_call(calls, x, sigma, [selection], run_unet)
+        excitation.before_model_call(calls, x, sigma, [selection], run_unet, bindings=[binding])
         out = denoiser(
             torch.cat([x, x]),
             torch.cat([sigma, sigma]),
@@ -288,6 +302,40 @@ def direct_lib_ae_run(host: SimpleNamespace, params: AEParams, sampler: str, ste
             return entry.function()(model_fn, noise * sigmas[0], sigmas, disable=True)
     finally:
         capture.remove()
+
+
+@pytest.mark.parametrize("method", ["bind", "excite+bind"])
+def test_binding_lands_in_the_sampler_latent_exactly_as_lib_ae_computes_it(webui: WebUI, method: str) -> None:
+    prompt = "a red car and a blue bench"
+    args = webui.args(enabled=True, subjects="", method=method)
+    _, processed = webui.run(args, prompt=prompt)
+    webui.unload()  # the direct run attaches its own capture
+    params = from_script_args([{"enabled": True, "subjects": "car, bench", "method": method, **FAST}])
+    expected = direct_lib_ae_run(
+        webui.host, params, "Euler", steps=4, seed=7, prompt=prompt, pairs=[("red", "car"), ("blue", "bench")]
+    )
+    assert torch.equal(processed.images[0], expected[0])
+    assert not torch.equal(processed.images[0], baseline(webui.host, prompt=prompt)[0])
+    keys = ae_keys(processed.infotexts[0], webui.host)
+    assert keys["AE bindings"] == "red->car, blue->bench" and "AE error" not in keys
+    assert re.search(r", bind loss -?[\d.e-]+ -> -?[\d.e-]+", keys["AE trace"]), keys["AE trace"]
+
+
+def test_bind_without_a_modifier_leaves_the_image(webui: WebUI) -> None:
+    _, processed = webui.run(webui.args(enabled=True, subjects="", method="bind"))
+    assert torch.equal(torch.stack(processed.images), baseline(webui.host))
+    assert "no modifier to bind" in ae_keys(processed.infotexts[0], webui.host)["AE error"]
+
+
+def test_heatmaps_show_each_modifier_beside_its_noun(webui: WebUI) -> None:
+    args = webui.args(enabled=True, subjects="", method="excite+bind", heatmaps=True)
+    p, processed = webui.run(args, prompt="a red car and a blue bench")
+    visual = webui.adapter("run_state").existing_state(p).visuals[0]
+    assert [[m.label for m in row] for row in visual.rows] == [
+        ["car", "bench", "car", "red\u2192car", "bench", "blue\u2192bench"]
+    ]
+    strip = processed.images[1]
+    assert strip.size == (6 * 256, 256 + 28)
 
 
 @pytest.mark.parametrize("sampler", ["Euler", "Heun"])

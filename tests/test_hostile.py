@@ -324,6 +324,13 @@ INPUT_CASES: list[InputCase] = [
     InputCase("bind-pair-straddles-chunks", ui(enabled=True, subjects="", method="excite+bind"), CHANGED,
               "bind: modifier 'red' and its noun 'car' are in different chunks of the prompt (75-token limit or "
               "BREAK); they are bound, but the text encoder read them apart", SETTINGS, {"prompt": PAIR_STRADDLE}),
+    InputCase("bind-alone-modifier-not-in-the-prompt", ui(enabled=True, subjects="", method="bind",
+                                                          alter_fraction=1.0), CHANGED,
+              "bind: modifier 'red' is not in the prompt; the pair ('red', 'car') is not bound during step 3", SETTINGS,
+              {"prompt": "a [red:blue:0.5] car and a dog", "steps": 3}),
+    InputCase("bind-alone-pair-straddles-chunks", ui(enabled=True, subjects="", method="bind"), CHANGED,
+              "bind: modifier 'red' and its noun 'car' are in different chunks of the prompt", SETTINGS,
+              {"prompt": PAIR_STRADDLE}),
     InputCase("bind-method-unknown", api_dict(**ON, method="syngen"), SAME,
               "AE method: expected one of excite, bind, excite+bind, got 'syngen' (str)", ERROR_ONLY),
     InputCase("bind-step-size-negative", api_dict(**ON, method="bind", bind_step_size=-1), SAME,

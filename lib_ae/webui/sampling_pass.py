@@ -193,6 +193,8 @@ class SamplingPass:
         """Image b -> the subjects used for it (typed, or suggested: written as "AE subjects used")."""
         self.bound: dict[int, dict[Pair, None]] = {}
         """Image b -> the (modifier, noun) pairs bound at some step, in order (written as "AE bindings")."""
+        self.binding_labels: dict[int, list[str]] = {}
+        """Image b -> the captions of its binding maps (`StepReport.bind_maps`): each noun, then "red→car"."""
         self._step: int | None = None
         self.finished = False
         self.eager_reason: str | None = None
@@ -247,7 +249,8 @@ class SamplingPass:
         conds_list, tensor = host.reconstruct_multicond_batch(cond, call)
         targets = [self._targets(b, cond, call) for b in range(len(conds_list))]
         selections = [excite for excite, _ in targets]
-        if all(selection is None for selection in selections):
+        bindings = [bind for _, bind in targets]
+        if all(selection is None for selection in selections) and all(bind is None for bind in bindings):
             return
         # Each image's loss uses its first AND sub-prompt, whose row is the first of its rows in `tensor` (L168, L203).
         first_rows = torch.as_tensor([rows[0][0] for rows in conds_list], device=x.device)
@@ -260,7 +263,8 @@ class SamplingPass:
         host.show_progress(f"{TITLE}: step {step + 1}")
         # The report is not read here: reading it may wait for the device; finish() reads them all once.
         excitation.before_model_call(
-            index, x, sigma, selections, run_unet, should_stop=host.stop_requested, on_iteration=on_iteration
+            index, x, sigma, selections, run_unet, should_stop=host.stop_requested, on_iteration=on_iteration,
+            bindings=bindings,
         )
 
     def _runner(self, sigma: torch.Tensor, cond: Any, image_cond: torch.Tensor | None) -> UNetRunner:
@@ -315,8 +319,9 @@ class SamplingPass:
         return None if call == 1 else max(0, call - 1)
 
     def _targets(self, b: int, cond: Any, call: int) -> tuple[TokenSelection | None, BindingSelection | None]:
-        """Image b's subject columns (for `excite`) and modifier-noun columns (for `bind`) in the conditioning row in
-        effect at model call `call`; None for a loss the method does not use or that has nothing to work on."""
+        """Image b's subject columns and, with a `bind` method, its modifier-noun columns in the conditioning row in
+        effect at model call `call` (None where there is nothing). With `bind` alone the subjects are not excited:
+        the engine reads their maps for the trace and the heatmaps only."""
         assert self.finder is not None
         prompts = getattr(self.p, "hr_prompts", None) if self.is_hr else self.p.prompts
         if not prompts or b >= len(prompts):
@@ -343,8 +348,8 @@ class SamplingPass:
         self.subjects_used[b] = subjects
         if binding is not None:
             self.bound.setdefault(b, {}).update({(modifier, noun): None for modifier, noun, _, _ in binding.bound})
-        excite = location.selection if self.params.excites else None
-        return excite, binding.selection if binding is not None else None
+            self.binding_labels[b] = binding_labels(binding)
+        return location.selection, binding.selection if binding is not None else None
 
     def _locate_binding(
         self, b: int, text: str, tokens: PromptTokens, target: int, subjects: tuple[str, ...]
@@ -469,6 +474,23 @@ class SamplingPass:
             unwrap_forward(self.den)
 
 
+def binding_labels(location: BindingLocation) -> list[str]:
+    """Captions of the engine's binding maps, in their order: per group its noun, then each modifier as
+    "modifier→noun" (the modifier's map beside the noun's)."""
+    if location.selection is None:
+        return []
+    words = {}
+    for modifier, noun, modifier_columns, noun_columns in location.bound:
+        words[noun_columns] = noun
+        words[modifier_columns] = modifier
+    labels = []
+    for group in location.selection.groups:
+        noun = words.get(group.noun, "?")
+        labels.append(noun)
+        labels.extend(f"{words.get(modifier, '?')}\u2192{noun}" for modifier in group.modifiers)
+    return labels
+
+
 # -- Install and release -----------------------------------------------------------------------------------------------
 
 
@@ -486,7 +508,10 @@ def install(p: Processing, params: AEParams) -> None:
         capture = capture_for(p.sd_model.model.diffusion_model)
         graphs = use_cuda_graphs(p)
         guard = graph_safety.guard_for(capture, p.sd_model) if graphs else None
-        engine = AttendAndExcite(capture, params.to_config(), cuda_graphs=graphs, graph_guard=guard)
+        engine = AttendAndExcite(
+            capture, params.to_config(), cuda_graphs=graphs, graph_guard=guard,
+            binding=params.to_binding_config() if params.binds else None, excite=params.excites,
+        )
     except (CaptureError, UnsupportedModel) as error:
         report_problem(p, f"A&E was not applied: {error}")
         return

@@ -9,6 +9,8 @@ from typing import Any
 from lib_ae.visualize import (
     ImageTrace,
     SubjectMap,
+    bind_loss_summary,
+    binding_maps_at,
     heatmap_strip,
     image_trace,
     subject_maps_at,
@@ -104,7 +106,11 @@ def _summaries(sampling_pass: SamplingPass, interrupted: bool) -> dict[int, str]
     assert sampling_pass.excitation is not None
     cut = interrupted or any(r.interrupted for r in sampling_pass.excitation.reports)
     eager = f", no CUDA graph ({sampling_pass.eager_reason})" if sampling_pass.eager_reason else ""
-    return {b: trace_summary(trace, interrupted=cut) + eager for b, trace in _traces(sampling_pass).items()}
+    summaries = {}
+    for b, trace in _traces(sampling_pass).items():
+        bind = bind_loss_summary(sampling_pass.excitation.reports, b) if sampling_pass.params.binds else None
+        summaries[b] = trace_summary(trace, interrupted=cut) + (f", {bind}" if bind else "") + eager
+    return summaries
 
 
 def _visuals(sampling_pass: SamplingPass) -> dict[int, BatchVisual]:
@@ -113,7 +119,12 @@ def _visuals(sampling_pass: SamplingPass) -> dict[int, BatchVisual]:
     visuals = {}
     for b, trace in _traces(sampling_pass).items():
         labels = sampling_pass.labels[b]
-        by_step = {r.step: subject_maps_at(r, b, labels) for r in excitation.reports if r.step in excitation.map_steps}
+        bind_labels = sampling_pass.binding_labels.get(b, [])
+        by_step = {
+            r.step: subject_maps_at(r, b, labels) + binding_maps_at(r, b, bind_labels)  # the modifier beside its noun
+            for r in excitation.reports
+            if r.step in excitation.map_steps
+        }
         rows = [by_step[step] for step in sorted(by_step, reverse=True) if by_step[step]]
         visuals[b] = BatchVisual(rows, trace)
     return visuals
