@@ -83,6 +83,8 @@ class InSamplerExcitation:
         if step is None or step >= self.plan.steps or not self.plan.is_active(step):
             return None
         scale = sigma_space_gradient_scale(sigma) if self.space == "sigma" else None
+        # `bindings` only when given: an engine (or stand-in) without binding keeps its call unchanged.
+        binding_args = {"bindings": bindings} if bindings is not None else {}
         updated, report = self.engine.step(
             x,
             step,
@@ -93,7 +95,7 @@ class InSamplerExcitation:
             on_iteration=on_iteration,
             gradient_scale=scale,
             keep_maps=step in self.map_steps,
-            bindings=bindings,
+            **binding_args,
         )
         if report.active:
             with torch.no_grad():

@@ -264,7 +264,7 @@ class SamplingPass:
         # The report is not read here: reading it may wait for the device; finish() reads them all once.
         excitation.before_model_call(
             index, x, sigma, selections, run_unet, should_stop=host.stop_requested, on_iteration=on_iteration,
-            bindings=bindings,
+            bindings=bindings if self.params.binds else None,
         )
 
     def _runner(self, sigma: torch.Tensor, cond: Any, image_cond: torch.Tensor | None) -> UNetRunner:
