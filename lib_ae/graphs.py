@@ -57,7 +57,8 @@ def find_graph_hazards(
     - forward hooks, forward pre-hooks and backward hooks on the UNet or any submodule, and the global ones of
       `torch.nn.modules.module`, unless `is_own(hook)`: a hook may decide per call (a ControlNet's guidance window,
       a step counter) and the graph would replay its first decision forever;
-    - a `forward` set on a module instance (unless `is_own(fn)`): same reason, and the graph would not see a later swap;
+    - a `forward` set on a module instance (unless `is_own(fn)` or `allowed_forward(type(module), fn)`): same reason,
+      and the graph would not see a later swap;
     - a class-level `forward` that is not the class's own definition (a monkey patch), unless
       `allowed_forward(cls, fn)` vouches for it (e.g. the host's own attention optimisations, stateless per call).
     """
@@ -86,7 +87,7 @@ def find_graph_hazards(
                 if not is_own(hook):
                     reasons.append(f"{kind} {_describe(hook)} on {where}")
         override = module.__dict__.get("forward")
-        if override is not None and not is_own(override):
+        if override is not None and not is_own(override) and not allowed_forward(type(module), override):
             reasons.append(f"instance-level forward {_describe(override)} on {where}")
         cls = type(module)
         if cls not in checked_classes:

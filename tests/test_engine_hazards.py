@@ -173,7 +173,7 @@ def test_a_failing_guard_means_no_graphs(unet: nn.Module) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the graph is only captured there)")
 def test_stateful_hook_gives_the_eager_result_on_cuda() -> None:
-    """Issue 10's case: a forward hook on input_blocks[4] that adds 0.5 to the block's output for its first 3 calls
+    """Issue 10's case: a forward hook on input_blocks[4] that adds up to 0.5 to the block's output for its first 3 calls
     only (per-step Python state, like ControlNet's guidance window). A graph captured while the hook adds 0.5 would add
     it forever; with the check, the engine falls back and the result is the eager one, bit for bit."""
     from benchmark import host_patches, sdpa_forward
@@ -188,7 +188,10 @@ def test_stateful_hook_gives_the_eager_result_on_cuda() -> None:
 
         def stateful(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
             state["calls"] += 1
-            return output + 0.5 if state["calls"] <= 3 else output
+            # 0.5 at the left edge fading to 0 at the right: a constant offset would be removed again by the next
+            # GroupNorm, and then the frozen decision would not show in the A&E gradient at all.
+            ramp = torch.linspace(0.5, 0.0, output.shape[-1], device=output.device, dtype=output.dtype)
+            return output + ramp if state["calls"] <= 3 else output
 
         handle = unet.input_blocks[4].register_forward_hook(stateful)
         x, t, context = (v.to(device) for v in inputs())

@@ -244,6 +244,53 @@ def test_allowed_forward_patches_are_a1111s_own(webui: WebUI) -> None:
         assert not safety.allowed_forward(torch.nn.Linear, made_in(module)), module
 
 
+def _condfunc_lambda(substitute_module: str) -> Any:
+    """What A1111's CondFunc (modules/sd_hijack_utils.py) leaves in place of a patched forward: a lambda of that module
+    whose closure holds the CondFunc, which holds the substitute."""
+
+    def substitute(orig_func: Any, self: Any, x: Any) -> Any:
+        return orig_func(self, x)
+
+    substitute.__module__ = substitute_module
+
+    class CondFunc:
+        def __init__(self) -> None:
+            self.__sub_func = substitute
+
+    held = CondFunc()
+    patched = lambda *args, **kwargs: held(*args, **kwargs)  # noqa: E731
+    patched.__module__ = "modules.sd_hijack_utils"
+    return patched
+
+
+def test_a1111s_condfunc_upcasts_are_allowed_and_foreign_condfuncs_are_not(webui: WebUI) -> None:
+    safety = webui.adapter("graph_safety")
+    assert safety.allowed_forward(torch.nn.GroupNorm, _condfunc_lambda("modules.sd_hijack_unet"))
+    assert not safety.allowed_forward(torch.nn.GroupNorm, _condfunc_lambda("scripts.some_extension"))
+    not_a_condfunc = lambda *args: None  # noqa: E731
+    not_a_condfunc.__module__ = "modules.sd_hijack_utils"
+    assert not safety.allowed_forward(torch.nn.GroupNorm, not_a_condfunc)
+
+
+def test_a1111s_instance_level_unet_forward_is_not_a_hazard(webui: WebUI) -> None:
+    """sd_hijack.py sets `diffusion_model.forward = sd_unet.create_unet_forward(...)` on the instance; with no sd_unet
+    replacement selected it calls the original forward, and the guard must stay quiet (seen on the H200 webui)."""
+    from lib_ae.graphs import find_graph_hazards
+
+    safety = webui.adapter("graph_safety")
+    unet = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    original = unet.forward
+
+    def UNetModel_forward(*args: Any, **kwargs: Any) -> Any:
+        return original(*args, **kwargs)
+
+    UNetModel_forward.__module__ = "modules.sd_unet"
+    unet.forward = UNetModel_forward
+    assert find_graph_hazards(unet, is_own=lambda fn: False, allowed_forward=safety.allowed_forward) == []
+    UNetModel_forward.__module__ = "scripts.hook"  # ControlNet's forward_webui
+    assert find_graph_hazards(unet, is_own=lambda fn: False, allowed_forward=safety.allowed_forward)
+
+
 def test_graphs_are_off_under_medvram_and_it_is_said_once(
     webui: WebUI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

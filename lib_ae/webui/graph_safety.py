@@ -37,12 +37,43 @@ ALLOWED_FORWARD_MODULES: dict[str, str] = {
 """Module of a replacement `forward` -> why it is safe under graph replay."""
 
 
+CONDFUNC_MODULE = "modules.sd_hijack_utils"
+"""A1111's `CondFunc` patches a function with a lambda defined in this module, whatever it substitutes; what decides is
+the substitute it holds (`_CondFunc__sub_func`)."""
+
+A1111_CONDFUNC_SUBSTITUTES: dict[str, str] = {
+    "modules.sd_hijack_unet": "A1111's dtype up-casts of GroupNorm32/GEGLU/SpatialTransformer/timestep embedding "
+    "(sd_hijack_unet.py), chosen by the constant --upcast-sampling flag (devices.unet_needs_upcast)",
+}
+
+
 def allowed_forward(cls: type, fn: Callable[..., Any]) -> bool:
-    """A class-level `forward` that differs from the class's own definition, but is one of A1111's (see above)."""
-    module = getattr(inspect.unwrap(fn), "__module__", None) or ""
+    """A `forward` that differs from the class's own definition (set on the class or on an instance), but is one of
+    A1111's own (see above)."""
+    module = _module_of(fn)
     if module == "modules.sd_unet":
         return _no_sd_unet_replacement()
+    if module == CONDFUNC_MODULE:
+        substitute = _condfunc_substitute(fn)
+        return substitute is not None and _module_of(substitute) in A1111_CONDFUNC_SUBSTITUTES
     return module in ALLOWED_FORWARD_MODULES
+
+
+def _module_of(fn: Any) -> str:
+    return getattr(inspect.unwrap(getattr(fn, "__func__", fn)), "__module__", None) or ""
+
+
+def _condfunc_substitute(fn: Any) -> Any:
+    """The function a `CondFunc` lambda substitutes (its closure holds the CondFunc), or None if it is not one."""
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            held = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        substitute = getattr(held, "_CondFunc__sub_func", None)
+        if substitute is not None:
+            return substitute
+    return None
 
 
 def _no_sd_unet_replacement() -> bool:
