@@ -14,6 +14,7 @@
         var button = app.getElementById(id + "tokens_refresh");
         var subjects = app.querySelector("#" + id + "subjects textarea");
         var prompt = app.querySelector("#" + tab + "_prompt textarea");
+        var methods = app.getElementById(id + "method"); // a radio group: excite | bind | excite+bind
         if (!view || !request || !button || !subjects || !prompt) {
             return null;
         }
@@ -26,12 +27,19 @@
             return value > 0 ? value : 20;
         }
 
+        function method() {
+            var checked = methods ? methods.querySelector("input[type=radio]:checked") : null;
+            return checked ? checked.value : "excite";
+        }
+
         function refresh() {
             timer = null;
             if (view.offsetParent === null) {
                 return; // the accordion is closed (or the tab hidden): refresh when it is shown
             }
-            var payload = JSON.stringify({prompt: prompt.value, subjects: subjects.value, steps: steps()});
+            var payload = JSON.stringify({
+                prompt: prompt.value, subjects: subjects.value, steps: steps(), method: method()
+            });
             if (payload === last) {
                 return;
             }
@@ -52,24 +60,28 @@
             return a.trim().replace(/\s+/g, " ").toLowerCase() === b.trim().replace(/\s+/g, " ").toLowerCase();
         }
 
-        // The subjects as the server parsed them (the view's legend, in order), while the view shows the box's
-        // current text; only when the box changed since the last refresh is its text split here.
+        // The typed subjects as the server parsed them (the view's legend, in order, without the suggested ones),
+        // while the view shows the box's current text; only when the box changed since the last refresh is its text
+        // split here. An empty box or "auto" alone means automatic subjects: none typed.
         function currentSubjects() {
             var shown = last !== null && JSON.parse(last).subjects === subjects.value &&
                 view.querySelector(".ae-tokens-problem, .ae-tokens-message") === null;
             if (shown) {
-                return Array.prototype.map.call(view.querySelectorAll(".ae-legend[data-ae-subject]"), function(el) {
+                var typed = view.querySelectorAll(".ae-legend[data-ae-subject]:not([data-ae-suggested])");
+                return Array.prototype.map.call(typed, function(el) {
                     return el.getAttribute("data-ae-subject");
                 });
             }
-            return subjects.value.split(",").map(function(s) {
+            var items = subjects.value.split(",").map(function(s) {
                 return s.trim();
             }).filter(function(s) {
                 return s.length > 0;
             });
+            return items.length === 1 && items[0].toLowerCase() === "auto" ? [] : items;
         }
 
-        // Clicking a token toggles its word as a subject; clicking a subject's token or legend entry removes it.
+        // Clicking a token toggles its word as a subject; clicking a subject's token or legend entry removes it; a
+        // suggested subject (automatic subjects) is not typed yet, so a click fixes it: it is written into the box.
         view.addEventListener("click", function(event) {
             var target = event.target.closest("[data-ae-subject], [data-ae-word]");
             if (!target) {
@@ -94,6 +106,9 @@
         });
         prompt.addEventListener("input", schedule);
         subjects.addEventListener("input", schedule);
+        if (methods) {
+            methods.addEventListener("change", schedule);
+        }
         return schedule;
     }
 
@@ -107,7 +122,8 @@
         });
     });
     // Prompts also change without input events (pasted infotext, styles, "send to"), and the view must fill when the
-    // accordion opens: check after every UI update; nothing is sent unless the prompt, subjects or steps changed.
+    // accordion opens: check after every UI update; nothing is sent unless the prompt, subjects, steps or method
+    // changed.
     onAfterUiUpdate(function() {
         schedules.forEach(function(schedule) {
             schedule();

@@ -15,6 +15,13 @@ Images whose loss reached the target stop moving; the others keep refining in a 
 A non-finite loss or gradient skips that image's update (a masked update on the device; reported), it never reaches
 the latent.
 
+Binding (SynGen, `lib_ae.binding`): with a `BindingConfig` the engine also evaluates SynGen's loss L_bind on the
+same maps of the same forward (before A&E's re-softmax), per image with a `BindingSelection`. `bind` alone
+(`excite=False`): the loss is L_bind and the plan SynGen's (constant step beta for the first steps, no refinement).
+`excite+bind`: one backward on L = L_excite + (beta_i / alpha_i) * w * L_bind and the update z - alpha_i grad L, so
+each loss moves the latent by its own step; refinement stops on A&E's maxima only. An image moves when its loss is not
+0 (both methods' reference rule).
+
 A step without refinement never waits for the GPU: every value stays on the device, and the report reads it on first
 access (see `StepReport`). A refinement step has to read each iteration's loss to know whether to go on; it reads it
 while the next iteration already runs (`_refine`), so the GPU never idles waiting for the CPU.
@@ -31,8 +38,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .binding import BindingConfig, BindingIndex, BindingPlan, BindingSelection, binding_loss, spatial_distributions
 from .capture import AttentionCapture
-from .config import ExciteConfig, StepPlan
+from .config import ConfigError, ExciteConfig, StepPlan
 from .graphs import GraphableRunner, GraphEvaluations
 from .loss import SelectionIndex, TokenSelection, excite_losses, smoothed_subject_maps, subject_maxima
 
@@ -58,10 +66,13 @@ class StepReport:
 
     Attributes: `step`, `active`, `loss` (at the latent the step started from), `maxima` (max attention per subject
     at the latent the final update was computed from), `refinement_iterations`, `skipped_nonfinite`, `interrupted`,
-    `maps` (with `step(keep_maps=True)`: per image, the (S, h, w) smoothed subject maps behind `maxima`, float32, CPU).
+    `maps` (with `step(keep_maps=True)`: per image, the (S, h, w) smoothed subject maps behind `maxima`, float32, CPU),
+    `bind_loss` (with binding: SynGen's loss per image at the step's starting latent; None without binding groups),
+    `bind_maps` (with keep_maps and binding: per image, the (K, h, w) spatial distributions of each binding group's
+    noun then its modifiers, first word piece each, group after group, float32, CPU).
 
-    Which accesses wait for the GPU: the first access to `loss`, `maxima` or `skipped_nonfinite` reads all three from
-    the device at once (one host transfer; later accesses are free). `step`, `active`, `refinement_iterations`,
+    Which accesses wait for the GPU: the first access to `loss`, `maxima`, `skipped_nonfinite` or `bind_loss` reads
+    them all from the device at once (one host transfer; later accesses are free). `step`, `active`, `refinement_iterations`,
     `interrupted` and `maps` are host values and never wait. `read_reports(reports)` reads many reports in a single
     transfer: call it once after sampling, not during it.
     """
@@ -76,6 +87,8 @@ class StepReport:
         skipped_nonfinite: list[int] | None = None,
         interrupted: bool = False,
         maps: list[torch.Tensor | None] | None = None,
+        bind_loss: list[float | None] | None = None,
+        bind_maps: list[torch.Tensor | None] | None = None,
     ) -> None:
         self.step = step
         self.active = active
@@ -85,6 +98,8 @@ class StepReport:
         self._loss = loss if loss is not None else []
         self._maxima = maxima if maxima is not None else []
         self._skipped = skipped_nonfinite if skipped_nonfinite is not None else []
+        self._bind_loss = bind_loss if bind_loss is not None else []
+        self.bind_maps = bind_maps if bind_maps is not None else []
         self._pending: _DeviceValues | None = None
 
     @property
@@ -116,6 +131,16 @@ class StepReport:
     def skipped_nonfinite(self, value: list[int]) -> None:
         self._read()
         self._skipped = value
+
+    @property
+    def bind_loss(self) -> list[float | None]:
+        self._read()
+        return self._bind_loss
+
+    @bind_loss.setter
+    def bind_loss(self, value: list[float | None]) -> None:
+        self._read()
+        self._bind_loss = value
 
     @property
     def pending(self) -> bool:
@@ -169,9 +194,10 @@ class _DeviceValues:
     maxima_from: list[tuple[list[int], "Evaluation"]]  # (batch rows, evaluation of exactly those rows)
     skipped_from: list[tuple[list[int], "Evaluation"]]  # rows skipped when that evaluation is not finite
     skipped_known: set[int]  # rows already known (on the host) to be skipped
+    binding_rows: frozenset[int] = frozenset()  # rows with binding groups: their bind loss is reported
 
     def pack(self) -> torch.Tensor:
-        parts = [self.first.losses, self.first.finite]
+        parts = [self.first.losses, self.first.finite, self.first.bind_losses]
         for _, evaluation in self.maxima_from:
             parts += [evaluation.maxima.flatten(), evaluation.values_finite]
         parts += [evaluation.finite for _, evaluation in self.skipped_from]
@@ -179,11 +205,14 @@ class _DeviceValues:
 
     def unpack(self, values: list[float], report: StepReport) -> None:
         count = len(self.rows)
-        losses, finite = values[:count], values[count : 2 * count]
-        offset = 2 * count
+        losses, finite, bind_losses = values[:count], values[count : 2 * count], values[2 * count : 3 * count]
+        offset = 3 * count
         loss: list[float | None] = [None] * self.batch
-        for b, value, ok in zip(self.rows, losses, finite):
+        bind_loss: list[float | None] = [None] * self.batch
+        for b, value, ok, bound in zip(self.rows, losses, finite, bind_losses):
             loss[b] = value if ok else math.nan
+            if b in self.binding_rows:
+                bind_loss[b] = bound
         maxima: list[list[float] | None] = [None] * self.batch
         for rows, evaluation in self.maxima_from:
             width = evaluation.maxima.shape[-1]
@@ -200,6 +229,7 @@ class _DeviceValues:
             offset += len(rows)
             skipped.update(b for b, ok in zip(rows, flags) if not ok)
         report._loss, report._maxima, report._skipped = loss, maxima, sorted(skipped)
+        report._bind_loss = bind_loss
         if skipped:
             logger.warning(
                 "step %d: non-finite attention loss or gradient for image(s) %s; their update was skipped",
@@ -219,32 +249,40 @@ class Evaluation:
     maxima: torch.Tensor  # (R, S) a_s per row and subject, NaN-padded when rows have fewer subjects
     values_finite: torch.Tensor  # (R,) bool: the maxima are finite
     finite: torch.Tensor  # (R,) bool: the maxima and the gradient are finite
-    grads: torch.Tensor  # (R, ...) gradient of L with respect to the row's latent
+    grads: torch.Tensor  # (R, ...) gradient of the objective with respect to the row's latent
+    bind_losses: torch.Tensor  # (R,) SynGen's loss per row; 0 for rows without binding groups (or no binding)
+    objective: torch.Tensor  # (R,) the loss differentiated: L_excite, L_bind, or L_excite + ratio * L_bind
     maps: list[torch.Tensor] | None = None  # with keep_maps: per row, (S, h, w) smoothed maps, float32, CPU
+    bind_maps: list[torch.Tensor | None] | None = None  # with keep_maps: per row, (K, h, w) binding maps, CPU
 
     @property
     def moves(self) -> torch.Tensor:
-        """(R,) bool: rows whose update applies (finite, and L != 0: the reference skips the update at L == 0)."""
-        return self.finite & (self.losses != 0)
+        """(R,) bool: rows whose update applies (finite, and the objective != 0: A&E's reference and SynGen's both
+        skip the update at a zero loss)."""
+        return self.finite & (self.objective != 0)
 
     def clone(self) -> "Evaluation":
         return Evaluation(
-            self.losses.clone(), self.maxima.clone(), self.values_finite.clone(), self.finite.clone(), self.grads.clone()
+            self.losses.clone(), self.maxima.clone(), self.values_finite.clone(), self.finite.clone(),
+            self.grads.clone(), self.bind_losses.clone(), self.objective.clone(),
         )
 
     def select(self, positions: list[int], index: torch.Tensor) -> "Evaluation":
         """The rows at `positions` (indices into this evaluation's rows; `index`: the same on the device)."""
         pick = lambda t: t.index_select(0, index)  # noqa: E731
         maps = None if self.maps is None else [self.maps[j] for j in positions]
+        bind_maps = None if self.bind_maps is None else [self.bind_maps[j] for j in positions]
         return Evaluation(pick(self.losses), pick(self.maxima), pick(self.values_finite), pick(self.finite),
-                          pick(self.grads), maps)
+                          pick(self.grads), pick(self.bind_losses), pick(self.objective), maps, bind_maps)
 
 
 @dataclass(frozen=True, eq=False)
 class _LossGroup:
-    index: SelectionIndex
-    selection: TokenSelection
+    index: SelectionIndex | None  # None: no subjects in this group (binding only)
+    selection: TokenSelection | None
     positions: torch.Tensor | None  # rows of the evaluation in this group; None: all of them, in order
+    binding: BindingSelection | None = None
+    binding_index: BindingIndex | None = None  # built outside any CUDA-graph capture, with the plan
 
 
 @dataclass(frozen=True, eq=False)
@@ -252,7 +290,7 @@ class _LossPlan:
     """How the rows of one evaluation split into groups that share a token selection (computed together), all index
     tensors prepared on the device in advance."""
 
-    key: tuple[TokenSelection, ...]
+    key: tuple[tuple[TokenSelection | None, BindingSelection | None], ...]
     groups: tuple[_LossGroup, ...]
     order: torch.Tensor | None  # positions that restore row order after concatenating the groups; None: identity
     order_list: tuple[int, ...]
@@ -269,14 +307,27 @@ class AttendAndExcite:
         *,
         cuda_graphs: bool = False,
         graph_guard: GraphGuard | None = None,
+        binding: BindingConfig | None = None,
+        excite: bool = True,
     ) -> None:
-        """`cuda_graphs`: evaluate through `GraphableRunner`s as replayed CUDA graphs (see `GraphableRunner`); other
+        """`binding`: also apply SynGen's binding loss to the images given `bindings` (see the module docstring);
+        `excite=False` with a `binding`: the `bind` method alone (its plan, no A&E loss in the update).
+        `cuda_graphs`: evaluate through `GraphableRunner`s as replayed CUDA graphs (see `GraphableRunner`); other
         runners, and CPU tensors, are evaluated eagerly as always. Graphs live until `release_graphs()`.
         `graph_guard`: asked once per sampling pass (the first graph evaluation after construction or after
         `release_graphs()`); when it gives reasons, the pass is evaluated eagerly and `graph_fallback_reason` says why.
         """
+        if not excite and binding is None:
+            raise ConfigError("an engine without the excite loss needs a BindingConfig (the bind method)")
         self.capture = capture
         self.config = config or ExciteConfig()
+        self.binding = binding
+        self.excite = excite
+        self._binding_plans: dict[int, BindingPlan] = {}
+        self._binding_indices: dict[tuple[BindingSelection, torch.device], BindingIndex] = {}
+        self._ratios: dict[torch.device, torch.Tensor] = {}
+        """Per device, beta_i / alpha_i * weight of the current step (excite+bind): a device scalar filled before
+        each step's evaluations, so that a captured graph reads the step's value instead of baking one in."""
         self.capture.early_stop = self.config.early_stop
         self._graphs: GraphEvaluations | None = GraphEvaluations(self) if cuda_graphs else None
         self.graph_guard = graph_guard
@@ -285,7 +336,8 @@ class AttendAndExcite:
         self._guard_pending = True
         self._indices: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
         self._selections: dict[tuple[TokenSelection, torch.device], SelectionIndex] = {}
-        self._loss_plans: dict[tuple[tuple[TokenSelection, ...], torch.device], _LossPlan] = {}
+        self._loss_plans: dict[tuple[tuple[tuple[TokenSelection | None, BindingSelection | None], ...], torch.device],
+                               _LossPlan] = {}
         self._parameter_list: list[nn.Parameter] | None = None
 
     def release_graphs(self) -> None:
@@ -304,7 +356,20 @@ class AttendAndExcite:
         return self._parameter_list
 
     def plan(self, steps: int) -> StepPlan:
-        return self.config.plan(steps)
+        """A&E's plan; for `bind` alone SynGen's: a constant step for the first steps, no refinement."""
+        if self.excite:
+            return self.config.plan(steps)
+        bind = self.binding_plan(steps)
+        assert bind is not None  # __init__: no excite without a binding
+        return StepPlan(steps, bind.step_sizes, bind.intervention_steps, {})
+
+    def binding_plan(self, steps: int) -> BindingPlan | None:
+        """SynGen's schedule for `steps` steps (None without binding)."""
+        if self.binding is None:
+            return None
+        if steps not in self._binding_plans:
+            self._binding_plans[steps] = self.binding.plan(steps)
+        return self._binding_plans[steps]
 
     def step(
         self,
@@ -317,8 +382,12 @@ class AttendAndExcite:
         on_iteration: Callable[[int, int], None] | None = None,
         gradient_scale: Sequence[float] | torch.Tensor | None = None,
         keep_maps: bool = False,
+        bindings: Sequence[BindingSelection | None] | None = None,
     ) -> tuple[torch.Tensor, StepReport]:
         """Return the updated latent (a new tensor; `latent` is not modified) and a report.
+
+        `bindings[b]`: image b's modifier-noun groups for the binding loss (used when the engine has a `binding`).
+        An image takes part when it has subjects (and the engine excites) or binding groups (and the engine binds).
 
         `keep_maps`: also report the subject maps behind the reported maxima (for heatmaps). Those evaluations run
         eagerly, never from a CUDA graph, and copy the maps to the CPU, so asking at a step or two costs a few ms.
@@ -331,9 +400,13 @@ class AttendAndExcite:
         batch = latent.shape[0]
         if len(selections) != batch:
             raise ValueError(f"{len(selections)} token selections for a batch of {batch}")
+        if bindings is not None and len(bindings) != batch:
+            raise ValueError(f"{len(bindings)} binding selections for a batch of {batch}")
+        if bindings is None or self.binding is None:
+            bindings = [None] * batch
         report = StepReport(step, plan.is_active(step), [None] * batch, [None] * batch, [0] * batch, [],
-                            maps=[None] * batch)
-        rows = [b for b in range(batch) if selections[b] is not None and selections[b].subjects]
+                            maps=[None] * batch, bind_loss=[None] * batch, bind_maps=[None] * batch)
+        rows = [b for b in range(batch) if self._takes_part(selections[b], bindings[b])]
         if not report.active or not rows:
             report.active = False
             return latent, report
@@ -341,7 +414,8 @@ class AttendAndExcite:
         self.config.check_map_size(*size)  # a precise ConfigError before any work, instead of F.pad's
         z = latent.detach().clone()
         coefficient = self._coefficients(plan.step_sizes[step], gradient_scale, z)
-        context = _StepContext(selections, size, run_unet, coefficient)
+        self._set_binding_ratio(plan, step, z.device)
+        context = _StepContext(selections, size, run_unet, coefficient, bindings)
 
         first = self._evaluate(z, rows, context, keep_maps)
         maxima_from: list[tuple[list[int], Evaluation]] = [(rows, first)]
@@ -373,15 +447,43 @@ class AttendAndExcite:
             for map_rows, evaluation in maxima_from:
                 if evaluation.maps is not None:
                     for b, maps in zip(map_rows, evaluation.maps):
-                        report.maps[b] = maps
-        report._pending = _DeviceValues(batch, rows, first, _exact_rows(maxima_from, self), skipped_from, skipped)
+                        report.maps[b] = maps if selections[b] is not None else None
+                if evaluation.bind_maps is not None:
+                    for b, bind_maps in zip(map_rows, evaluation.bind_maps):
+                        report.bind_maps[b] = bind_maps
+        bound = frozenset(b for b in rows if bindings[b] is not None and bindings[b].groups)  # type: ignore[union-attr]
+        report._pending = _DeviceValues(
+            batch, rows, first, _exact_rows(maxima_from, self), skipped_from, skipped, binding_rows=bound
+        )
         return z, report
+
+    def _takes_part(self, selection: TokenSelection | None, binding: BindingSelection | None) -> bool:
+        excites = self.excite and selection is not None and bool(selection.subjects)
+        binds = self.binding is not None and binding is not None and bool(binding.groups)
+        return excites or binds
+
+    def _set_binding_ratio(self, plan: StepPlan, step: int, device: torch.device) -> None:
+        """excite+bind: L = L_excite + (beta_i / alpha_i) * w * L_bind, so that z - alpha_i grad L moves the latent by
+        alpha_i along A&E's gradient and by beta_i * w along SynGen's. A device scalar filled in place: no host
+        read, and a captured graph sees each step's value. alpha_i = 0 (scale factor 0) moves nothing at all."""
+        if self.binding is None or not self.excite:
+            return
+        bind = self.binding_plan(plan.steps)
+        assert bind is not None
+        alpha = plan.step_sizes[step]
+        ratio = bind.step_size(step) * self.binding.weight / alpha if alpha > 0 else 0.0
+        self._ratio(device).fill_(ratio)
+
+    def _ratio(self, device: torch.device) -> torch.Tensor:
+        if device not in self._ratios:
+            self._ratios[device] = torch.zeros((), dtype=torch.float64, device=device)
+        return self._ratios[device]
 
     # ------------------------------------------------------------------------------------------------ the three parts
 
     def _evaluate(self, z: torch.Tensor, rows: list[int], context: "_StepContext", keep_maps: bool = False) -> Evaluation:
         """L and its gradient at the latent `z` for batch rows `rows` (the paper's forward pass with attention)."""
-        loss_plan = self._loss_plan([context.selections[b] for b in rows], z.device)  # type: ignore[misc]
+        loss_plan = self._loss_plan([(context.selections[b], context.bindings[b]) for b in rows], z.device)
         run_unet = context.run_unet
         if self._graphs is not None and isinstance(run_unet, GraphableRunner) and not keep_maps and self._graphs_allowed():
             return self._graphs.evaluate(z, rows, loss_plan, context.size, run_unet)
@@ -472,37 +574,85 @@ class AttendAndExcite:
             with self.capture.record(*size) as recording:
                 run(leaf)
             attention = recording.maps()
-            parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+            parts: list[tuple[torch.Tensor, ...]] = []
             kept: list[torch.Tensor] = []
+            kept_binding: list[torch.Tensor | None] = []
             for group in loss_plan.groups:
                 group_attention = attention if group.positions is None else attention.index_select(0, group.positions)
-                maps = smoothed_subject_maps(
-                    group_attention,
-                    group.selection,
-                    smooth_attentions=cfg.smooth_attentions,
-                    kernel_size=cfg.kernel_size,
-                    sigma=cfg.sigma,
-                    temperature=cfg.softmax_temperature,
-                    index=group.index,
-                )
-                values = subject_maxima(maps)
-                if keep_maps:
-                    kept.extend(maps.detach().float().cpu().unbind(0))
-                values_finite = torch.isfinite(values).all(dim=-1)
-                # A non-finite image contributes a zero loss, which is all it can change.
-                losses = torch.where(values_finite, excite_losses(values), torch.zeros_like(values[..., 0]))
+                count = group_attention.shape[0]
+                if group.selection is not None:
+                    maps = smoothed_subject_maps(
+                        group_attention,
+                        group.selection,
+                        smooth_attentions=cfg.smooth_attentions,
+                        kernel_size=cfg.kernel_size,
+                        sigma=cfg.sigma,
+                        temperature=cfg.softmax_temperature,
+                        index=group.index,
+                    )
+                    values = subject_maxima(maps)
+                    if keep_maps:
+                        kept.extend(maps.detach().float().cpu().unbind(0))
+                    values_finite = torch.isfinite(values).all(dim=-1)
+                    # A non-finite image contributes a zero loss, which is all it can change.
+                    losses = torch.where(values_finite, excite_losses(values), torch.zeros_like(values[..., 0]))
+                else:  # binding only: no subjects, no A&E terms
+                    values = group_attention.new_zeros(count, 0)
+                    values_finite = torch.ones(count, dtype=torch.bool, device=attention.device)
+                    losses = group_attention.new_zeros(count)
+                    if keep_maps:
+                        kept.extend(group_attention.new_zeros(count, 0, *size).float().cpu().unbind(0))
                 if values.shape[-1] < loss_plan.width:
                     values = torch.nn.functional.pad(values, (0, loss_plan.width - values.shape[-1]), value=math.nan)
-                parts.append((losses, values, values_finite))
-            losses, values, values_finite = (torch.cat(p) if len(parts) > 1 else p[0] for p in zip(*parts))
+                binding, objective = self._binding_terms(group, group_attention, losses)
+                if keep_maps:
+                    kept_binding.extend(self._binding_maps(group, group_attention, size))
+                parts.append((losses, values, values_finite, binding, objective))
+            losses, values, values_finite, binding, objective = (
+                torch.cat(p) if len(parts) > 1 else p[0] for p in zip(*parts)
+            )
             if loss_plan.order is not None:
-                losses, values, values_finite = (t.index_select(0, loss_plan.order) for t in (losses, values, values_finite))
+                losses, values, values_finite, binding, objective = (
+                    t.index_select(0, loss_plan.order) for t in (losses, values, values_finite, binding, objective)
+                )
                 if keep_maps:
                     kept = [kept[j] for j in loss_plan.order_list]
-            (grads,) = torch.autograd.grad(losses.sum(), [leaf])
-        finite = values_finite & torch.isfinite(grads.flatten(1)).all(dim=1)
+                    kept_binding = [kept_binding[j] for j in loss_plan.order_list]
+            objective_finite = torch.isfinite(objective)
+            # A non-finite binding loss would spread NaN through the sum's gradient: that row contributes 0 instead
+            # and is reported as skipped, as a non-finite excite loss is.
+            safe_objective = torch.where(objective_finite, objective, torch.zeros_like(objective))
+            (grads,) = torch.autograd.grad(safe_objective.sum(), [leaf])
+        finite = values_finite & objective_finite & torch.isfinite(grads.flatten(1)).all(dim=1)
         return Evaluation(losses.detach(), values.detach(), values_finite, finite, grads.detach(),
-                          kept if keep_maps else None)
+                          binding.detach(), safe_objective.detach(), kept if keep_maps else None,
+                          kept_binding if keep_maps else None)
+
+    def _binding_terms(
+        self, group: _LossGroup, attention: torch.Tensor, losses: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(SynGen's loss per row, the objective to differentiate) for one loss group: A&E's loss alone without
+        binding (exactly as before: the reference's computation is untouched), L_bind for `bind`, and
+        L_excite + ratio * L_bind for `excite+bind`."""
+        if self.binding is None or group.binding is None:
+            bind = torch.zeros(losses.shape, dtype=torch.promote_types(losses.dtype, torch.float32),
+                               device=losses.device)
+            return bind, (losses if self.excite else bind)
+        bind = binding_loss(attention, group.binding, group.binding_index)
+        if not self.excite:
+            return bind, bind
+        return bind, losses + self._ratio(attention.device) * bind
+
+    @staticmethod
+    def _binding_maps(group: _LossGroup, attention: torch.Tensor, size: tuple[int, int]) -> list[torch.Tensor | None]:
+        """Per row, (K, h, w): each binding group's noun then its modifiers (first word piece), as the loss sees
+        them (spatial distributions); None per row without binding groups. Only with keep_maps (eager)."""
+        count = attention.shape[0]
+        if group.binding is None or not group.binding.groups:
+            return [None] * count
+        columns = [c for g in group.binding.groups for c in (g.noun[0], *(m[0] for m in g.modifiers))]
+        distributions = spatial_distributions(attention.detach().float(), columns)  # (R, K, h*w)
+        return list(distributions.reshape(count, len(columns), *size).cpu().unbind(0))
 
     def _probe_last_layer(self, size: tuple[int, int], forward: Callable[[], object]) -> None:
         """Before the first gradient forward at this map size: one no-grad forward to learn where it may stop."""
@@ -539,33 +689,46 @@ class AttendAndExcite:
             return None
         return self.index(rows, z.device)
 
-    def _loss_plan(self, selections: list[TokenSelection], device: torch.device) -> _LossPlan:
-        key = (tuple(selections), device)
+    def _loss_plan(
+        self, targets: list[tuple[TokenSelection | None, BindingSelection | None]], device: torch.device
+    ) -> _LossPlan:
+        """Rows grouped by (subjects, binding groups); every index tensor built here, before any graph capture."""
+        key = (tuple(targets), device)
         plan = self._loss_plans.get(key)
         if plan is None:
-            distinct = list(dict.fromkeys(selections))
+            distinct = list(dict.fromkeys(targets))
             groups = []
             order_of_rows: list[int] = []
-            for selection in distinct:
-                positions = [j for j, s in enumerate(selections) if s == selection]
+            for selection, binding in distinct:
+                positions = [j for j, t in enumerate(targets) if t == (selection, binding)]
                 order_of_rows += positions
+                has_subjects = selection is not None and bool(selection.subjects)
+                binds = self.binding is not None and binding is not None and bool(binding.groups)
                 groups.append(
                     _LossGroup(
-                        self._selection_index(selection, device),
-                        selection,
+                        self._selection_index(selection, device) if has_subjects else None,  # type: ignore[arg-type]
+                        selection if has_subjects else None,
                         None if len(distinct) == 1 else torch.as_tensor(positions, device=device),
+                        binding if binds else None,
+                        self._binding_index(binding, device) if binds else None,  # type: ignore[arg-type]
                     )
                 )
-            order, inverse = None, list(range(len(selections)))
-            if order_of_rows != list(range(len(selections))):
+            order, inverse = None, list(range(len(targets)))
+            if order_of_rows != list(range(len(targets))):
                 inverse = [0] * len(order_of_rows)
                 for concatenated, row in enumerate(order_of_rows):
                     inverse[row] = concatenated
                 order = torch.as_tensor(inverse, device=device)
-            width = max(len(s.subjects) for s in distinct)
-            plan = _LossPlan(tuple(selections), tuple(groups), order, tuple(inverse), width)
+            width = max((len(g.selection.subjects) for g in groups if g.selection is not None), default=0)
+            plan = _LossPlan(tuple(targets), tuple(groups), order, tuple(inverse), width)
             self._loss_plans[key] = plan
         return plan
+
+    def _binding_index(self, binding: BindingSelection, device: torch.device) -> BindingIndex:
+        key = (binding, device)
+        if key not in self._binding_indices:
+            self._binding_indices[key] = BindingIndex.build(binding, device)
+        return self._binding_indices[key]
 
     def _selection_index(self, selection: TokenSelection, device: torch.device) -> SelectionIndex:
         key = (selection, device)
@@ -593,6 +756,7 @@ class _StepContext:
     size: tuple[int, int]
     run_unet: UNetRunner
     coefficient: torch.Tensor
+    bindings: Sequence[BindingSelection | None]
 
 
 @dataclass

@@ -21,9 +21,15 @@ A1111's infotext and API machinery hand over strings), a number field takes an i
 string, a text field takes text. Every problem of a set of arguments is collected and reported at once in a
 `ParamsError`, each message naming the parameter, what was expected and what was given.
 
-CANONICAL TEXT. The two text parameters are stored in a canonical spelling, so that equal settings compare equal
+CANONICAL TEXT. The text parameters are stored in a canonical spelling, so that equal settings compare equal
 and survive the infotext round trip: subjects as "cat, red car" (split on commas, whitespace collapsed, empty items and
-case-insensitive duplicates dropped), thresholds as "0:0.05, 10:0.5, 20:0.8" (sorted by step; "none" when empty).
+case-insensitive duplicates dropped), thresholds as "0:0.05, 10:0.5, 20:0.8" (sorted by step; "none" when empty), the
+method as one of its choices in lower case ("excite+bind").
+
+AUTOMATIC SUBJECTS. No subject words (an empty box, an empty list, or "auto" alone) means that the host finds the
+subjects in each image's prompt (`lib_ae.suggest`). Its canonical text is the empty string, the spec's default; the
+infotext writes it as "AE subjects: auto" (A1111 drops empty values), and the host writes the subjects it used beside
+it.
 
 `AEParams`, the validated set, takes its fields from `PARAMS` and parses the two text parameters once: the host uses
 the typed `subject_names` / `threshold_steps`; the canonical text is what goes into the infotext and the API.
@@ -44,6 +50,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
+from .binding import BindingConfig
 from .config import REFERENCE_STEPS, ExciteConfig
 
 logger = logging.getLogger(__name__)
@@ -65,7 +72,12 @@ OFFICIAL_THRESHOLDS_TEXT = "0:0.05, 10:0.5, 20:0.8"
 EMPTY_THRESHOLDS_TEXT = "none"
 """Canonical spelling of "no iterative refinement": a non-empty word, because A1111 drops empty infotext values."""
 
-ENABLED_WITHOUT_SUBJECTS = "AE is enabled but no subject words are given (AE subjects: e.g. 'cat, red car')"
+AUTO_SUBJECTS_TEXT = "auto"
+"""How automatic subjects are written in the infotext and may be typed: the subjects are found in the prompt."""
+
+METHODS: tuple[str, ...] = ("excite", "bind", "excite+bind")
+"""`method`: Attend-and-Excite alone (the default, the behaviour before the parameter existed), SynGen's binding loss
+alone (lib_ae.binding), or both losses in one update, each with its own step size."""
 
 
 class ParamsError(ValueError):
@@ -184,6 +196,7 @@ def _parse_whole(text: str) -> int | None:
 
 
 def _canonical_subjects(value: str | Sequence[str], key: str) -> str:
+    """Canonical subjects text; "" (automatic) for no subjects or "auto" alone, in any case."""
     if isinstance(value, str):
         subjects = parse_subjects(value)
     else:
@@ -201,7 +214,16 @@ def _canonical_subjects(value: str | Sequence[str], key: str) -> str:
     problems = _subject_problems(subjects, key)
     if problems:
         raise _ValueProblem("\n".join(problems))
+    if len(subjects) == 1 and subjects[0].lower() == AUTO_SUBJECTS_TEXT:
+        return ""
     return format_subjects(subjects)
+
+
+def _canonical_method(value: str, key: str) -> str:
+    method = "".join(value.split()).lower()  # "Excite + Bind" is excite+bind
+    if method not in METHODS:
+        raise _ValueProblem(f"{key}: expected one of {', '.join(METHODS)}, got {_show(value)}")
+    return method
 
 
 def _canonical_thresholds(value: str, key: str) -> str:
@@ -227,6 +249,9 @@ class ParamSpec:
     `xyz`: offered as an X/Y/Z plot axis.
     `canonical`: for text parameters, validates the text and returns its canonical spelling.
     `accepts_list`: a text parameter that may also be given as a list of strings (subjects).
+    `choices`: a text parameter that takes one of these values (shown as a radio group and an X/Y/Z dropdown).
+    `absent_means_default`: an infotext with A&E keys but without this one was written before the parameter existed,
+    so the image was made with the default: reading it gives the default (appended parameters that change the result).
     """
 
     name: str
@@ -241,6 +266,8 @@ class ParamSpec:
     xyz: bool = True
     canonical: Callable[[Any, str], str] | None = field(default=None, compare=False, repr=False)
     accepts_list: bool = False
+    choices: tuple[str, ...] | None = None
+    absent_means_default: bool = False
 
     def __post_init__(self) -> None:
         if not INFOTEXT_KEY_PATTERN.fullmatch(self.infotext_key):
@@ -263,6 +290,8 @@ class ParamSpec:
         if self.kind == "bool":
             return "true or false"
         if self.kind == "str":
+            if self.choices:
+                return "one of " + ", ".join(self.choices)
             return "text or a list of texts" if self.accepts_list else "text"
         assert self.minimum is not None and self.maximum is not None and self.step is not None
         if self.kind == "int":
@@ -346,7 +375,8 @@ PARAMS: tuple[ParamSpec, ...] = (
         default="",
         infotext_key="AE subjects",
         help="Words or phrases of the prompt that must appear in the image, separated by commas, e.g. 'cat, red car'. "
-        "Each must occur in the prompt as written; the first occurrence is used.",
+        "Each must occur in the prompt as written; the first occurrence is used. Empty (or 'auto'): the nouns of the "
+        "prompt are found for you (shown as suggested in the token view).",
         canonical=_canonical_subjects,
         accepts_list=True,
     ),
@@ -472,6 +502,32 @@ PARAMS: tuple[ParamSpec, ...] = (
         help="With the heatmaps: a second row with the maps at the first step, before A&E moved the latent.",
         xyz=False,
     ),
+    ParamSpec(
+        name="method",
+        label="Method",
+        kind="str",
+        default="excite",
+        infotext_key="AE method",
+        help="excite: Attend-and-Excite, every subject must appear. bind: SynGen's binding, each modifier's attention "
+        "is pulled onto its noun's ('a red car and a blue bench': red goes to the car), on the modifiers of the "
+        "subjects. excite+bind: both, each loss with its own step size.",
+        canonical=_canonical_method,
+        choices=METHODS,
+        absent_means_default=True,
+    ),
+    ParamSpec(
+        name="bind_step_size",
+        label="Binding step size",
+        kind="float",
+        default=20.0,
+        minimum=0.0,
+        maximum=100.0,
+        step=0.5,
+        infotext_key="AE bind step size",
+        help="Step size of the binding update (SynGen: 20, the same at every updated step). With excite+bind the "
+        "binding loss moves the latent by this step and the excite loss by the scale factor.",
+        absent_means_default=True,
+    ),
 )
 """Stable positional API order: only ever append (see the module docstring)."""
 
@@ -547,6 +603,21 @@ class AEParams:
         return steps
 
     @property
+    def auto_subjects(self) -> bool:
+        """No subject words: the host finds the subjects in each prompt."""
+        return not self.subject_names
+
+    @property
+    def excites(self) -> bool:
+        """The method includes Attend-and-Excite's loss."""
+        return self.method in ("excite", "excite+bind")
+
+    @property
+    def binds(self) -> bool:
+        """The method includes SynGen's binding loss."""
+        return self.method in ("bind", "excite+bind")
+
+    @property
     def subject_list(self) -> list[str]:
         """The subjects as a list, in the order given."""
         return list(self.subject_names)
@@ -572,6 +643,12 @@ class AEParams:
             normalize_eot=get["normalize_eot"],
         )
 
+    def to_binding_config(self) -> BindingConfig:
+        """SynGen's schedule: the binding step size, over the same fraction of the steps as A&E's updates (the
+        official 25 of 50 is the default 0.5)."""
+        get = self.as_dict()
+        return BindingConfig(step_size=get["bind_step_size"], intervention_fraction=get["alter_fraction"])
+
     def as_dict(self) -> dict[str, Any]:
         """Field name -> value: the API's dict form."""
         return {spec.name: getattr(self, spec.name) for spec in PARAMS}
@@ -588,8 +665,8 @@ class AEParams:
 def validate(values: Mapping[str, Any]) -> dict[str, Any]:
     """Validate a full or partial field-name -> raw value mapping; returns every field, typed and canonical.
 
-    Missing fields take their defaults. Raises `ParamsError` with all problems, including the cross-field rule that
-    an enabled A&E needs at least one subject.
+    Missing fields take their defaults. Raises `ParamsError` with all problems. No subjects is valid: the host finds
+    them in the prompt (see AUTOMATIC SUBJECTS in the module doc).
     """
     problems: list[str] = []
     for name in values:
@@ -602,8 +679,6 @@ def validate(values: Mapping[str, Any]) -> dict[str, Any]:
             result[spec.name] = spec.parse(raw)
         except _ValueProblem as problem:
             problems.extend(str(problem).split("\n"))
-    if result.get("enabled") is True and result.get("subjects") == "":
-        problems.append(ENABLED_WITHOUT_SUBJECTS)
     if problems:
         raise ParamsError(problems)
     return result
@@ -696,6 +771,8 @@ def to_infotext(params: AEParams) -> dict[str, str | int | float | bool]:
     for spec in PARAMS:
         if spec.name != "enabled":
             entries[spec.infotext_key] = getattr(params, spec.name)
+    if params.auto_subjects:
+        entries[PARAMS_BY_NAME["subjects"].infotext_key] = AUTO_SUBJECTS_TEXT
     return entries
 
 
@@ -703,7 +780,8 @@ def from_infotext(fields: Mapping[str, Any], *, strict: bool = False) -> dict[st
     """Field name -> typed value for every A&E key in parsed infotext fields (A1111 hands over strings).
 
     `enabled` is always in the result: True iff any A&E key is present, so pasting an infotext without A&E switches
-    the checkbox off. A text value A1111's parser split as "number x number" (a subject like "3x4") is rejoined.
+    the checkbox off. With A&E keys present, a parameter that is `absent_means_default` and missing takes its default
+    (the image was written before that parameter existed). A text value A1111's parser split as "number x number" (a subject like "3x4") is rejoined.
     A value that does not parse is skipped with a warning (a hand-edited infotext should not break a paste), or with
     `strict` raises `ParamsError` listing every such value.
     """
@@ -728,6 +806,10 @@ def from_infotext(fields: Mapping[str, Any], *, strict: bool = False) -> dict[st
             raise ParamsError(problems)
         for message in problems:
             logger.warning("ignoring an infotext value: %s", message)
+    if present:
+        for spec in PARAMS:
+            if spec.absent_means_default and _infotext_value(fields, spec) is None:
+                result[spec.name] = spec.default
     return {"enabled": present, **result}
 
 

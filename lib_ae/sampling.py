@@ -14,6 +14,7 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
+from .binding import BindingSelection
 from .config import StepPlan
 from .engine import AttendAndExcite, StepReport, UNetRunner
 from .loss import TokenSelection
@@ -74,12 +75,16 @@ class InSamplerExcitation:
         run_unet: UNetRunner,
         should_stop: Callable[[], bool] | None = None,
         on_iteration: Callable[[int, int], None] | None = None,
+        bindings: Sequence[BindingSelection | None] | None = None,
     ) -> StepReport | None:
-        """Call with the exact tensor the sampler passes to its model, before the model runs."""
+        """Call with the exact tensor the sampler passes to its model, before the model runs. `bindings`: each
+        image's modifier-noun groups, for an engine with binding."""
         step = self.clock.step_of(call_index)
         if step is None or step >= self.plan.steps or not self.plan.is_active(step):
             return None
         scale = sigma_space_gradient_scale(sigma) if self.space == "sigma" else None
+        # `bindings` only when given: an engine (or stand-in) without binding keeps its call unchanged.
+        binding_args = {"bindings": bindings} if bindings is not None else {}
         updated, report = self.engine.step(
             x,
             step,
@@ -90,6 +95,7 @@ class InSamplerExcitation:
             on_iteration=on_iteration,
             gradient_scale=scale,
             keep_maps=step in self.map_steps,
+            **binding_args,
         )
         if report.active:
             with torch.no_grad():

@@ -73,6 +73,25 @@ def subject_maps_at(report: StepReport, image: int, labels: Sequence[str]) -> li
     return [SubjectMap(label, maps[s].numpy(), report.step) for s, label in enumerate(labels[: maps.shape[0]])]
 
 
+def binding_maps_at(report: StepReport, image: int, labels: Sequence[str]) -> list[SubjectMap]:
+    """The binding maps of one image in a report made with `keep_maps` (`StepReport.bind_maps`): per group the noun's
+    spatial distribution, then each modifier's beside it; `labels` as the host names them ("car", "red→car")."""
+    maps = report.bind_maps[image] if image < len(getattr(report, "bind_maps", [])) else None
+    if maps is None:
+        return []
+    return [SubjectMap(label, maps[k].numpy(), report.step) for k, label in enumerate(labels[: maps.shape[0]])]
+
+
+def bind_loss_summary(reports: Sequence[StepReport], image: int) -> str | None:
+    """"bind loss -0.012 -> -0.41": SynGen's loss of one image at the first and the last step it was evaluated
+    (lower is better bound); None when the image had nothing to bind."""
+    values = [r.bind_loss[image] for r in reports if r.active and image < len(r.bind_loss)]
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return f"bind loss {values[0]:.3g} -> {values[-1]:.3g}"
+
+
 def image_trace(reports: Sequence[StepReport], image: int, labels: Sequence[str], refinement_steps: Sequence[int]) -> ImageTrace:
     active = [r for r in reports if r.active and image < len(r.loss) and r.loss[image] is not None]
     refinement = tuple(

@@ -25,7 +25,16 @@ import gradio as gr
 from lib_ae.params import PARAM_NAMES, PARAMS, PARAMS_BY_NAME, AEParams, ParamsError, requested_params, to_infotext
 from lib_ae.webui import controls, host, sampling_pass, visuals
 from lib_ae.webui.host import Processing
-from lib_ae.webui.report import AE_ERROR_KEY, AE_HIRES_TRACE_KEY, AE_TRACE_KEY, TITLE, clear_infotext, report_problem
+from lib_ae.webui.report import (
+    AE_BINDINGS_KEY,
+    AE_ERROR_KEY,
+    AE_HIRES_TRACE_KEY,
+    AE_SUBJECTS_USED_KEY,
+    AE_TRACE_KEY,
+    TITLE,
+    clear_infotext,
+    report_problem,
+)
 from lib_ae.webui.run_state import existing_state, xyz_overrides
 from lib_ae.webui.token_view import token_view_ui
 
@@ -33,6 +42,8 @@ INFOTEXT_KEYS: tuple[str, ...] = tuple(spec.infotext_key for spec in PARAMS) + (
     AE_ERROR_KEY,
     AE_TRACE_KEY,
     AE_HIRES_TRACE_KEY,
+    AE_SUBJECTS_USED_KEY,
+    AE_BINDINGS_KEY,
 )
 
 

@@ -6,6 +6,11 @@ One process, one run, same weights / latent / prompt embedding / sampler for eve
   ae_norefine  the same plus lib_ae's update, refinement disabled (thresholds={})
   ae           the same plus lib_ae's update with the official defaults. Random weights never reach the refinement
                thresholds, so all three refinement steps run their 20 iterations: the WORST case of refinement
+  bind         (with --binding) lib_ae's `bind` method: SynGen's loss and schedule (round(0.5 * steps) updates of step
+               20, no refinement) on two modifier-noun groups
+  excite_bind_norefine, excite_bind
+               (with --binding) `excite+bind`: the ae_norefine / ae rows with SynGen's loss added to the same evaluation
+               (no extra UNet call); ratios `ours_excite_bind*_over_ae*` over the matching excite row (target <= 1.02)
   ref_plain    diffusers StableDiffusionPipeline (DDIM, same steps and CFG) on the same UNet converted to diffusers
   ref_ae       diffusers StableDiffusionAttendAndExcitePipeline (DDIM, its defaults) on that converted UNet
 Each lib_ae row exists with CUDA-graph evaluation (`_graph`) and eager. The reference rows run for SD1.5 at batch 1
@@ -28,6 +33,8 @@ torch.use_deterministic_algorithms(True, warn_only=True); at the top, the `ratio
     python tests/benchmark.py --determinism --deadline-s 330 --out /tmp/bench.json    # on a GPU, one device call
     python tests/benchmark.py --tiny --out /tmp/bench.json           # small CPU configuration (CI smoke test)
     python tests/benchmark.py --profile --only sd15                  # where one A&E evaluation spends its time
+    python tests/benchmark.py --binding --only sd15 --batch 1 --no-reference --no-profile-numbers \
+        --rows ae_norefine_graph,bind_graph,excite_bind_norefine_graph --out /tmp/bind.json   # binding beside excite
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ from lib_ae import (  # noqa: E402
     TokenSelection,
     frozen_parameters,
 )
+from lib_ae.binding import BindingConfig, BindingGroup, BindingSelection  # noqa: E402
 from lib_ae.graphs import GraphableRunner  # noqa: E402
 from support.thirdparty import import_k_diffusion  # noqa: E402
 
@@ -74,6 +82,11 @@ logger = logging.getLogger("benchmark")
 SUBJECT_COLUMNS = ((2,), (5,))  # "a cat and a dog": cat = 2, dog = 5
 CFG_SCALE = 7.5
 AE_ROWS = ("ae_norefine", "ae_norefine_graph", "ae", "ae_graph")
+BINDING_ROWS = ("bind", "bind_graph", "excite_bind_norefine", "excite_bind_norefine_graph", "excite_bind",
+                "excite_bind_graph")
+"""Rows of the binding methods: with --binding (or named in --rows)."""
+BINDING = BindingSelection.official(7, [BindingGroup(2, (1,)), BindingGroup(5, (4,))])
+"""Two modifier-noun groups whose nouns are the subjects of SUBJECT_COLUMNS (2 and 5), among 7 word pieces."""
 TOKENS = 77
 TEXT_SCALE = 0.25
 """Standard deviation of the random prompt embeddings. It sets the spread of the cross-attention logits of random
@@ -326,6 +339,7 @@ def k_euler(
     steps: int,
     excitation: InSamplerExcitation | None,
     graphable: bool = False,
+    binds: bool = False,
 ) -> torch.Tensor:
     """A1111's txt2img core: a CFG denoiser (uncond and cond in one batch) around k-diffusion's CompVisDenoiser, driven
     by sample_euler. `graphable`: hand lib_ae a `GraphableRunner` (the step's sigma and the conditioning as inputs)."""
@@ -333,6 +347,7 @@ def k_euler(
     sigmas = denoiser.get_sigmas(steps)
     calls = 0
     selections = [TokenSelection.official(TOKENS, SUBJECT_COLUMNS)] * x_t.shape[0]
+    bindings = [BINDING if binds else None] * x_t.shape[0]
 
     def cfg_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         nonlocal calls
@@ -344,7 +359,7 @@ def k_euler(
                 def run_unet(latent_rows: torch.Tensor, rows: torch.Tensor) -> None:
                     denoiser(latent_rows, sigma.index_select(0, rows), cond=select_rows(cond, rows))
 
-            excitation.before_model_call(calls, x, sigma, selections, run_unet)
+            excitation.before_model_call(calls, x, sigma, selections, run_unet, bindings=bindings)
         calls += 1
         x_in, sigma_in = torch.cat([x, x]), torch.cat([sigma, sigma])
         uncond_out, cond_out = denoiser(x_in, sigma_in, cond=concat(uncond, cond)).chunk(2)
@@ -520,7 +535,18 @@ ROW_CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {
     "ae_norefine_graph": ({"thresholds": {}}, True),
     "ae": ({}, False),
     "ae_graph": ({}, True),
+    "bind": ({}, False),
+    "bind_graph": ({}, True),
+    "excite_bind_norefine": ({"thresholds": {}}, False),
+    "excite_bind_norefine_graph": ({"thresholds": {}}, True),
+    "excite_bind": ({}, False),
+    "excite_bind_graph": ({}, True),
 }
+ROW_METHODS: dict[str, tuple[BindingConfig | None, bool]] = {
+    name: ((BindingConfig(), not name.startswith("bind")) if name in BINDING_ROWS else (None, True))
+    for name in ROW_CONFIGS
+}
+"""Per row: the engine's binding config and whether it excites (bind: SynGen alone; excite_bind: both)."""
 ROW_KEYS = {"ae_norefine_graph": "norefine_graph", "ae_graph": "worst_graph", "ae_norefine": "norefine_eager", "ae": "worst_eager"}
 
 
@@ -549,8 +575,10 @@ def bench_scenario(
             finals["plain"] = k_euler(denoiser, x_t, cond, uncond, run_steps, None)
         return finals["plain"]
 
-    def make_engine(config: ExciteConfig, graphs: bool) -> AttendAndExcite:
-        engine = AttendAndExcite(capture, config, cuda_graphs=graphs)
+    def make_engine(
+        config: ExciteConfig, graphs: bool, binding: BindingConfig | None = None, excite: bool = True
+    ) -> AttendAndExcite:
+        engine = AttendAndExcite(capture, config, cuda_graphs=graphs, binding=binding, excite=excite)
         evaluate = engine._evaluate
 
         def counted(*args: Any, **kwargs: Any) -> Any:
@@ -562,14 +590,16 @@ def bench_scenario(
 
     def ae_row(name: str, config: ExciteConfig, graphs: bool) -> Callable[[int], torch.Tensor]:
         # One engine per row, as a host keeps one per model: graphs are captured in the warm-up run and replayed after.
-        engine = engines[name] = make_engine(config, graphs)
+        binding, excite = ROW_METHODS[name]
+        engine = engines[name] = make_engine(config, graphs, binding, excite)
 
         def run(run_steps: int) -> torch.Tensor:
             excitation = InSamplerExcitation(engine, engine.plan(run_steps), "sigma", StepClock(1))
             if name not in syncs:  # the warm-up run: count each A&E step's synchronisations (not timed)
                 sync_counts(excitation, device, syncs.setdefault(name, {}))
             with torch.no_grad():
-                out = k_euler(denoiser, x_t, cond, uncond, run_steps, excitation, graphable=graphs)
+                out = k_euler(denoiser, x_t, cond, uncond, run_steps, excitation, graphable=graphs,
+                              binds=binding is not None)
             reports[name] = excitation.reports
             finals[name] = out
             return out
@@ -577,7 +607,7 @@ def bench_scenario(
         return run
 
     fns: dict[str, Callable[[int], Any]] = {"plain": plain}
-    for name in ("ae_norefine_graph", "ae_graph", "ae_norefine", "ae"):
+    for name in ("ae_norefine_graph", "ae_graph", "ae_norefine", "ae", *BINDING_ROWS):
         if name in rows:
             overrides, graphs = ROW_CONFIGS[name]
             fns[name] = ae_row(name, ExciteConfig(**overrides), graphs)
@@ -587,9 +617,8 @@ def bench_scenario(
     results: dict[str, Any] = {}
     for name, run in runs.items():
         if name != "plain":
-            config = engines[name].config
-            plan = config.plan(steps)
-            refinement_steps = set(config.plan(warmup_steps or steps).refinement_thresholds)
+            plan = engines[name].plan(steps)
+            refinement_steps = set(engines[name].plan(warmup_steps or steps).refinement_thresholds)
             # Step 0 of the warm-up also learns the last layer (a probe forward) and captures the graph: not counted.
             counted = {k: v for k, v in syncs.get(name, {}).items() if k > 0}
             plain_steps = [v for k, v in counted.items() if k not in refinement_steps]
@@ -643,7 +672,7 @@ def bench_scenario(
     empty_cache(device)
 
     base = results["plain"]
-    ours = [name for name in results if name.startswith("ae")]
+    ours = [name for name in results if name.startswith(("ae", "bind", "excite_bind"))]
     ratios = {f"ours_{name}_over_plain": results[name]["seconds_per_image"] / base["seconds_per_image"] for name in ours}
     paired = {f"ours_{name}_over_plain": paired_ratio(runs, name, "plain") for name in ours}
     memory = {f"ours_{name}_minus_plain_gib": results[name]["peak_over_resident_gib"] - base["peak_over_resident_gib"] for name in ours}
@@ -651,6 +680,12 @@ def bench_scenario(
         f"ours_{name}_minus_plain_reserved_gib": results[name]["peak_reserved_growth_gib"] - base["peak_reserved_growth_gib"]
         for name in ours
     })
+    for name in ours:  # issue 13's target: excite+bind at most 2% over excite alone at the same settings
+        excite_row = "ae" + name.removeprefix("excite_bind")
+        if name.startswith("excite_bind") and excite_row in results:
+            key = f"ours_{name}_over_{excite_row}"
+            ratios[key] = results[name]["seconds_per_image"] / results[excite_row]["seconds_per_image"]
+            paired[key] = paired_ratio(runs, name, excite_row)
     if reference_runs:
         ratios["reference_ae_over_plain"] = results["ref_ae"]["seconds_per_image"] / results["ref_plain"]["seconds_per_image"]
         paired["reference_ae_over_plain"] = paired_ratio(reference_runs, "ref_ae", "ref_plain")
@@ -1078,7 +1113,7 @@ def scenarios_for(args: argparse.Namespace) -> list[Scenario]:
 def rows_for(scenario: Scenario, batch: int, args: argparse.Namespace) -> set[str]:
     """The A&E rows of one configuration. By default: everything at batch 1 except the scenario's skipped rows (SDXL's
     eager rows), only the graph rows at batch > 1 and for SDXL only batch 1, to fit one device call."""
-    rows = set(AE_ROWS)
+    rows = set(AE_ROWS) | (set(BINDING_ROWS) if args.binding or args.rows else set())
     if not args.all_rows:
         rows -= set(scenario.skip_by_default)
         if batch > 1:
@@ -1136,7 +1171,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (1 4; tiny: 1)")
     parser.add_argument("--only", choices=("sd15", "sdxl"), default=None)
     parser.add_argument("--rows", type=lambda v: [r for r in v.split(",") if r], default=None,
-                        help=f"comma-separated A&E rows to keep, of {','.join(AE_ROWS)} (plain always runs)")
+                        help=f"comma-separated A&E rows to keep, of {','.join(AE_ROWS + BINDING_ROWS)} (plain always runs)")
+    parser.add_argument("--binding", action="store_true",
+                        help=f"add the binding rows ({', '.join(BINDING_ROWS)}) beside the excite rows")
     parser.add_argument("--no-reference", action="store_true", help="skip the diffusers rows")
     parser.add_argument("--all-rows", action="store_true", help="also the rows a configuration skips by default")
     parser.add_argument("--no-graphs", action="store_true", help="skip the rows with lib_ae's CUDA-graph evaluation")

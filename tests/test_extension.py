@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lib_ae import AttendAndExcite, AttentionCapture, InSamplerExcitation, StepClock
+from lib_ae.binding import locate_bindings
 from lib_ae.params import PARAMS, AEParams, from_infotext, from_script_args, to_infotext
 from lib_ae.tokens import locate_subjects
 from support.webui_host import DEFAULT_FIELDS, FAST, PROMPT, ROOT, TITLE, WebUI, ae_keys, hooks_on
@@ -58,7 +59,7 @@ def test_ui_is_generated_from_the_params_spec(webui: WebUI) -> None:
     # Infotext paste: text/number parameters by key (so "Send to img2img" copies them), booleans through readers.
     keys = [key for _, key in script.infotext_fields]
     assert [k for k in keys if isinstance(k, str)] == script.paste_field_names
-    assert all(callable(k) for k, spec in zip(keys, PARAMS) if spec.kind == "bool")
+    assert all(callable(k) for k, spec in zip(keys, PARAMS) if spec.kind == "bool" or spec.absent_means_default)
     # Settings: one default per advanced parameter, in the extension's own section.
     labels = webui.host.shared.opts.data_labels
     assert labels["ae_default_scale_factor"].section == ("attend_and_excite", TITLE)
@@ -133,16 +134,54 @@ def test_enabled_then_disabled_is_still_bit_identical(webui: WebUI) -> None:
     ("values", "expected"),
     [
         ({"scale_factor": "abc"}, "AE scale factor: expected a number"),
-        ({"subjects": ""}, "no subject words"),
+        # ({"subjects": ""}, "no subject words") was here: empty subjects now mean automatic subjects (issue 13),
+        # see test_empty_subjects_are_found_in_the_prompt; an automatic search that finds nothing is this case:
+        ({"subjects": "", "prompt": "masterpiece, 8k"}, "automatic subjects: no noun found in the prompt"),
         ({"subjects": "zebra"}, "subject 'zebra' is not in the prompt"),
     ],
 )
 def test_invalid_args_still_produce_the_image(webui: WebUI, values: dict[str, Any], expected: str) -> None:
-    reference = baseline(webui.host)
-    p, processed = webui.run(webui.args(enabled=True, **values))
+    fields = {"prompt": values.pop("prompt")} if "prompt" in values else {}
+    reference = baseline(webui.host, **fields)
+    p, processed = webui.run(webui.args(enabled=True, **values), **fields)
     assert torch.equal(torch.stack(processed.images), reference)  # A&E did nothing, the image is there
     error = ae_keys(processed.infotexts[0], webui.host)["AE error"]
     assert expected in error
+
+
+@pytest.mark.parametrize("subjects", ["", "auto", " Auto "])
+def test_empty_subjects_are_found_in_the_prompt(webui: WebUI, subjects: str) -> None:
+    # The same update as typing the subjects the suggestion finds: the same columns, the same loss.
+    _, typed = webui.run(webui.args(enabled=True, subjects="cat, dog"))
+    p, automatic = webui.run(webui.args(enabled=True, subjects=subjects))
+    assert torch.equal(torch.stack(automatic.images), torch.stack(typed.images))
+    assert not torch.equal(torch.stack(automatic.images), baseline(webui.host))
+    keys = ae_keys(automatic.infotexts[0], webui.host)
+    assert keys["AE subjects"] == "auto" and keys["AE subjects used"] == "cat, dog"
+    assert "AE error" not in keys and "AE bindings" not in keys
+    assert "AE subjects used" not in ae_keys(typed.infotexts[0], webui.host)  # only beside "auto"
+    text = automatic.infotexts[0]
+    assert text.index("AE subjects: auto") < text.index("AE subjects used") < text.index("AE scale factor")
+    assert from_infotext(keys) == from_script_args([True, ""]).as_dict() | {"max_refinement_steps": 2}
+
+
+def test_automatic_subjects_per_image_of_a_batch(webui: WebUI) -> None:
+    prompts = ["a cat and a dog", "a photo of a red car on a (bench:1.2)"]
+    p, processed = webui.run(webui.args(enabled=True, subjects=""), prompt=prompts, batch_size=2)
+    used = [ae_keys(text, webui.host)["AE subjects used"] for text in processed.infotexts]
+    assert used == ["cat, dog", "car, bench"]
+
+
+def test_bindings_are_written_into_the_infotext(webui: WebUI) -> None:
+    prompts = ["a red car and a blue bench", "a cat and a dog"]
+    args = webui.args(enabled=True, subjects="", method="excite+bind")
+    p, processed = webui.run(args, prompt=prompts, batch_size=2)
+    keys = [ae_keys(text, webui.host) for text in processed.infotexts]
+    assert [k["AE bindings"] for k in keys] == ["red->car, blue->bench", "none"]
+    assert [k["AE subjects used"] for k in keys] == ["car, bench", "cat, dog"]
+    assert keys[0]["AE method"] == "excite+bind"
+    nothing = "bind: the prompt has no modifier to bind (no adjective or other modifier before a noun) (image 2)"
+    assert nothing in keys[1]["AE error"]
 
 
 def test_missing_subject_is_reported_and_the_others_are_excited(webui: WebUI) -> None:
@@ -197,9 +236,13 @@ def test_only_images_with_subjects_are_updated(webui: WebUI) -> None:
 # The update is lib_ae's, applied to the sampler's own latent at the right model calls
 
 
-def direct_lib_ae_run(host: SimpleNamespace, params: AEParams, sampler: str, steps: int, seed: int) -> torch.Tensor:
+def direct_lib_ae_run(
+    host: SimpleNamespace, params: AEParams, sampler: str, steps: int, seed: int, prompt: str = PROMPT,
+    pairs: list[tuple[str, str]] | None = None,
+) -> torch.Tensor:
     """The same generation written directly against lib_ae and k-diffusion, without the WebUI glue: CFG as A1111's
-    CFGDenoiser computes it for one prompt, and InSamplerExcitation fed with the model-call index."""
+    CFGDenoiser computes it for one prompt, and InSamplerExcitation fed with the model-call index. `pairs`: the
+    (modifier, noun) pairs to bind, for a `bind` method."""
     from support.thirdparty import A1111_KDIFFUSION_SAMPLERS, import_k_diffusion
 
     _, external = import_k_diffusion()
@@ -207,8 +250,8 @@ def direct_lib_ae_run(host: SimpleNamespace, params: AEParams, sampler: str, ste
     entry = A1111_KDIFFUSION_SAMPLERS[sampler]
     denoiser = external.CompVisDenoiser(model)
     encoder = model.cond_stage_model
-    cond, uncond = model.get_learned_conditioning([PROMPT]), model.get_learned_conditioning([""])
-    chunks = [c.tokens for c in encoder.process_texts([PROMPT])[0][0]]
+    cond, uncond = model.get_learned_conditioning([prompt]), model.get_learned_conditioning([""])
+    chunks = [c.tokens for c in encoder.process_texts([prompt])[0][0]]
     selection = locate_subjects(
         chunks,
         params.subject_list,
@@ -217,8 +260,17 @@ def direct_lib_ae_run(host: SimpleNamespace, params: AEParams, sampler: str, ste
         eos_id=encoder.id_end,
         pad_id=encoder.id_pad,
     ).selection
+    binding = None
+    if pairs is not None:
+        binding = locate_bindings(
+            chunks, pairs, lambda s: encoder.tokenize([s])[0], bos_id=encoder.id_start, eos_id=encoder.id_end,
+            pad_id=encoder.id_pad,
+        ).selection
     capture = AttentionCapture(model.model.diffusion_model)
-    engine = AttendAndExcite(capture, params.to_config())
+    engine = AttendAndExcite(
+        capture, params.to_config(), binding=params.to_binding_config() if params.binds else None,
+        excite=params.excites,
+    )
     calls_per_step = 2 if entry.second_order else 1
     excitation = InSamplerExcitation(engine, engine.plan(steps), "sigma", StepClock(calls_per_step))
     image_cond = torch.zeros(1, 5, 1, 1)
@@ -232,7 +284,7 @@ def direct_lib_ae_run(host: SimpleNamespace, params: AEParams, sampler: str, ste
                 latent_rows, sigma[rows], cond={"c_crossattn": [cond[rows]], "c_concat": [image_cond[rows]]}
             )
 
-        excitation.before_model_call(calls, x, sigma, [selection], run_unet)
+        excitation.before_model_call(calls, x, sigma, [selection], run_unet, bindings=[binding])
         out = denoiser(
             torch.cat([x, x]),
             torch.cat([sigma, sigma]),
@@ -250,6 +302,40 @@ def direct_lib_ae_run(host: SimpleNamespace, params: AEParams, sampler: str, ste
             return entry.function()(model_fn, noise * sigmas[0], sigmas, disable=True)
     finally:
         capture.remove()
+
+
+@pytest.mark.parametrize("method", ["bind", "excite+bind"])
+def test_binding_lands_in_the_sampler_latent_exactly_as_lib_ae_computes_it(webui: WebUI, method: str) -> None:
+    prompt = "a red car and a blue bench"
+    args = webui.args(enabled=True, subjects="", method=method)
+    _, processed = webui.run(args, prompt=prompt)
+    webui.unload()  # the direct run attaches its own capture
+    params = from_script_args([{"enabled": True, "subjects": "car, bench", "method": method, **FAST}])
+    expected = direct_lib_ae_run(
+        webui.host, params, "Euler", steps=4, seed=7, prompt=prompt, pairs=[("red", "car"), ("blue", "bench")]
+    )
+    assert torch.equal(processed.images[0], expected[0])
+    assert not torch.equal(processed.images[0], baseline(webui.host, prompt=prompt)[0])
+    keys = ae_keys(processed.infotexts[0], webui.host)
+    assert keys["AE bindings"] == "red->car, blue->bench" and "AE error" not in keys
+    assert re.search(r", bind loss -?[\d.e-]+ -> -?[\d.e-]+", keys["AE trace"]), keys["AE trace"]
+
+
+def test_bind_without_a_modifier_leaves_the_image(webui: WebUI) -> None:
+    _, processed = webui.run(webui.args(enabled=True, subjects="", method="bind"))
+    assert torch.equal(torch.stack(processed.images), baseline(webui.host))
+    assert "no modifier to bind" in ae_keys(processed.infotexts[0], webui.host)["AE error"]
+
+
+def test_heatmaps_show_each_modifier_beside_its_noun(webui: WebUI) -> None:
+    args = webui.args(enabled=True, subjects="", method="excite+bind", heatmaps=True)
+    p, processed = webui.run(args, prompt="a red car and a blue bench")
+    visual = webui.adapter("run_state").existing_state(p).visuals[0]
+    assert [[m.label for m in row] for row in visual.rows] == [
+        ["car", "bench", "car", "red\u2192car", "bench", "blue\u2192bench"]
+    ]
+    strip = processed.images[1]
+    assert strip.size == (6 * 256, 256 + 28)
 
 
 @pytest.mark.parametrize("sampler", ["Euler", "Heun"])
@@ -504,6 +590,14 @@ def test_xyz_axes_override_the_ui_values(host: SimpleNamespace) -> None:
         # Values are checked before the first cell (xyz_grid.py L611-613).
         with pytest.raises(RuntimeError, match="AE scale factor"):
             plot("[AE] Scale factor", "20, 1000", enabled=True, subjects="cat")
+        # Method axis: a dropdown of the three methods; each cell records its own.
+        method = xyz.axis_options[labels.index("[AE] Method")]
+        assert method.choices is not None and method.choices() == ["excite", "bind", "excite+bind"]
+        processed = plot("[AE] Method", "excite, excite+bind", enabled=True, subjects="")
+        assert [ae_keys(t, host)["AE method"] for t in processed.infotexts] == ["excite", "excite+bind"]
+        assert "[AE] Binding step size" in labels
+        with pytest.raises(RuntimeError, match="AE method: expected one of excite, bind, excite\\+bind"):
+            plot("[AE] Method", "excite, syngen", enabled=True, subjects="cat")
     finally:
         ui.unload()
 

@@ -179,6 +179,7 @@ WORDS_50 = ", ".join(["cat", "dog"] + [f"thing{i}" for i in range(48)])
 LONG_FILLER = " ".join(["tree"] * 80)
 PROMPT_400 = " ".join(["a stone"] * 199) + " and a cat"  # 400 tokens: 6 chunks, the cat in the last
 STRADDLE = " ".join(["tree"] * 74) + " red car"  # "red" is token 75 of chunk 1, "car" token 1 of chunk 2
+PAIR_STRADDLE = "a cat" + " and" * 72 + " red car"  # the pair (red, car): red is token 75 of chunk 1, car token 1 of 2
 
 INPUT_CASES: list[InputCase] = [
     # -- wrong types, through the API (JSON values) and the positional UI form
@@ -257,11 +258,18 @@ INPUT_CASES: list[InputCase] = [
     InputCase("too-many-positional", api([*(({spec.name: spec.default for spec in PARAMS} | FAST | ON)[spec.name]
                                             for spec in PARAMS), "extra", 99]),
               CHANGED, None, SETTINGS),  # api.py L356-360 drops what does not fit the script's slice
-    InputCase("too-few-positional", api([True]), SAME, "AE is enabled but no subject words are given", ERROR_ONLY),
+    # Until issue 13 this was SAME with "AE is enabled but no subject words are given": no subjects now means
+    # automatic subjects, found in the prompt (cat, dog).
+    InputCase("too-few-positional", api([True]), CHANGED, None, SETTINGS),
     InputCase("empty-args", api([]), SAME, None, NOTHING),
     # -- subject words
-    InputCase("empty-subjects", ui(enabled=True, subjects=" , ,, "), SAME,
-              "AE is enabled but no subject words are given", ERROR_ONLY),
+    InputCase("empty-subjects", ui(enabled=True, subjects=" , ,, "), CHANGED, None, SETTINGS),  # automatic (issue 13)
+    InputCase("auto-subjects-api", api_dict(enabled=True, subjects="auto"), CHANGED, None, SETTINGS),
+    InputCase("auto-subjects-none-found", ui(enabled=True, subjects=""), SAME,
+              "automatic subjects: no noun found in the prompt; type the subject words", SETTINGS,
+              {"prompt": "masterpiece, best quality, 8k"}),
+    InputCase("auto-subjects-empty-prompt", ui(enabled=True, subjects="auto"), SAME,
+              "automatic subjects: no noun found in the prompt", SETTINGS, {"prompt": ""}),
     InputCase("duplicated-subjects", ui(enabled=True, subjects="cat, Cat, CAT , dog, cat"), CHANGED, None, SETTINGS),
     InputCase("fifty-subjects", ui(enabled=True, subjects=WORDS_50), CHANGED,
               "48 subjects are not in the prompt: 'thing0', 'thing1'", SETTINGS),
@@ -302,6 +310,31 @@ INPUT_CASES: list[InputCase] = [
               {"prompt": PROMPT_400}),
     InputCase("substring-of-a-word", ui(enabled=True, subjects="ca"), SAME, "subject 'ca' is not in the prompt",
               SETTINGS),
+    # -- binding (AE method bind / excite+bind): what cannot be bound is said, the image is always produced
+    InputCase("bind-without-any-modifier", ui(enabled=True, subjects="", method="bind"), SAME,
+              "bind: the prompt has no modifier to bind", SETTINGS),
+    InputCase("bind-without-a-modifier-of-the-subjects", ui(enabled=True, subjects="dog", method="bind"), SAME,
+              "bind: no modifier of the subjects ('dog') to bind; the prompt's modifiers belong to 'car'", SETTINGS,
+              {"prompt": "a red car and a dog"}),
+    InputCase("bind-modifier-not-in-the-prompt", ui(enabled=True, subjects="", method="excite+bind",
+                                                     alter_fraction=1.0), CHANGED,
+              "bind: modifier 'red' is not in the prompt; the pair ('red', 'car') is not bound during step 3 "
+              "(prompt editing: the prompt then reads 'a blue car and a dog')", SETTINGS,
+              {"prompt": "a [red:blue:0.5] car and a dog", "steps": 3}),
+    InputCase("bind-pair-straddles-chunks", ui(enabled=True, subjects="", method="excite+bind"), CHANGED,
+              "bind: modifier 'red' and its noun 'car' are in different chunks of the prompt (75-token limit or "
+              "BREAK); they are bound, but the text encoder read them apart", SETTINGS, {"prompt": PAIR_STRADDLE}),
+    InputCase("bind-alone-modifier-not-in-the-prompt", ui(enabled=True, subjects="", method="bind",
+                                                          alter_fraction=1.0), CHANGED,
+              "bind: modifier 'red' is not in the prompt; the pair ('red', 'car') is not bound during step 3", SETTINGS,
+              {"prompt": "a [red:blue:0.5] car and a dog", "steps": 3}),
+    InputCase("bind-alone-pair-straddles-chunks", ui(enabled=True, subjects="", method="bind"), CHANGED,
+              "bind: modifier 'red' and its noun 'car' are in different chunks of the prompt", SETTINGS,
+              {"prompt": PAIR_STRADDLE}),
+    InputCase("bind-method-unknown", api_dict(**ON, method="syngen"), SAME,
+              "AE method: expected one of excite, bind, excite+bind, got 'syngen' (str)", ERROR_ONLY),
+    InputCase("bind-step-size-negative", api_dict(**ON, method="bind", bind_step_size=-1), SAME,
+              "AE bind step size: expected a number between 0 and 100, got -1 (int)", ERROR_ONLY),
 ]
 
 

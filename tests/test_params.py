@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from lib_ae.config import ExciteConfig
+from lib_ae.binding import BindingConfig
 from lib_ae.params import (
-    ENABLED_WITHOUT_SUBJECTS,
     INFOTEXT_FORMAT,
+    METHODS,
     PARAM_NAMES,
     PARAMS,
     PARAMS_BY_NAME,
@@ -120,6 +121,8 @@ def test_positional_order_is_frozen() -> None:
         "apply_to_hires",
         "heatmaps",
         "heatmaps_first_step",
+        "method",
+        "bind_step_size",
     )
 
 
@@ -140,6 +143,8 @@ def test_infotext_keys_and_labels_are_frozen() -> None:
         "apply_to_hires": ("AE hires", "Also on the hires fix pass"),
         "heatmaps": ("AE heatmaps", "Show attention heatmaps"),
         "heatmaps_first_step": ("AE heatmaps first step", "Heatmaps also at the first step"),
+        "method": ("AE method", "Method"),
+        "bind_step_size": ("AE bind step size", "Binding step size"),
     }
 
 
@@ -160,6 +165,8 @@ def test_infotext_keys_and_labels_are_frozen() -> None:
         ("apply_to_hires", "bool", False, None, None, None),
         ("heatmaps", "bool", False, None, None, None),
         ("heatmaps_first_step", "bool", False, None, None, None),
+        ("method", "str", "excite", None, None, None),
+        ("bind_step_size", "float", 20.0, 0, 100, 0.5),
     ],
 )
 def test_spec_table(name: str, kind: str, default: Any, minimum: Any, maximum: Any, step: Any) -> None:
@@ -231,7 +238,8 @@ def test_too_few_positional_args_keep_the_remaining_defaults() -> None:
 
 
 def test_full_positional_args() -> None:
-    args = [True, "cat, red car", 25.5, 0.4, "0:0.1, 5:0.9", 10, False, 1.0, 5, 16, True, True, True, True]
+    args = [True, "cat, red car", 25.5, 0.4, "0:0.1, 5:0.9", 10, False, 1.0, 5, 16, True, True, True, True,
+            "excite+bind", 12.5]
     params = from_script_args(args)
     assert params.as_args() == args
     assert from_script_args(params.as_args()) == params
@@ -277,6 +285,17 @@ def test_full_positional_args() -> None:
         ("thresholds", "", "none"),
         ("thresholds", "None", "none"),
         ("thresholds", "49:1, ", "49:1.0"),
+        ("subjects", "auto", ""),
+        ("subjects", " AUTO ", ""),
+        ("subjects", ["auto"], ""),
+        ("subjects", "auto, cat", "auto, cat"),  # "auto" among other subjects is the word
+        ("subjects", "", ""),
+        ("method", "excite", "excite"),
+        ("method", "bind", "bind"),
+        ("method", " Excite + Bind ", "excite+bind"),
+        ("method", "BIND", "bind"),
+        ("bind_step_size", 0, 0.0),
+        ("bind_step_size", "100", 100.0),
     ],
 )
 def test_good_values(name: str, raw: Any, expected: Any) -> None:
@@ -298,15 +317,20 @@ def test_disabled_with_empty_subjects_is_fine() -> None:
         [True, " , ,  "],
         [True, []],
         [True, ["", " "]],
+        [True, "auto"],
+        [True, "Auto"],
         [{"enabled": True}],
         [{"enabled": "true", "subjects": ""}],
+        [{"enabled": True, "subjects": "auto"}],
     ],
 )
-def test_enabled_without_subjects_is_an_error(args: list[Any]) -> None:
-    with pytest.raises(ParamsError) as error:
-        from_script_args(args)
-    assert error.value.messages == [ENABLED_WITHOUT_SUBJECTS]
-    assert "AE is enabled but no subject words are given" in str(error.value)
+def test_enabled_without_subjects_means_automatic_subjects(args: list[Any]) -> None:
+    # Issue 13 changed this deliberately: it used to be the error "AE is enabled but no subject words are given";
+    # now the host finds the subjects in the prompt (tests/test_hostile.py checks the images).
+    params = from_script_args(args)
+    assert params.enabled and params.subjects == "" and params.subject_names == () and params.auto_subjects
+    assert to_infotext(params)["AE subjects"] == "auto"
+    assert not AEParams(enabled=True, subjects="cat").auto_subjects
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -333,6 +357,8 @@ BAD = {
     "apply_to_hires": BAD_BOOL,
     "heatmaps": BAD_BOOL,
     "heatmaps_first_step": BAD_BOOL,
+    "method": BAD_TEXT + ["", "syngen", "excite bind", "excite,bind", ["bind"], "auto"],
+    "bind_step_size": BAD_NUMBER + [100.5, -0.5],
 }
 BAD_CASES = [(name, value) for name, values in BAD.items() for value in values]
 
@@ -388,6 +414,9 @@ def test_bad_values_are_errors_naming_the_field(name: str, raw: Any) -> None:
         ("thresholds", ["0:0.05"], "AE thresholds: expected text, got ['0:0.05'] (list)"),
         ("thresholds", "0:0.1, 0:0.2", "AE thresholds: step 0 is given more than once"),
         ("thresholds", "0:1.5", "AE thresholds: in '0:1.5' the threshold must be a number between 0 and 1"),
+        ("method", "syngen", "AE method: expected one of excite, bind, excite+bind, got 'syngen' (str)"),
+        ("method", 1, "AE method: expected one of excite, bind, excite+bind, got 1 (int)"),
+        ("bind_step_size", -1, "AE bind step size: expected a number between 0 and 100, got -1 (int)"),
     ],
 )
 def test_messages_are_precise(name: str, raw: Any, message: str) -> None:
@@ -415,7 +444,7 @@ def test_thresholds_step_message_explains_the_reference_steps() -> None:
 
 
 def test_all_problems_are_reported_at_once() -> None:
-    args = [1, 5, "abc", None, 7, 1.5, "maybe", math.inf, 4, -1, [], {}, "no", 0]
+    args = [1, 5, "abc", None, 7, 1.5, "maybe", math.inf, 4, -1, [], {}, "no", 0, "both", "x"]
     with pytest.raises(ParamsError) as error:
         from_script_args(args)
     keys = [m.split(":")[0] for m in error.value.messages]
@@ -521,10 +550,10 @@ def test_params_are_canonical_and_frozen() -> None:
 
 def test_constructor_validates_everything() -> None:
     with pytest.raises(ParamsError) as error:
-        AEParams(enabled=True, subjects="", sigma=0)  # type: ignore[arg-type]
+        AEParams(enabled=True, subjects="", sigma=0, method="both")  # type: ignore[arg-type]
     assert error.value.messages == [
         "AE sigma: expected a number between 0.05 and 5, got 0 (int)",
-        ENABLED_WITHOUT_SUBJECTS,
+        "AE method: expected one of excite, bind, excite+bind, got 'both' (str)",
     ]
 
 
@@ -541,12 +570,24 @@ def test_constructor_validates_everything() -> None:
             ExciteConfig(scale_factor=30.0, alter_fraction=0.25, max_refinement_steps=0, smooth_attentions=False,
                          sigma=1.5, kernel_size=7, normalize_eot=True),
         ),
-        # enabled / subjects / apply_to_hires are for the host, not the engine
+        # enabled / subjects / apply_to_hires are for the host, not the engine; method and bind_step_size are read
+        # through to_binding_config
         ({"enabled": True, "subjects": "cat", "apply_to_hires": True}, ExciteConfig()),
+        ({"method": "excite+bind", "bind_step_size": 5}, ExciteConfig()),
     ],
 )
 def test_to_config(changes: dict[str, Any], expected: ExciteConfig) -> None:
     assert AEParams(**changes).to_config() == expected
+
+
+def test_to_binding_config_and_the_method_flags() -> None:
+    assert AEParams().to_binding_config() == BindingConfig()  # SynGen's official step size and 25 of 50 steps
+    assert AEParams(bind_step_size=7.5, alter_fraction=0.25).to_binding_config() == BindingConfig(
+        step_size=7.5, intervention_fraction=0.25
+    )
+    assert [(AEParams(method=m).excites, AEParams(method=m).binds) for m in METHODS] == [
+        (True, False), (False, True), (True, True)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -677,12 +718,36 @@ def test_infotext_round_trip_random_subjects() -> None:
         try:
             params = AEParams(enabled=True, subjects=text)
         except ParamsError as error:
-            # only quoted subjects and subject-less text are refused
-            assert all("double quotes" in m or m == ENABLED_WITHOUT_SUBJECTS for m in error.messages), text
+            # only quoted subjects are refused (subject-less text means automatic subjects)
+            assert all("double quotes" in m for m in error.messages), text
             continue
         assert AEParams(**from_infotext(through_a1111(params), strict=True)) == params, text
         checked += 1
     assert checked > 300
+
+
+@pytest.mark.parametrize("subjects", ["", "auto", "AUTO"])
+def test_automatic_subjects_round_trip_as_auto(subjects: str) -> None:
+    params = AEParams(enabled=True, subjects=subjects)
+    fields = through_a1111(params)
+    assert fields["AE subjects"] == "auto"
+    assert AEParams(**from_infotext(fields, strict=True)) == params == AEParams(enabled=True)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_round_trips(method: str) -> None:
+    params = AEParams(enabled=True, subjects="car", method=method, bind_step_size=12.5)
+    fields = through_a1111(params)
+    assert fields["AE method"] == method
+    assert AEParams(**from_infotext(fields, strict=True)) == params
+
+
+def test_an_image_from_before_the_method_existed_reads_as_excite() -> None:
+    # Its infotext has A&E keys but no "AE method": it was made by Attend-and-Excite alone, whatever the UI shows now.
+    fields = {"AE": "v1", "AE subjects": "cat", "AE sigma": "1.5"}
+    assert from_infotext(fields) == {
+        "enabled": True, "subjects": "cat", "sigma": 1.5, "method": "excite", "bind_step_size": 20.0
+    }
 
 
 def test_infotext_content() -> None:
@@ -712,16 +777,22 @@ def test_infotext_without_ae_switches_it_off() -> None:
 
 
 def test_infotext_partial_keys() -> None:
-    assert from_infotext({"AE": "v1"}) == {"enabled": True}
-    assert from_infotext({"AE sigma": "2"}) == {"enabled": True, "sigma": 2.0}
-    assert from_infotext({"AE subjects-1": "3", "AE subjects-2": "4"}) == {"enabled": True, "subjects": "3x4"}
+    # The parameters appended for issue 13 (method, bind_step_size) take their defaults when absent: see
+    # test_an_image_from_before_the_method_existed_reads_as_excite.
+    appended = {"method": "excite", "bind_step_size": 20.0}
+    assert from_infotext({"AE": "v1"}) == {"enabled": True, **appended}
+    assert from_infotext({"AE sigma": "2"}) == {"enabled": True, "sigma": 2.0, **appended}
+    assert from_infotext({"AE subjects-1": "3", "AE subjects-2": "4"}) == {
+        "enabled": True, "subjects": "3x4", **appended
+    }
 
 
 def test_infotext_bad_values_are_skipped_or_strict(caplog: pytest.LogCaptureFixture) -> None:
     fields = {"AE": "v1", "AE subjects": "cat", "AE sigma": "abc", "AE kernel size": "4", "AE smoothing": "False"}
     with caplog.at_level(logging.WARNING, logger="lib_ae.params"):
         result = from_infotext(fields)
-    assert result == {"enabled": True, "subjects": "cat", "smooth_attentions": False}
+    appended = {"method": "excite", "bind_step_size": 20.0}  # absent: the defaults (written before they existed)
+    assert result == {"enabled": True, "subjects": "cat", "smooth_attentions": False, **appended}
     assert "AE sigma: expected a number between 0.05 and 5, got 'abc' (str)" in caplog.text
     with pytest.raises(ParamsError) as error:
         from_infotext(fields, strict=True)
@@ -731,14 +802,16 @@ def test_infotext_bad_values_are_skipped_or_strict(caplog: pytest.LogCaptureFixt
 def test_infotext_unknown_format_version_is_read_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="lib_ae.params"):
         result = from_infotext({"AE": "v9", "AE sigma": "1.5"})
-    assert result == {"enabled": True, "sigma": 1.5}
+    assert result == {"enabled": True, "sigma": 1.5, "method": "excite", "bind_step_size": 20.0}
     assert "v9" in caplog.text
 
 
 def test_infotext_values_as_a1111_api_casts_them() -> None:
     # Typed values (e.g. from Api.apply_infotext after a cast) are accepted too.
-    assert from_infotext({"AE": "v1", "AE kernel size": 5, "AE smoothing": False, "AE sigma": 1}) == {
-        "enabled": True, "kernel_size": 5, "smooth_attentions": False, "sigma": 1.0,
+    assert from_infotext({"AE": "v1", "AE kernel size": 5, "AE smoothing": False, "AE sigma": 1, "AE method": "bind",
+                          "AE bind step size": 10}) == {
+        "enabled": True, "kernel_size": 5, "smooth_attentions": False, "sigma": 1.0, "method": "bind",
+        "bind_step_size": 10.0,
     }
 
 

@@ -109,3 +109,21 @@ def test_trace_summary_and_plot(runs: dict[bool, tuple[list, int]]) -> None:
     plot = trace_plot(trace, size=(400, 250))
     assert plot.size == (400, 250) and plot.mode == "RGB"
     assert len(set(plot.getdata())) > 10  # something was drawn
+
+
+def test_binding_maps_and_bind_loss_summary() -> None:
+    from lib_ae import StepReport
+    from lib_ae.visualize import bind_loss_summary, binding_maps_at
+
+    maps = torch.full((4, 2, 2), 0.25)
+    reports = [
+        StepReport(0, True, [0.5, 0.4], [[0.5], [0.6]], [0, 0], bind_loss=[-0.01, None], bind_maps=[maps, None]),
+        StepReport(1, True, [0.4, 0.3], [[0.6], [0.7]], [0, 0], bind_loss=[-0.25, None]),
+        StepReport(2, False, bind_loss=[None, None]),
+    ]
+    tiles = binding_maps_at(reports[0], 0, ["car", "red\u2192car", "bench", "blue\u2192bench"])
+    assert [t.label for t in tiles] == ["car", "red\u2192car", "bench", "blue\u2192bench"]
+    assert all(t.step == 0 and t.maximum == 0.25 for t in tiles)
+    assert binding_maps_at(reports[0], 1, ["x"]) == [] and binding_maps_at(reports[1], 0, ["x"]) == []
+    assert bind_loss_summary(reports, 0) == "bind loss -0.01 -> -0.25"
+    assert bind_loss_summary(reports, 1) is None  # nothing bound for image 1

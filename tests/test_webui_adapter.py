@@ -55,7 +55,7 @@ def test_only_the_host_facade_imports_the_webui() -> None:
 # Token view
 
 
-def token_view(webui: WebUI, prompt: str, subjects: str, steps: int = 20) -> str:
+def token_view(webui: WebUI, prompt: str, subjects: str, steps: int = 20, method: str | None = None) -> str:
     """The view as the browser gets it: the hidden button's click handler called with the JSON the javascript
     writes and the subjects textbox's value."""
     accordion = webui.runner.inputs[webui.script.args_from].accordion
@@ -63,7 +63,10 @@ def token_view(webui: WebUI, prompt: str, subjects: str, steps: int = 20) -> str
     (listener,) = refresh.listeners
     view, request, subjects_box = listener["outputs"][0], *listener["inputs"]
     assert view.elem_id.endswith("_tokens") and not request.visible and subjects_box.label == PARAMS[1].label
-    return str(listener["fn"](json.dumps({"prompt": prompt, "subjects": subjects, "steps": steps}), subjects))
+    request_data: dict[str, Any] = {"prompt": prompt, "subjects": subjects, "steps": steps}
+    if method is not None:
+        request_data["method"] = method
+    return str(listener["fn"](json.dumps(request_data), subjects))
 
 
 def legend(html: str) -> list[str]:
@@ -98,6 +101,34 @@ def test_token_view_reports_invalid_input_without_raising(webui: WebUI, monkeypa
     assert "ae-tokens" in handler("not json", "cat") and "ae-tokens" in handler("[1, 2]", "cat")
     monkeypatch.setattr(webui.host.shared, "sd_model", None)
     assert "No model is loaded" in handler(json.dumps({"prompt": "a cat"}), "cat")
+
+
+@pytest.mark.parametrize("subjects", ["", "auto"])
+def test_token_view_marks_suggested_subjects(webui: WebUI, subjects: str) -> None:
+    html = token_view(webui, "a photo of a cat and a (dog:1.2)", subjects)
+    assert legend(html) == ["cat: column 5, suggested", "dog: column 8, suggested"]
+    assert html.count("data-ae-suggested='1'") == 4  # two legend entries, two tokens
+    assert "ae-subject ae-subject-0 ae-suggested" in html and "click to fix it" in html
+    typed = token_view(webui, "a photo of a cat and a (dog:1.2)", "cat")
+    assert legend(typed) == ["cat: column 5"] and "ae-suggested" not in typed
+
+
+def test_token_view_shows_each_bound_modifier_with_its_noun(webui: WebUI) -> None:
+    prompt = "a red car and a blue bench"
+    html = token_view(webui, prompt, "", method="bind")
+    # red (column 2) -> car (3), blue (6) -> bench (7); each modifier in its noun's colour, with the noun's name.
+    assert "data-ae-col='2' data-ae-word='red' data-ae-noun='car'" in html
+    assert "data-ae-col='6' data-ae-word='blue' data-ae-noun='bench'" in html
+    assert "ae-modifier ae-subject-0" in html and "ae-modifier ae-subject-1" in html
+    assert "&#8594;car</sup>" in html and "&#8594;bench</sup>" in html
+    assert "data-ae-noun" not in token_view(webui, prompt, "", method="excite")  # binding is off: no modifier shown
+    only_car = token_view(webui, prompt, "car", method="excite+bind")
+    assert "data-ae-noun='car'" in only_car and "data-ae-noun='bench'" not in only_car  # the subjects' modifiers
+    nothing = token_view(webui, "a cat and a dog", "", method="bind")
+    assert "bind: the prompt has no modifier to bind" in nothing
+    bad = token_view(webui, prompt, "", method="syngen")
+    assert "ae-tokens-problem" in bad and "AE method: expected one of excite, bind, excite+bind" in bad
+    assert legend(bad) == ["car: column 3, suggested", "bench: column 7, suggested"]  # the subjects are still shown
 
 
 def test_token_view_and_generation_share_one_subject_pipeline(webui: WebUI, monkeypatch: pytest.MonkeyPatch) -> None:

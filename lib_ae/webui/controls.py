@@ -17,7 +17,7 @@ from .sampling_pass import CUDA_GRAPHS_SETTING
 
 logger = logging.getLogger("lib_ae.webui")
 
-MAIN_PARAMS = frozenset({"enabled", "subjects"})
+MAIN_PARAMS = frozenset({"enabled", "subjects", "method"})
 """Shown in the accordion itself; every other parameter is in its "Advanced" section."""
 SETTINGS_SECTION = ("attend_and_excite", TITLE)
 XYZ_PREFIX = "[AE] "
@@ -41,7 +41,10 @@ def initial_value(spec: ParamSpec) -> Any:
 
 
 def make_control(spec: ParamSpec, value: Any, elem_id: str) -> Any:
-    """The gradio control of one parameter: Checkbox (bool), Slider (number, with the spec's range), Textbox (text)."""
+    """The gradio control of one parameter: Checkbox (bool), Slider (number, with the spec's range), Radio (text with
+    choices), Textbox (text)."""
+    if spec.choices:
+        return gr.Radio(choices=list(spec.choices), value=value, label=spec.label, info=spec.help, elem_id=elem_id)
     if spec.kind == "bool":
         return gr.Checkbox(value=value, label=spec.label, info=spec.help, elem_id=elem_id)
     if spec.kind in ("int", "float"):
@@ -70,16 +73,23 @@ def pasted_value(name: str) -> Callable[[dict[str, Any]], Any]:
 
 def infotext_fields(controls: dict[str, Any]) -> list[tuple[Any, Any]]:
     """Pasting infotext (infotext_utils.connect_paste L477-, Api.apply_infotext api.py L363-): text and number
-    parameters by key (A1111 casts to the control's type); the enable flag and the booleans through a reader,
-    because the API casts with bool(), which would read "False" as True."""
+    parameters by key (A1111 casts to the control's type); through a reader the enable flag and the booleans, because
+    the API casts with bool(), which would read "False" as True, and the parameters whose absence from an infotext
+    with A&E means their default (a key-only field would leave the current value: an old image made with `excite`
+    must not paste as `bind`)."""
     return [
-        (controls[spec.name], pasted_value(spec.name) if spec.kind == "bool" else spec.infotext_key) for spec in PARAMS
+        (controls[spec.name], pasted_value(spec.name) if _read_by_reader(spec) else spec.infotext_key)
+        for spec in PARAMS
     ]
+
+
+def _read_by_reader(spec: ParamSpec) -> bool:
+    return spec.kind == "bool" or spec.absent_means_default
 
 
 def paste_field_names() -> list[str]:
     """"Send to img2img/inpaint" copies the controls whose infotext field is one of these keys (L169-175)."""
-    return [spec.infotext_key for spec in PARAMS if spec.kind != "bool"]
+    return [spec.infotext_key for spec in PARAMS if not _read_by_reader(spec)]
 
 
 def on_ui_settings() -> None:
@@ -89,7 +99,10 @@ def on_ui_settings() -> None:
             continue
         component: Any
         component_args: dict[str, Any] | None = None
-        if spec.kind == "bool":
+        if spec.choices:
+            component = gr.Radio
+            component_args = {"choices": list(spec.choices)}
+        elif spec.kind == "bool":
             component = gr.Checkbox
         elif spec.kind in ("int", "float"):
             component = gr.Slider
@@ -136,7 +149,11 @@ def register_xyz_axes() -> None:
         return
     types: dict[str, Callable[[Any], Any]] = {"bool": str, "int": int, "float": float, "str": str}
     for spec in xyz_params():
-        choices = (lambda: ["True", "False"]) if spec.kind == "bool" else None
+        choices: Callable[[], list[str]] | None = None
+        if spec.kind == "bool":
+            choices = lambda: ["True", "False"]  # noqa: E731
+        elif spec.choices:
+            choices = lambda values=list(spec.choices): values  # noqa: E731
         xyz.axis_options.append(
             xyz.AxisOption(
                 XYZ_PREFIX + spec.label,

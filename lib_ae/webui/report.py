@@ -19,6 +19,12 @@ AE_TRACE_KEY = "AE trace"
 """Infotext key of the one-line excitation summary, e.g. "25 steps, refinement 20/4/0, final min attention 0.83"."""
 AE_HIRES_TRACE_KEY = "AE hires trace"
 """The same summary for the hires fix pass, written when A&E also ran there ("Also on the hires fix pass")."""
+AE_SUBJECTS_USED_KEY = "AE subjects used"
+"""Infotext key, written beside "AE subjects: auto": the subjects found in this image's prompt, e.g. "cat, dog"."""
+AE_BINDINGS_KEY = "AE bindings"
+"""Infotext key, with a `bind` method: the (modifier, noun) pairs bound for this image, e.g. "red->car, blue->bench"."""
+NOTHING_USED = "none"
+"""The value of those keys when nothing was found (A1111 drops empty values)."""
 MAX_ERROR_TEXT = 300
 
 _said: set[str] = set()

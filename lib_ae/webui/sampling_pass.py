@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from lib_ae import AttendAndExcite, AttentionCapture, CaptureError, InSamplerExcitation, StepClock, StepPlan, UNetRunner
+from lib_ae.binding import BindingLocation, BindingSelection
 from lib_ae.engine import read_reports
 from lib_ae.config import ConfigError
 from lib_ae.engine import GraphableRunner
@@ -26,7 +27,15 @@ from . import graph_safety, host, sgm_timestep
 from .host import Denoiser, Processing, TextEncoder
 from .report import TITLE, failure_text, log_reports, report_problem, say_once
 from .run_state import image_in_job, state_of
-from .subjects import PromptTokens, SubjectFinder, UnsupportedModel, text_encoder
+from .subjects import (
+    Pair,
+    PromptTokens,
+    SubjectFinder,
+    UnsupportedModel,
+    straddling_notes,
+    text_encoder,
+    unbound_note,
+)
 
 logger = logging.getLogger("lib_ae.webui")
 
@@ -175,9 +184,17 @@ class SamplingPass:
         self.finder = SubjectFinder(encoder, params.subject_names, params.normalize_eot) if encoder else None
         self.excitation: InSamplerExcitation | None = None
         self.active = True
-        self._locations: dict[tuple[str, int], SubjectLocation] = {}
+        self._locations: dict[tuple[str, int], tuple[tuple[str, ...], SubjectLocation, BindingLocation | None]] = {}
+        """(sub-prompt, schedule entry) -> its subjects (typed or suggested), their columns, and with a `bind`
+        method the columns of their modifier-noun pairs."""
         self.labels: dict[int, list[str]] = {}
         """Image b -> the subjects found in its prompt, in the order of its maps (heatmap and trace legends)."""
+        self.subjects_used: dict[int, tuple[str, ...]] = {}
+        """Image b -> the subjects used for it (typed, or suggested: written as "AE subjects used")."""
+        self.bound: dict[int, dict[Pair, None]] = {}
+        """Image b -> the (modifier, noun) pairs bound at some step, in order (written as "AE bindings")."""
+        self.binding_labels: dict[int, list[str]] = {}
+        """Image b -> the captions of its binding maps (`StepReport.bind_maps`): each noun, then "red→car"."""
         self._step: int | None = None
         self.finished = False
         self.eager_reason: str | None = None
@@ -230,8 +247,10 @@ class SamplingPass:
             return
         cond, image_cond = kwargs["cond"], kwargs["image_cond"]
         conds_list, tensor = host.reconstruct_multicond_batch(cond, call)
-        selections = [self._selection(b, cond, call) for b in range(len(conds_list))]
-        if all(selection is None for selection in selections):
+        targets = [self._targets(b, cond, call) for b in range(len(conds_list))]
+        selections = [excite for excite, _ in targets]
+        bindings = [bind for _, bind in targets]
+        if all(selection is None for selection in selections) and all(bind is None for bind in bindings):
             return
         # Each image's loss uses its first AND sub-prompt, whose row is the first of its rows in `tensor` (L168, L203).
         first_rows = torch.as_tensor([rows[0][0] for rows in conds_list], device=x.device)
@@ -244,7 +263,8 @@ class SamplingPass:
         host.show_progress(f"{TITLE}: step {step + 1}")
         # The report is not read here: reading it may wait for the device; finish() reads them all once.
         excitation.before_model_call(
-            index, x, sigma, selections, run_unet, should_stop=host.stop_requested, on_iteration=on_iteration
+            index, x, sigma, selections, run_unet, should_stop=host.stop_requested, on_iteration=on_iteration,
+            bindings=bindings if self.params.binds else None,
         )
 
     def _runner(self, sigma: torch.Tensor, cond: Any, image_cond: torch.Tensor | None) -> UNetRunner:
@@ -298,26 +318,55 @@ class SamplingPass:
             return call
         return None if call == 1 else max(0, call - 1)
 
-    def _selection(self, b: int, cond: Any, call: int) -> TokenSelection | None:
-        """Image b's subject columns in the conditioning row in effect at model call `call`."""
+    def _targets(self, b: int, cond: Any, call: int) -> tuple[TokenSelection | None, BindingSelection | None]:
+        """Image b's subject columns and, with a `bind` method, its modifier-noun columns in the conditioning row in
+        effect at model call `call` (None where there is nothing). With `bind` alone the subjects are not excited:
+        the engine reads their maps for the trace and the heatmaps only."""
         assert self.finder is not None
         prompts = getattr(self.p, "hr_prompts", None) if self.is_hr else self.p.prompts
         if not prompts or b >= len(prompts):
-            return None
+            return None, None
         text, others = host.first_subprompt(prompts[b])
         tokens = self._prompt_tokens(text)
         schedule = cond.batch[b][0].schedules
         if [entry.end_at_step for entry in schedule] != list(tokens.ends):
             self._report_once(b, f"could not follow the prompt editing schedule of {text!r}; image skipped")
-            return None
+            return None, None
         target = tokens.entry_at(call)
         key = (text, target)
         if key not in self._locations:
-            location = self.finder.locate(tokens, target)
-            self._report_location(b, location, tokens, target, others, call)
-            self._locations[key] = location
-        self.labels[b] = list(self._locations[key].found)
-        return self._locations[key].selection
+            subjects = self.finder.subjects_for(text, tokens, self._schedule_steps()[0])
+            location = self.finder.locate(tokens, target, subjects)
+            if subjects:
+                self._report_location(b, location, tokens, target, others, call)
+            else:
+                self._report_once(b, "automatic subjects: no noun found in the prompt; type the subject words")
+            binding = self._locate_binding(b, text, tokens, target, subjects) if self.params.binds else None
+            self._locations[key] = (subjects, location, binding)
+        subjects, location, binding = self._locations[key]
+        self.labels[b] = list(location.found)
+        self.subjects_used[b] = subjects
+        if binding is not None:
+            self.bound.setdefault(b, {}).update({(modifier, noun): None for modifier, noun, _, _ in binding.bound})
+            self.binding_labels[b] = binding_labels(binding)
+        return location.selection, binding.selection if binding is not None else None
+
+    def _locate_binding(
+        self, b: int, text: str, tokens: PromptTokens, target: int, subjects: tuple[str, ...]
+    ) -> BindingLocation | None:
+        """The columns of the subjects' modifier-noun pairs in schedule entry `target`, every problem reported (a
+        modifier not in the entry, a word split between chunks, nothing to bind, a pair across a chunk boundary)."""
+        assert self.finder is not None
+        pairs, every = self.finder.pairs_for(text, tokens, self._schedule_steps()[0])
+        where = self._entry_span(tokens, target)
+        note = unbound_note(pairs, every, subjects)
+        if note is not None:
+            self._report_once(b, note.removeprefix("AE ") + where)
+            return None
+        binding = self.finder.locate_bindings(tokens, target, pairs)
+        for message in [*binding.messages, *straddling_notes(binding)]:
+            self._report_once(b, message.removeprefix("AE ") + where)
+        return binding
 
     def _prompt_tokens(self, text: str) -> PromptTokens:
         assert self.finder is not None
@@ -425,6 +474,23 @@ class SamplingPass:
             unwrap_forward(self.den)
 
 
+def binding_labels(location: BindingLocation) -> list[str]:
+    """Captions of the engine's binding maps, in their order: per group its noun, then each modifier as
+    "modifier→noun" (the modifier's map beside the noun's)."""
+    if location.selection is None:
+        return []
+    words = {}
+    for modifier, noun, modifier_columns, noun_columns in location.bound:
+        words[noun_columns] = noun
+        words[modifier_columns] = modifier
+    labels = []
+    for group in location.selection.groups:
+        noun = words.get(group.noun, "?")
+        labels.append(noun)
+        labels.extend(f"{words.get(modifier, '?')}\u2192{noun}" for modifier in group.modifiers)
+    return labels
+
+
 # -- Install and release -----------------------------------------------------------------------------------------------
 
 
@@ -442,7 +508,10 @@ def install(p: Processing, params: AEParams) -> None:
         capture = capture_for(p.sd_model.model.diffusion_model)
         graphs = use_cuda_graphs(p)
         guard = graph_safety.guard_for(capture, p.sd_model) if graphs else None
-        engine = AttendAndExcite(capture, params.to_config(), cuda_graphs=graphs, graph_guard=guard)
+        engine = AttendAndExcite(
+            capture, params.to_config(), cuda_graphs=graphs, graph_guard=guard,
+            binding=params.to_binding_config() if params.binds else None, excite=params.excites,
+        )
     except (CaptureError, UnsupportedModel) as error:
         report_problem(p, f"A&E was not applied: {error}")
         return

@@ -1,10 +1,12 @@
 """A live view, inside the accordion, of how the current prompt is tokenized by the loaded model's own text encoder
 and A1111's prompt parsing (emphasis, BREAK, 75-token chunks, prompt editing, textual-inversion embeddings), with
 each subject's conditioning columns and the subjects that are not found: the same pipeline as generation
-(subjects.py), so the view shows what A&E will use.
+(subjects.py), so the view shows what A&E will use. With an empty subject box (automatic subjects) the subjects found
+in the prompt are shown marked as suggested (a click on one fixes it: it is written into the box); with a `bind`
+method each bound modifier is shown in its noun's colour, with the noun's name.
 
-javascript/attend_and_excite.js writes {prompt, subjects, steps} as JSON into a hidden textbox and clicks a hidden
-button (the pattern of A1111's token counter, ui.py L491); the reply is the HTML. None of these components is
+javascript/attend_and_excite.js writes {prompt, subjects, steps, method} as JSON into a hidden textbox and clicks a
+hidden button (the pattern of A1111's token counter, ui.py L491); the reply is the HTML. None of these components is
 returned by ui(), so they carry no script argument (the positional API order is unchanged).
 """
 
@@ -22,7 +24,7 @@ from lib_ae.tokens import prompt_tokens
 
 from . import host
 from .host import PromptChunk, TextEncoder
-from .subjects import PromptTokens, SubjectFinder, text_encoder
+from .subjects import PromptTokens, SubjectFinder, straddling_notes, text_encoder, unbound_note
 
 logger = logging.getLogger("lib_ae.webui")
 
@@ -58,10 +60,11 @@ def _escape(text: str) -> str:
     return html.escape(text, quote=True)
 
 
-def token_view_html(prompt: str, subjects_text: str, steps: int) -> str:
-    """The token view of `prompt` with the subjects `subjects_text`, as HTML (messages instead of raising)."""
+def token_view_html(prompt: str, subjects_text: str, steps: int, method: str = "excite") -> str:
+    """The token view of `prompt` with the subjects `subjects_text` and the A&E `method`, as HTML (messages instead of
+    raising)."""
     try:
-        return _token_view_html(prompt, subjects_text, steps)
+        return _token_view_html(prompt, subjects_text, steps, method)
     except Exception as error:  # the view must never break the UI; the message says what happened
         logger.debug("token view failed", exc_info=True)
         return (
@@ -79,33 +82,41 @@ def _steps_label(index: int, count: int, end: int, previous_end: int) -> str:
     return f"after step {previous_end}, until step {end}"
 
 
-def _token_view_html(prompt: str, subjects_text: str, steps: int) -> str:
+def _token_view_html(prompt: str, subjects_text: str, steps: int, method: str) -> str:
     sd_model = host.loaded_model()
     if sd_model is None:
         return "<div class='ae-tokens-message'>No model is loaded.</div>"
     encoder = text_encoder(sd_model)
-    subject_problem = ""
-    try:
-        subjects = AEParams(subjects=subjects_text).subject_names  # parsed as generation parses it
-    except ParamsError as error:
-        subjects, subject_problem = (), "; ".join(error.messages)
+    problems: list[str] = []
+    params, subjects_valid = AEParams(), True
+    for values in ({"subjects": subjects_text, "method": method}, {"subjects": subjects_text}):  # as generation does
+        try:
+            params = AEParams(**values)
+            break
+        except ParamsError as error:
+            problems = problems or ["; ".join(error.messages)]  # the first attempt's messages name every problem
+    else:
+        subjects_valid = False  # the problem is in the subjects: show the tokens without any
     first, others = host.first_subprompt(host.strip_extra_networks(prompt or ""))
-    finder = SubjectFinder(encoder, subjects)
-    tokens = finder.prompt_tokens(first, max(1, int(steps or 20)))
-    parts: list[str] = []
-    if subject_problem:
-        parts.append(f"<div class='ae-tokens-problem'>{_escape(subject_problem)}</div>")
+    finder = SubjectFinder(encoder, params.subject_names)
+    schedule_steps = max(1, int(steps or 20))
+    tokens = finder.prompt_tokens(first, schedule_steps)
+    suggested = finder.automatic and subjects_valid
+    subjects = finder.subjects_for(first, tokens, schedule_steps) if suggested else params.subject_names
+    parts: list[str] = [f"<div class='ae-tokens-problem'>{_escape(problem)}</div>" for problem in problems]
     if others:
         parts.append("<div class='ae-tokens-note'>AND: A&amp;E uses the first sub-prompt only.</div>")
+    pairs, every = finder.pairs_for(first, tokens, schedule_steps) if params.binds else ((), ())
     found_in: dict[str, list[tuple[str, tuple[int, ...]]]] = {}  # subject -> (steps, columns) of the entries with it
     missing: dict[str, str] = {}
+    notes: dict[str, None] = {}
     order = {subject: i for i, subject in enumerate(subjects)}
     previous_end = 0
     count = len(tokens.ends)
     for entry in range(count):
         steps_label = _steps_label(entry, count, tokens.ends[entry], previous_end)
         previous_end = tokens.ends[entry]
-        location = finder.locate(tokens, entry)
+        location = finder.locate(tokens, entry, subjects)
         for subject, columns in location.found.items():
             found_in.setdefault(subject, []).append((steps_label, columns))
         for subject in location.missing:
@@ -113,34 +124,60 @@ def _token_view_html(prompt: str, subjects_text: str, steps: int) -> str:
             reason = next((m for m in location.messages if repr(subject) in m), default)
             missing.setdefault(subject, reason.removeprefix("AE: "))
         owner = {column: subject for subject, columns in location.found.items() for column in columns}
-        parts.append(_entry_html(encoder, tokens, entry, steps_label, owner, order))
-    legend = [_legend_html(i, subject, found_in, missing, count) for i, subject in enumerate(subjects)]
-    if not subjects:
+        modifiers: dict[int, str] = {}  # modifier column -> its noun
+        if params.binds:
+            note = unbound_note(pairs, every, subjects)
+            if note is not None:
+                notes[note] = None
+            else:
+                binding = finder.locate_bindings(tokens, entry, pairs)
+                notes.update(dict.fromkeys([*binding.messages, *straddling_notes(binding)]))
+                for _, noun, modifier_columns, noun_columns in binding.bound:
+                    noun_owner = owner.get(noun_columns[0], noun)
+                    modifiers.update({column: noun_owner for column in modifier_columns})
+        marks = _Marks(owner, order, suggested, modifiers)
+        parts.append(_entry_html(encoder, tokens, entry, steps_label, marks))
+    legend = [_legend_html(i, subject, found_in, missing, count, suggested) for i, subject in enumerate(subjects)]
+    if suggested and subjects:
+        legend.append(
+            "<span class='ae-tokens-note'>suggested: the subject box is empty, so A&amp;E finds the subjects; "
+            "click one to fix it</span>"
+        )
+    elif not subjects:
         legend.append("<span class='ae-tokens-note'>Click a word to make it a subject.</span>")
     legend_html = "<div class='ae-tokens-legend'>" + "".join(legend) + "</div>"
-    return "<div class='ae-tokens'>" + legend_html + "".join(parts) + "</div>"
+    notes_html = "".join(f"<div class='ae-tokens-note'>{_escape(note.removeprefix('AE '))}</div>" for note in notes)
+    return "<div class='ae-tokens'>" + legend_html + notes_html + "".join(parts) + "</div>"
 
 
-def _entry_html(
-    encoder: TextEncoder, tokens: PromptTokens, entry: int, steps_label: str, owner: dict[int, str],
-    order: dict[str, int],
-) -> str:
+class _Marks:
+    """How the tokens of one schedule entry are marked: `owner` column -> subject, `order` subject -> colour index,
+    `suggested` (automatic subjects), `modifiers` column -> the subject (noun) the modifier is bound to."""
+
+    def __init__(
+        self, owner: dict[int, str], order: dict[str, int], suggested: bool, modifiers: dict[int, str]
+    ) -> None:
+        self.owner = owner
+        self.order = order
+        self.suggested = suggested
+        self.modifiers = modifiers
+
+
+def _entry_html(encoder: TextEncoder, tokens: PromptTokens, entry: int, steps_label: str, marks: _Marks) -> str:
     chunk_count = tokens.chunk_counts[entry]
     header = f"{tokens.token_counts[entry]} tokens, {chunk_count} chunk{'s' if chunk_count != 1 else ''} of 75"
     if len(tokens.ends) > 1:
         header = f"{steps_label} (prompt editing): " + header
     parts = [f"<div class='ae-tokens-entry'><div class='ae-tokens-header'>{_escape(header)}</div>"]
     for k in range(min(chunk_count, TOKEN_VIEW_MAX_CHUNKS)):
-        parts.append(_chunk_html(encoder, tokens.chunks[entry][k], list(tokens.ids[entry][k]), k, owner, order))
+        parts.append(_chunk_html(encoder, tokens.chunks[entry][k], list(tokens.ids[entry][k]), k, marks))
     if chunk_count > TOKEN_VIEW_MAX_CHUNKS:
         parts.append(f"<div class='ae-tokens-note'>... {chunk_count - TOKEN_VIEW_MAX_CHUNKS} more chunks</div>")
     parts.append("</div>")
     return "".join(parts)
 
 
-def _chunk_html(
-    encoder: TextEncoder, chunk: PromptChunk, ids: list[int], k: int, owner: dict[int, str], order: dict[str, int]
-) -> str:
+def _chunk_html(encoder: TextEncoder, chunk: PromptChunk, ids: list[int], k: int, marks: _Marks) -> str:
     fixes = {int(fix.offset) + 1: fix.embedding for fix in getattr(chunk, "fixes", [])}
     real = len(prompt_tokens(ids, bos_id=encoder.id_start, eos_id=encoder.id_end, pad_id=encoder.id_pad))
     word: list[tuple[int, str]] = []
@@ -177,14 +214,27 @@ def _chunk_html(
                 classes.append("ae-token-weighted")
             if not tok.endswith(WORD_END) and j not in fixes:
                 classes.append("ae-token-cont")  # the word goes on in the next token
-            subject = owner.get(column)
+            subject = marks.owner.get(column)
+            noun = marks.modifiers.get(column)
             if subject is not None:
-                classes.append(f"ae-subject ae-subject-{order.get(subject, 0) % SUBJECT_COLOURS}")
+                classes.append(f"ae-subject ae-subject-{marks.order.get(subject, 0) % SUBJECT_COLOURS}")
                 attrs.append(f"data-ae-subject='{_escape(subject)}'")
-                title += f", subject '{subject}'"
+                if marks.suggested:
+                    classes.append("ae-suggested")
+                    attrs.append("data-ae-suggested='1'")
+                    title += f", suggested subject '{subject}' (click to fix it)"
+                else:
+                    title += f", subject '{subject}'"
+            elif noun is not None:
+                classes.append(f"ae-modifier ae-subject-{marks.order.get(noun, 0) % SUBJECT_COLOURS}")
+                attrs.append(f"data-ae-noun='{_escape(noun)}'")
+                title += f", modifier bound to '{noun}'"
             attrs.append(f"title='{_escape(title)}'")
             weight_mark = f"<sub>{weight:.2g}</sub>" if "ae-token-weighted" in classes else ""
-            spans.append(f"<span class='{' '.join(classes)}' {' '.join(attrs)}>{_escape(label)}{weight_mark}</span>")
+            noun_mark = f"<sup class='ae-bound-noun'>&#8594;{_escape(noun)}</sup>" if noun is not None else ""
+            spans.append(
+                f"<span class='{' '.join(classes)}' {' '.join(attrs)}>{_escape(label)}{weight_mark}{noun_mark}</span>"
+            )
     pad = 75 - real
     return (
         f"<div class='ae-tokens-chunk'><span class='ae-chunk-label' title='columns {77 * k}-{77 * k + 76}'>"
@@ -194,7 +244,8 @@ def _chunk_html(
 
 
 def _legend_html(
-    i: int, subject: str, found_in: dict[str, list[tuple[str, tuple[int, ...]]]], missing: dict[str, str], count: int
+    i: int, subject: str, found_in: dict[str, list[tuple[str, tuple[int, ...]]]], missing: dict[str, str], count: int,
+    suggested: bool,
 ) -> str:
     if subject not in found_in:
         reason = missing.get(subject, f"subject {subject!r} is not in the prompt")
@@ -206,19 +257,24 @@ def _legend_html(
     columns = entries[0][1]
     where = f"column {columns[0]}" if len(columns) == 1 else f"columns {columns[0]}-{columns[-1]}"
     classes = f"ae-legend ae-subject ae-subject-{i % SUBJECT_COLOURS}"
-    title = "click to remove"
+    action = "click to fix it" if suggested else "click to remove"
+    title = ("suggested subject; " if suggested else "") + action
+    suggestion = " data-ae-suggested='1'" if suggested else ""
+    if suggested:
+        classes += " ae-suggested"
+        where += ", suggested"
     if len(entries) < count:  # prompt editing: only some entries contain it
         where += " (" + ", ".join(steps for steps, _ in entries) + " only)"
         classes += " ae-partial"
-        title = f"{missing.get(subject, 'not in every prompt-editing entry')}; click to remove"
+        title = f"{missing.get(subject, 'not in every prompt-editing entry')}; {action}"
     return (
-        f"<span class='{classes}' data-ae-subject='{_escape(subject)}' "
+        f"<span class='{classes}' data-ae-subject='{_escape(subject)}'{suggestion} "
         f"title='{_escape(title)}'>{_escape(subject)}: {where}</span>"
     )
 
 
 def token_view_request(request: str, subjects_text: str) -> str:
-    """Gradio handler: `request` is the JSON the javascript wrote ({"prompt", "subjects", "steps"})."""
+    """Gradio handler: `request` is the JSON the javascript wrote ({"prompt", "subjects", "steps", "method"})."""
     try:
         data = json.loads(request or "{}")
     except ValueError:
@@ -231,7 +287,9 @@ def token_view_request(request: str, subjects_text: str) -> str:
         steps = int(float(data.get("steps", 20)))
     except (TypeError, ValueError):
         steps = 20
-    return token_view_html(prompt, subjects if isinstance(subjects, str) else subjects_text, steps)
+    method = data.get("method", "excite")
+    subjects_value = subjects if isinstance(subjects, str) else subjects_text
+    return token_view_html(prompt, subjects_value, steps, method if isinstance(method, str) else "")
 
 
 def token_view_ui(elem_id: Callable[[str], str], subjects: Any) -> None:

@@ -9,6 +9,8 @@ from typing import Any
 from lib_ae.visualize import (
     ImageTrace,
     SubjectMap,
+    bind_loss_summary,
+    binding_maps_at,
     heatmap_strip,
     image_trace,
     subject_maps_at,
@@ -18,7 +20,7 @@ from lib_ae.visualize import (
 
 from . import host
 from .host import Processing
-from .report import AE_HIRES_TRACE_KEY, AE_TRACE_KEY
+from .report import AE_BINDINGS_KEY, AE_HIRES_TRACE_KEY, AE_SUBJECTS_USED_KEY, AE_TRACE_KEY, NOTHING_USED
 from .run_state import existing_state, image_in_job, state_of
 from .sampling_pass import SamplingPass
 
@@ -36,6 +38,7 @@ def record_batch_traces(p: Processing) -> None:
     ("AE hires trace"); with heatmaps on, what to draw from the first pass that ran A&E."""
     state = state_of(p)
     state.visuals = {}
+    record_subjects_used(p, state.passes)
     ran = [sp for sp in state.passes if sp.excitation is not None and sp.excitation.reports]
     if not ran:
         return
@@ -54,6 +57,39 @@ def record_batch_traces(p: Processing) -> None:
         state.visuals = _visuals(shown)
 
 
+def record_subjects_used(p: Processing, passes: list[SamplingPass]) -> None:
+    """Per image of the batch, from the first pass: with automatic subjects "AE subjects used" (what was found in its
+    prompt), with a `bind` method "AE bindings" (the pairs bound). Written even when A&E found nothing to do, so the
+    infotext says what it looked at."""
+    first = next((sp for sp in passes if not sp.is_hr), None)
+    if first is None:
+        return
+    if first.params.auto_subjects and first.subjects_used:
+        used = {b: ", ".join(subjects) or NOTHING_USED for b, subjects in first.subjects_used.items()}
+        per_image = lambda index=0, _used=used, **_: _used.get(index)  # noqa: E731  # evaluated per image by A1111
+        _put_after(p.extra_generation_params, "AE subjects", AE_SUBJECTS_USED_KEY, per_image)
+    if first.params.binds and first.subjects_used:
+        bound = {
+            b: ", ".join(f"{modifier}->{noun}" for modifier, noun in first.bound.get(b, {})) or NOTHING_USED
+            for b in first.subjects_used
+        }
+        p.extra_generation_params[AE_BINDINGS_KEY] = lambda index=0, _bound=bound, **_: _bound.get(index)
+
+
+def _put_after(entries: dict[str, Any], anchor: str, key: str, value: Any) -> None:
+    """entries[key] = value, placed right after `anchor` when it is there ("AE subjects: auto, AE subjects used: ..."
+    reads as one statement). The dict is reordered in place: it is p's own, other scripts may hold it."""
+    entries.pop(key, None)
+    if anchor not in entries:
+        entries[key] = value
+        return
+    items = list(entries.items())
+    position = [k for k, _ in items].index(anchor) + 1
+    items.insert(position, (key, value))
+    entries.clear()
+    entries.update(items)
+
+
 def _traces(sampling_pass: SamplingPass) -> dict[int, ImageTrace]:
     assert sampling_pass.excitation is not None
     excitation = sampling_pass.excitation
@@ -70,7 +106,11 @@ def _summaries(sampling_pass: SamplingPass, interrupted: bool) -> dict[int, str]
     assert sampling_pass.excitation is not None
     cut = interrupted or any(r.interrupted for r in sampling_pass.excitation.reports)
     eager = f", no CUDA graph ({sampling_pass.eager_reason})" if sampling_pass.eager_reason else ""
-    return {b: trace_summary(trace, interrupted=cut) + eager for b, trace in _traces(sampling_pass).items()}
+    summaries = {}
+    for b, trace in _traces(sampling_pass).items():
+        bind = bind_loss_summary(sampling_pass.excitation.reports, b) if sampling_pass.params.binds else None
+        summaries[b] = trace_summary(trace, interrupted=cut) + (f", {bind}" if bind else "") + eager
+    return summaries
 
 
 def _visuals(sampling_pass: SamplingPass) -> dict[int, BatchVisual]:
@@ -79,7 +119,12 @@ def _visuals(sampling_pass: SamplingPass) -> dict[int, BatchVisual]:
     visuals = {}
     for b, trace in _traces(sampling_pass).items():
         labels = sampling_pass.labels[b]
-        by_step = {r.step: subject_maps_at(r, b, labels) for r in excitation.reports if r.step in excitation.map_steps}
+        bind_labels = sampling_pass.binding_labels.get(b, [])
+        by_step = {
+            r.step: subject_maps_at(r, b, labels) + binding_maps_at(r, b, bind_labels)  # the modifier beside its noun
+            for r in excitation.reports
+            if r.step in excitation.map_steps
+        }
         rows = [by_step[step] for step in sorted(by_step, reverse=True) if by_step[step]]
         visuals[b] = BatchVisual(rows, trace)
     return visuals

@@ -4,7 +4,7 @@ The test venv cannot import the real gradio 3.41.2: its package imports fastapi,
 more at import time (gradio/components/base.py L17-26), which `pip install --no-deps` does not bring. The extension
 only *constructs* components, so this stub records the constructor arguments and checks their names: every
 signature below lists the keyword names of gradio 3.41.2's own constructor (read from the wheel:
-components/checkbox.py L36-52, components/slider.py L41-61, components/textbox.py L52-76, layouts.py Column L104,
+components/checkbox.py L36-52, components/slider.py L41-61, components/radio.py (Radio), components/textbox.py L52-76, layouts.py Column L104,
 Group L254, Accordion L360, Row L31, components/html.py HTML L26-36, components/button.py Button L24-40), so a
 misspelt keyword fails here as it would (as a warning) in gradio. No rendering and no queue; a button's `click`
 listeners are recorded (`Button.listeners`), so that a test can call the handler as gradio would.
@@ -135,6 +135,17 @@ class Dropdown(Component):
         multiselect: bool | None = None,
         allow_custom_value: bool = False,
         **kwargs: Any,
+    ) -> None:
+        super().__init__(value, **kwargs)
+        self.choices = choices or []
+        self.type = type
+
+
+class Radio(Component):
+    """gradio 3.41.2 Radio: `choices` positional, the rest keyword-only."""
+
+    def __init__(
+        self, choices: list[Any] | None = None, *, value: Any = None, type: str = "value", **kwargs: Any
     ) -> None:
         super().__init__(value, **kwargs)
         self.choices = choices or []
