@@ -1,10 +1,10 @@
-"""One Attend-and-Excite step on a batch of latents, as the reference pipeline does it per image (algorithm.md §1.4).
+"""One Attend-and-Excite step on a batch of latents, as the reference pipeline does it per image (docs/algorithm.md §1.4).
 
 The engine updates whatever latent the caller's UNet runner differentiates against:
     latent <- latent - a_i * gradient_scale_b * grad_latent L
 With the VP latent z (diffusers, DDIM, PLMS) gradient_scale is 1. With k-diffusion's sigma-space x, whose UNet input
 is x / sqrt(1 + sigma^2), it is 1 + sigma^2 (`lib_ae.sampling.sigma_space_gradient_scale`), which makes the update the
-official one mapped exactly into sigma space (algorithm.md §2.2).
+official one mapped exactly into sigma space (docs/algorithm.md §2.2).
 
 One step, in the paper's words (Chefer et al. 2023, Algorithm 1), per image b with subjects S_b at step i:
     evaluate   L = max_s (1 - a_s) and its gradient at z_t          (`_evaluate`: one cond-only forward + backward)

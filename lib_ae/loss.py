@@ -1,4 +1,4 @@
-"""The Attend-and-Excite loss, operation for operation as the official implementation (algorithm.md §1.2).
+"""The Attend-and-Excite loss, operation for operation as the official implementation (docs/algorithm.md §1.2).
 
 Per image: A (h, w, T) = mean over layers x heads of the cross-attention probabilities;
 keep the text columns (official: 1..T-2), multiply by the temperature 100 and re-softmax over them; for each subject,
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 @lru_cache(maxsize=8)
 def _official_kernel_float32(kernel_size: int, sigma: float) -> torch.Tensor:
     # The official formula divides (x - mean) by 2*std *inside* the square, i.e. exp(-(x-mu)^2 / (4 sigma^2)):
-    # an effective sigma of sqrt(2)*sigma. Replicated on purpose (algorithm.md §1.2, "Gaussian kernel bug"),
+    # an effective sigma of sqrt(2)*sigma. Replicated on purpose (docs/algorithm.md §1.2, "Gaussian kernel bug"),
     # and built in float32 like the reference so that float64 runs see the very same rounded weights.
     grid = torch.arange(kernel_size, dtype=torch.float32)
     mean = (kernel_size - 1) / 2

@@ -1,9 +1,9 @@
 """Driving the engine from inside a sampler: which model call starts a step, and the update in the sampler's space.
 
 A sampler (k-diffusion's, or A1111's DDIM/PLMS) hands its own state tensor to the first model call of every step
-(host-api.md §0.3, verified by tests/test_trajectory.py for every k-diffusion sampler of A1111). Updating that tensor
-in place before the model sees it is therefore the same as pausing the sampler, updating its latent and resuming:
-the model call and the rest of the step integrate from the updated latent, as in the reference pipeline.
+(docs/host-notes.md §0 item 3, verified by tests/test_trajectory.py for every k-diffusion sampler of A1111). Updating
+that tensor in place before the model sees it is therefore the same as pausing the sampler, updating its latent and
+resuming: the model call and the rest of the step integrate from the updated latent, as in the reference pipeline.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ LatentSpace = Literal["sigma", "vp"]
 
 
 def sigma_space_gradient_scale(sigma: torch.Tensor) -> torch.Tensor:
-    """Per-image factor (1 + sigma^2) that maps the official VP step into sigma space (algorithm.md §2.2 form A).
+    """Per-image factor (1 + sigma^2) that maps the official VP step into sigma space (docs/algorithm.md §2.2 form A).
 
     A float64 tensor on sigma's device: computing it on the host would wait for the GPU at every step. In float64,
     as the Python floats of the reference's arithmetic (`1.0 + float(s) ** 2`), bit for bit."""

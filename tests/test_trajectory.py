@@ -1,12 +1,12 @@
 """An in-place update at the first model call of step i is "pause after step i-1, update the latent, resume".
 
-This is the claim `lib_ae.sampling.InSamplerExcitation` rests on (host-api.md §0.3, §3): a k-diffusion sampler hands
-its own state tensor to the first model call of every step, so writing `x + delta` into that tensor before the model
-runs makes the sampler integrate the rest of the run from the updated latent, with nothing else changed. Checked for
-every k-diffusion sampler of A1111 v1.10.1, configured as the WebUI configures it (`A1111_KDIFFUSION_SAMPLERS`:
-schedule, discarded penultimate sigma, Brownian-tree noise for the SDE samplers), with the update written by
-`InSamplerExcitation` itself (a stand-in engine returns `latent + delta` in place of A&E's gradient pass) at the calls
-its `StepClock` picks.
+This is the claim `lib_ae.sampling.InSamplerExcitation` rests on (docs/host-notes.md §0 item 3, §3): a k-diffusion
+sampler hands its own state tensor to the first model call of every step, so writing `x + delta` into that tensor before
+the model runs makes the sampler integrate the rest of the run from the updated latent, with nothing else changed.
+Checked for every k-diffusion sampler of A1111 v1.10.1, configured as the WebUI configures it
+(`A1111_KDIFFUSION_SAMPLERS`: schedule, discarded penultimate sigma, Brownian-tree noise for the SDE samplers), with the
+update written by `InSamplerExcitation` itself (a stand-in engine returns `latent + delta` in place of A&E's gradient
+pass) at the calls its `StepClock` picks.
 
 The oracle, "pause, update, resume", has to keep everything the sampler carries across steps:
 
