@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .tokens import CHUNK_LENGTH, PROMPT_TOKENS_PER_CHUNK, EmbeddingSpan, prompt_tokens
+from .tokens import CHUNK_LENGTH, PROMPT_TOKENS_PER_CHUNK, EmbeddingSpan, embedding_columns, prompt_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ def locate_bindings(
     word_columns = tuple(
         CHUNK_LENGTH * k + 1 + j for k, chunk_tokens in enumerate(tokens) for j in range(len(chunk_tokens))
     )
-    spans = _embedding_spans(embeddings or [], len(tokens))
+    spans = embedding_columns(embeddings or [], len(tokens))
     placeholders = {column for _, columns in spans for column in columns}
 
     def occurrences(word: str) -> list[Word] | str:
@@ -344,19 +344,6 @@ def locate_bindings(
     for message in messages:
         logger.debug(message)
     return BindingLocation(selection, tuple(bound), tuple(messages))
-
-
-def _embedding_spans(embeddings: Sequence[Sequence[EmbeddingSpan]], chunk_count: int) -> list[tuple[str, Word]]:
-    """(name, columns) of every textual-inversion embedding, as lib_ae.tokens places them."""
-    spans: list[tuple[str, Word]] = []
-    for k, chunk_embeddings in enumerate(embeddings[:chunk_count]):
-        for name, offset, vectors in chunk_embeddings:
-            first = CHUNK_LENGTH * k + 1 + int(offset)
-            last = min(first + int(vectors), CHUNK_LENGTH * k + 1 + PROMPT_TOKENS_PER_CHUNK)
-            if last > first:
-                spans.append((str(name), tuple(range(first, last))))
-    return spans
-
 
 # --- the schedule ---------------------------------------------------------------------------------------------------
 

@@ -115,7 +115,7 @@ def locate_subjects(
         raise ValueError("a prompt has at least one chunk")
     tokens = [prompt_tokens(chunk, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id) for chunk in chunks]
     num_columns = CHUNK_LENGTH * len(chunks)
-    spans = _embedding_columns(embeddings or [], len(chunks))
+    spans = embedding_columns(embeddings or [], len(chunks))
     placeholders = {column for _, columns in spans for column in columns}
 
     found: dict[str, tuple[int, ...]] = {}
@@ -172,7 +172,7 @@ def locate_subjects(
     return SubjectLocation(selection, found, missing, messages, num_columns, tuple(absent))
 
 
-def _embedding_columns(
+def embedding_columns(
     embeddings: Sequence[Sequence[EmbeddingSpan]], chunk_count: int
 ) -> list[tuple[str, tuple[int, ...]]]:
     """(name, columns) of every embedding, in prompt order."""
