@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .tokens import CHUNK_LENGTH, PROMPT_TOKENS_PER_CHUNK, EmbeddingSpan, embedding_columns, prompt_tokens
+from .tokens import CHUNK_LENGTH, EmbeddingSpan, embedding_columns, prompt_tokens
 
 logger = logging.getLogger(__name__)
 
