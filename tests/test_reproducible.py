@@ -80,6 +80,9 @@ def host() -> Iterator[ModuleType]:
             sys.path.remove(path)
         for name in [n for n in sys.modules if n not in preexisting and n.split(".")[0] in ("modules", "standin", "gradio")]:
             del sys.modules[name]
+        # The adapter binds this host's modules at import (tests/conftest.py drops it for the same reason).
+        for name in [n for n in sys.modules if n == "lib_ae.webui" or n.startswith("lib_ae.webui.")]:
+            del sys.modules[name]
 
 
 def on_fresh_thread(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
