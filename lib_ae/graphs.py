@@ -214,7 +214,7 @@ class GraphEvaluations:
         plan: "_LossPlan",
         size: tuple[int, int],
     ) -> _Graph:
-        stream = torch.cuda.Stream(device=latent.device)
+        stream = capture_stream(latent.device)
         stream.wait_stream(torch.cuda.current_stream(latent.device))
         with torch.cuda.stream(stream):
             static_latent = latent.detach().clone()
@@ -232,6 +232,25 @@ class GraphEvaluations:
         self.pool = graph.pool()  # every graph of this engine shares one pool: they are replayed one at a time
         logger.info("captured the A&E evaluation of %d image(s) as a CUDA graph", latent.shape[0])
         return _Graph(graph, static_latent, static_inputs, outputs)
+
+
+_capture_streams: dict[torch.device, Any] = {}
+"""Device -> the one side stream every A&E graph on it is captured on, for the life of the process."""
+
+
+def capture_stream(device: torch.device, make_stream: Callable[[torch.device], Any] | None = None) -> Any:
+    """The side stream A&E captures its graphs on (the legacy default stream cannot be captured): one per device for
+    the whole process. PyTorch keeps a cuBLAS and a cuBLASLt workspace (32 MiB each on Hopper) for every (handle,
+    stream) pair it has seen, for good, and hands out new streams round-robin from a pool of 32: a fresh stream per
+    capture, i.e. per generation, kept ~65 MiB more of every request until all 32 were seen (about 2 GiB on the H200,
+    tests/webui-gpu-h200.json "memory_growth_found"). The caching allocator also keeps freed blocks per stream, so the
+    warm-up runs before each capture now reuse the previous generation's blocks."""
+    key = torch.device(device)
+    stream = _capture_streams.get(key)
+    if stream is None:
+        stream = (make_stream or (lambda d: torch.cuda.Stream(device=d)))(key)
+        _capture_streams[key] = stream
+    return stream
 
 
 def _signature(t: torch.Tensor) -> tuple[Any, ...]:

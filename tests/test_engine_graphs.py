@@ -85,3 +85,50 @@ def test_images_without_subjects_are_left_alone(unet: torch.nn.Module) -> None:
     graph_latent, graph_report = run(unet, True, ExciteConfig(thresholds={}), selections, 1)
     assert torch.equal(eager_latent, graph_latent) and graph_report == eager_report
     assert torch.equal(graph_latent[0], inputs(2)[0][0])
+
+
+def test_one_capture_stream_per_device_for_the_whole_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every generation's graphs are captured on the same side stream: PyTorch keeps a cuBLAS(Lt) workspace for each
+    stream it has seen, so a new stream per capture kept ~65 MiB more per generation (tests/webui-gpu-h200.json)."""
+    from lib_ae import graphs
+
+    monkeypatch.setattr(graphs, "_capture_streams", {})
+    made: list[torch.device] = []
+
+    def make(device: torch.device) -> object:
+        made.append(device)
+        return object()
+
+    first = graphs.capture_stream(torch.device("cuda:0"), make)
+    assert graphs.capture_stream(torch.device("cuda:0"), make) is first
+    assert graphs.capture_stream(torch.device("cuda", 0), make) is first
+    other = graphs.capture_stream(torch.device("cuda:1"), make)
+    assert other is not first
+    assert made == [torch.device("cuda:0"), torch.device("cuda:1")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the graph is only captured there)")
+def test_generations_with_graphs_do_not_keep_memory_on_cuda() -> None:
+    """One engine per generation, as the webui makes them: after the first generation (workspaces, the capture stream's
+    cached blocks), further generations leave the allocated memory where it was."""
+    device = torch.device("cuda")
+    unet = make_unet(SD1_LIKE, seed=3, dtype=torch.float32).to(device)
+    g = torch.Generator(device="cpu").manual_seed(5)
+    x = torch.randn(1, 4, SIDE, SIDE, generator=g).to(device)
+    t = torch.tensor([700.0], device=device)
+    context = torch.randn(1, 77, SD1_LIKE.context_dim, generator=g).to(device)
+    capture = AttentionCapture(unet)
+    allocated = []
+    try:
+        for _ in range(4):
+            engine = AttendAndExcite(capture, ExciteConfig(thresholds={}), cuda_graphs=True)
+            runner = GraphableRunner(lambda z, tt, c: unet(z, tt, context=c), (t, context), key="leak")
+            for step in range(3):
+                engine.step(x, step, engine.plan(10), [SELECTIONS[0]], runner, gradient_scale=[3.0])
+            engine.release_graphs()
+            del engine, runner
+            torch.cuda.synchronize()
+            allocated.append(torch.cuda.memory_allocated())
+    finally:
+        capture.remove()
+    assert allocated[-1] <= allocated[1], f"allocated bytes after each generation: {allocated}"
