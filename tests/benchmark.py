@@ -33,6 +33,8 @@ torch.use_deterministic_algorithms(True, warn_only=True); at the top, the `ratio
     python tests/benchmark.py --determinism --deadline-s 330 --out /tmp/bench.json    # on a GPU, one device call
     python tests/benchmark.py --tiny --out /tmp/bench.json           # small CPU configuration (CI smoke test)
     python tests/benchmark.py --profile --only sd15                  # where one A&E evaluation spends its time
+    python tests/benchmark.py --count-ops --binding --only sd15 --batch 1 --steps 4 --no-reference \
+        --rows ae_norefine,bind,excite_bind_norefine                 # operations binding adds per evaluation (CPU too)
     python tests/benchmark.py --binding --only sd15 --batch 1 --no-reference --no-profile-numbers \
         --rows ae_norefine_graph,bind_graph,excite_bind_norefine_graph --out /tmp/bind.json   # binding beside excite
 """
@@ -55,6 +57,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Runnable as `python tests/benchmark.py` from the repository root and importable as `benchmark` by pytest (which puts
 # tests/ on sys.path): the same imports (`lib_ae`, `support.*`) work both ways.
@@ -452,6 +455,34 @@ def summarize(run: Run, batch: int = 1) -> dict[str, Any]:
     }
 
 
+class _OperationCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched while active: on a GPU each is a kernel launch (eager) or a node of the
+    replayed graph, so their number is the cost of small-tensor work that a noisy wall clock cannot resolve."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operation_counts(fns: dict[str, Callable[[int], Any]], steps: int, counts: Counts) -> dict[str, Any]:
+    """Each row run once more after its warm-up (the engine has learnt its last layer), counting operations: per row
+    the total, its A&E evaluations, and the operations per evaluation beyond plain sampling."""
+    found: dict[str, dict[str, Any]] = {}
+    for name, fn in fns.items():
+        before = counts.evaluations
+        with _OperationCounter() as counter:
+            fn(steps)
+        found[name] = {"operations": counter.count, "evaluations": counts.evaluations - before}
+    plain = found["plain"]["operations"]
+    for row in found.values():
+        row["per_evaluation_over_plain"] = (row["operations"] - plain) / row["evaluations"] if row["evaluations"] else None
+    return found
+
+
 def paired_ratio(runs: dict[str, Run], name: str, base: str) -> float:
     """Median over trials of (row / base) within the same trial."""
     return statistics.median(a / b for a, b in zip(runs[name].seconds, runs[base].seconds))
@@ -554,6 +585,7 @@ def bench_scenario(
     s: Scenario, device: torch.device, steps: int, trials: int, rows: set[str], *, batch: int = 1,
     warmup_steps: int | None = None, reference_trials: int | None = None, determinism: bool = False,
     profile_numbers: bool = True, deadline: float | None = None, determinism_steps: int = 20,
+    count_operations: bool = False,
 ) -> dict[str, Any]:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     x_t, cond, uncond = make_inputs(s, device, batch)
@@ -612,6 +644,14 @@ def bench_scenario(
             overrides, graphs = ROW_CONFIGS[name]
             fns[name] = ae_row(name, ExciteConfig(**overrides), graphs)
     runs = warm_up(fns, warmup_steps or steps, device, counts)
+    if count_operations:
+        operations = operation_counts(fns, steps, counts)
+        for engine in engines.values():
+            engine.release_graphs()
+        capture.remove()
+        for handle in handles:
+            handle.remove()
+        return {"scenario": s.name, "image_side": s.latent * 8, "batch": batch, "steps": steps, "operations": operations}
     interleave(fns, runs, steps, trials, device, counts, deadline)
 
     results: dict[str, Any] = {}
@@ -1184,6 +1224,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--deadline-s", type=float, default=None,
                         help="stop starting new trials / configurations after this many seconds (keeps what is done)")
     parser.add_argument("--profile", action="store_true", help="time one A&E evaluation and its ablations instead")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="count the operations each row dispatches per A&E evaluation instead of timing (any device)")
     parser.add_argument("--out", type=Path, default=None, help="where to write the JSON (after each configuration)")
     args = parser.parse_args(argv)
     started = time.monotonic()
@@ -1227,8 +1269,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     warmup_steps=warmup_steps, reference_trials=args.reference_trials,
                     determinism=args.determinism and batch == 1 and scenario.family == "sd15",
                     profile_numbers=not args.no_profile_numbers, deadline=deadline,
-                    determinism_steps=args.determinism_steps,
+                    determinism_steps=args.determinism_steps, count_operations=args.count_ops,
                 )
+                if args.count_ops:
+                    print_operations(result)
+                    report["scenarios"].append(result)
+                    continue
                 print_table(result)
                 report["scenarios"].append(result)
                 report["ratios"], report["memory"] = headline_ratios(report["scenarios"])
@@ -1244,6 +1290,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key, value in report["ratios"].items():
         print(f"  {key:36s} {value:7.3f}")
     return report
+
+
+def print_operations(result: dict[str, Any]) -> None:
+    operations = result["operations"]
+    print(f"{result['scenario']} ({result['image_side']}x{result['image_side']}, {result['steps']} steps, batch {result['batch']})")
+    excite = operations.get("ae_norefine", operations.get("ae_norefine_graph", {})).get("per_evaluation_over_plain")
+    for name, row in operations.items():
+        per = row["per_evaluation_over_plain"]
+        extra = f"   {per - excite:+.0f} vs excite ({(per - excite) / excite:+.1%})" if per is not None and excite else ""
+        shown = f"{per:8.0f}" if per is not None else "       -"
+        print(f"  {name:28s} {row['operations']:9d} ops  {row['evaluations']:3d} evaluations  {shown} per evaluation{extra}")
 
 
 def print_profile(result: dict[str, Any]) -> None:

@@ -94,3 +94,18 @@ def test_runs_as_a_script_from_the_repository_root() -> None:
     done = subprocess.run([sys.executable, "tests/benchmark.py", "--help"], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "--tiny" in done.stdout
+
+
+def test_operation_count_mode_counts_what_binding_adds_to_an_evaluation() -> None:
+    """`--count-ops`: binding reads the maps of the same pass, so it adds no evaluation and a few operations on the maps
+    (docs: tests/benchmark-h200.json "binding"); excite's eager and graph paths dispatch the same operations."""
+    returned = benchmark.main(["--tiny", "--count-ops", "--binding", "--only", "sd15", "--no-reference", "--steps", "4",
+                               "--rows", "ae_norefine,ae_norefine_graph,bind,excite_bind_norefine"])
+    operations = returned["scenarios"][0]["operations"]
+    assert operations["plain"]["evaluations"] == 0
+    evaluations = {name: row["evaluations"] for name, row in operations.items() if name != "plain"}
+    assert set(evaluations.values()) == {2}, evaluations  # round(0.5 * 4) steps, no refinement, none added
+    excite = operations["ae_norefine"]["per_evaluation_over_plain"]
+    assert abs(operations["ae_norefine_graph"]["per_evaluation_over_plain"] - excite) <= 0.01 * excite
+    added = operations["excite_bind_norefine"]["per_evaluation_over_plain"] - excite
+    assert 0 < added < 0.25 * excite, (added, excite)
