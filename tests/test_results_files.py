@@ -1,0 +1,33 @@
+"""The committed GPU results keep the shape issue 10 asks of them (the README's tables are read from them)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RATIO_KEYS = {"sd15_512_b1_norefine", "sd15_512_b1_worst", "sdxl_1024_b1_norefine", "sdxl_1024_b1_worst",
+              "sd15_512_b4_norefine"}
+
+
+def test_webui_gpu_results_have_the_required_keys() -> None:
+    found = json.loads((HERE / "webui-gpu-h200.json").read_text())
+    assert isinstance(found["host"], str) and "A1111" in found["host"]
+    assert isinstance(found["device"], str) and found["device"]
+    assert set(found["ratios"]) == RATIO_KEYS
+    assert all(isinstance(v, float) and v > 0.5 for v in found["ratios"].values()), found["ratios"]
+    assert set(found["graph_equals_eager"]) == {"sd15", "sdxl"}
+    assert set(found["reproducible"]) == {"cpu", "cuda"}
+    assert all(isinstance(v, bool) for v in [*found["graph_equals_eager"].values(), *found["reproducible"].values()])
+    assert {"controlnet", "lora"} <= set(found["compat"])
+    assert {"dynamic_thresholding", "regional_prompter"} & set(found["compat"])
+    for name, entry in found["compat"].items():
+        assert isinstance(entry["ok"], bool) and isinstance(entry["note"], str) and entry["note"], name
+
+
+def test_binding_cost_rows_are_recorded() -> None:
+    binding = json.loads((HERE / "benchmark-h200.json").read_text())["binding"]
+    assert set(binding["excite_bind_over_excite_median_of_per_round"]) == {"norefine_eager", "norefine_graph", "worst_graph"}
+    counts = binding["same_work"]
+    assert counts["excite_bind_norefine_graph"]["ae_evaluations"] == counts["ae_norefine_graph"]["ae_evaluations"]
+    assert binding["added_operations"]["excite_bind_minus_excite"] > 0
