@@ -8,10 +8,12 @@ Python decided while it was captured, so it is only valid when nothing in the fo
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -216,7 +218,7 @@ class GraphEvaluations:
     ) -> _Graph:
         stream = capture_stream(latent.device)
         stream.wait_stream(torch.cuda.current_stream(latent.device))
-        with torch.cuda.stream(stream):
+        with no_finalizers_during_capture(), torch.cuda.stream(stream):
             static_latent = latent.detach().clone()
             static_inputs = tuple(t.detach().clone() for t in inputs)
 
@@ -226,12 +228,36 @@ class GraphEvaluations:
             for _ in range(self.WARMUP):
                 self.engine.forward_backward(static_latent, run, plan, size)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+            with torch.cuda.graph(graph, pool=self.pool, stream=stream, capture_error_mode=CAPTURE_ERROR_MODE):
                 outputs = self.engine.forward_backward(static_latent, run, plan, size)
         torch.cuda.current_stream(latent.device).wait_stream(stream)
         self.pool = graph.pool()  # every graph of this engine shares one pool: they are replayed one at a time
         logger.info("captured the A&E evaluation of %d image(s) as a CUDA graph", latent.shape[0])
         return _Graph(graph, static_latent, static_inputs, outputs)
+
+
+CAPTURE_ERROR_MODE = "thread_local"
+"""Only this thread's unsafe CUDA calls break the capture. The webui serves other requests meanwhile (progress,
+`/sdapi/v1/memory`'s `mem_get_info`, other extensions' routes); in PyTorch's default "global" mode any of them, on any
+thread, would invalidate our capture. Our capture only ever records our own stream's work either way."""
+
+
+@contextlib.contextmanager
+def no_finalizers_during_capture() -> Iterator[None]:
+    """Python's cyclic garbage collector paused while a graph is warmed up and captured.
+
+    A collection that runs inside the capture finalizes whatever cyclic garbage the process holds, on this thread; a
+    finalizer that calls CUDA (a dead `torch.cuda.CUDAGraph`'s reset, an event's destroy) is an unsafe call during
+    capture and invalidates it. That happened in the GPU webui (tests/webui-gpu-h200.json "capture_failure_found":
+    "operation not permitted when stream is capturing (function reset)", then the pass fell back to eager). The pause
+    lasts one capture (a fraction of a second); the garbage is collected afterwards as usual."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 _capture_streams: dict[torch.device, Any] = {}
