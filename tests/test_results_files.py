@@ -25,6 +25,18 @@ def test_webui_gpu_results_have_the_required_keys() -> None:
         assert isinstance(entry["ok"], bool) and isinstance(entry["note"], str) and entry["note"], name
 
 
+def test_webui_gpu_results_cover_batch_4_and_say_what_was_not_measured() -> None:
+    found = json.loads((HERE / "webui-gpu-h200.json").read_text())
+    batch4 = found["batch4_draw_c"]
+    for row in ("sd15_512_b4_norefine", "sd15_512_b4_worst", "sdxl_1024_b4_norefine", "sdxl_1024_b4_worst"):
+        assert batch4["ratios_graphs_on"][row] > 0.5 and batch4["ratios_graphs_off"][row] > 0.5, row
+    assert all(v["norefine_pixels"] and v["worst_pixels"] for v in batch4["graph_equals_eager"].values())
+    assert not any("SDXL 1024 batch 4" in line for line in found["not_measured"])
+    for rows in found["memory_growth_found"]["fix_confirmed_draw_c"].values():
+        if isinstance(rows, dict):  # per configuration, the peak of each round (MiB): flat now
+            assert all(max(peaks) - min(peaks) < 32 for peaks in rows.values()), rows
+
+
 def test_binding_cost_rows_are_recorded() -> None:
     binding = json.loads((HERE / "benchmark-h200.json").read_text())["binding"]
     assert set(binding["excite_bind_over_excite_median_of_per_round"]) == {"norefine_eager", "norefine_graph", "worst_graph"}
