@@ -163,6 +163,12 @@ class GraphEvaluations:
         self.weights: tuple[int, ...] | None = None
 
     def release(self) -> None:
+        """Free every graph's CUDA graph and memory pool now. Reset, not only dropped: in the GPU webui dead graphs
+        lingered until the cyclic garbage collector found them (something on the host's side keeps them in a reference
+        cycle), holding their pool until then and destroying their CUDA graph whenever that collection ran, once
+        inside our next capture. A reset graph's later finalization makes no CUDA call."""
+        for entry in self.graphs.values():
+            entry.graph.reset()
         self.graphs.clear()
         self.pool = None
         self.weights = None

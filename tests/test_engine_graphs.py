@@ -201,6 +201,30 @@ def test_a_dead_graph_collected_during_capture_does_not_break_it_on_cuda() -> No
     gc.collect()
 
 
+def test_releasing_resets_every_graph_at_once() -> None:
+    """Graph objects are reset (CUDA graph and pool freed) when the pass ends, even if something still references them."""
+
+    class RecordedGraph:
+        def __init__(self) -> None:
+            self.resets = 0
+
+        def reset(self) -> None:
+            self.resets += 1
+
+    capture = AttentionCapture(make_unet(SD1_LIKE, seed=3, dtype=torch.float32))
+    try:
+        engine = AttendAndExcite(capture, ExciteConfig(thresholds={}), cuda_graphs=True)
+        assert engine._graphs is not None
+        held = [RecordedGraph(), RecordedGraph()]
+        for key, graph in enumerate(held):
+            engine._graphs.graphs[key] = graphs._Graph(graph, torch.zeros(1), (), None)  # type: ignore[arg-type]
+        engine.release_graphs()
+        assert [g.resets for g in held] == [1, 1]
+        assert engine._graphs.graphs == {}
+    finally:
+        capture.remove()
+
+
 CUBLAS_WORKSPACE_BYTES = 32 * 2**20
 """What cuBLAS (and again cuBLASLt) keeps per (handle, stream) on sm90: the size of one leaked capture stream's cost."""
 
