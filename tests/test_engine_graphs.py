@@ -154,6 +154,16 @@ def test_capture_breaks_only_on_this_threads_unsafe_calls() -> None:
     assert graphs.CAPTURE_ERROR_MODE == "thread_local"
 
 
+def cuda_generation(device: torch.device) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A float32 SD1-like UNet on the GPU and one image's latent, timestep and text context."""
+    unet = make_unet(SD1_LIKE, seed=3, dtype=torch.float32).to(device)
+    g = torch.Generator(device="cpu").manual_seed(5)
+    x = torch.randn(1, 4, SIDE, SIDE, generator=g).to(device)
+    t = torch.tensor([700.0], device=device)
+    context = torch.randn(1, 77, SD1_LIKE.context_dim, generator=g).to(device)
+    return unet, x, t, context
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the graph is only captured there)")
 def test_a_dead_graph_collected_during_capture_does_not_break_it_on_cuda() -> None:
     """What broke a capture in the GPU webui: a CUDA graph left in a reference cycle is freed by a collection that
@@ -162,11 +172,7 @@ def test_a_dead_graph_collected_during_capture_does_not_break_it_on_cuda() -> No
     from benchmark import host_patches
 
     device = torch.device("cuda")
-    unet = make_unet(SD1_LIKE, seed=3, dtype=torch.float32).to(device)
-    g = torch.Generator(device="cpu").manual_seed(5)
-    x = torch.randn(1, 4, SIDE, SIDE, generator=g).to(device)
-    t = torch.tensor([700.0], device=device)
-    context = torch.randn(1, 77, SD1_LIKE.context_dim, generator=g).to(device)
+    unet, x, t, context = cuda_generation(device)
     counter = torch.zeros(4, device=device)
     dead = torch.cuda.CUDAGraph()
     with torch.cuda.graph(dead):
@@ -237,11 +243,7 @@ def test_generations_with_graphs_do_not_keep_memory_on_cuda() -> None:
     from benchmark import host_patches  # ldm's own timestep embedding copies from the host: no capture without A1111's fix
 
     device = torch.device("cuda")
-    unet = make_unet(SD1_LIKE, seed=3, dtype=torch.float32).to(device)
-    g = torch.Generator(device="cpu").manual_seed(5)
-    x = torch.randn(1, 4, SIDE, SIDE, generator=g).to(device)
-    t = torch.tensor([700.0], device=device)
-    context = torch.randn(1, 77, SD1_LIKE.context_dim, generator=g).to(device)
+    unet, x, t, context = cuda_generation(device)
     capture = AttentionCapture(unet)
     allocated, captured = [], []
     try:
