@@ -13,7 +13,7 @@ from types import ModuleType
 from typing import Any, Callable, Protocol
 
 import torch
-from modules import devices, extra_networks, images, prompt_parser, script_callbacks, scripts, shared
+from modules import devices, extra_networks, images, prompt_parser, script_callbacks, scripts, sd_hijack, shared
 from modules.ui_components import InputAccordion
 
 logger = logging.getLogger("lib_ae.webui")
@@ -118,6 +118,12 @@ def interrupted() -> bool:
 def free_memory() -> None:
     gc.collect()
     devices.torch_gc()
+
+
+def attention_optimization() -> str | None:
+    """The name of A1111's active cross-attention optimisation ("Doggettx", "sdp", "xformers", ...):
+    `sd_hijack.current_optimizer` (L39), set when a model is loaded (apply_optimizations L60-97); None before that."""
+    return getattr(getattr(sd_hijack, "current_optimizer", None), "name", None)
 
 
 def on_cuda() -> bool:

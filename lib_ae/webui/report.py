@@ -57,16 +57,25 @@ def say_once(message: str) -> None:
         logger.warning("%s: %s", TITLE, message)
 
 
-def failure_text(error: BaseException, where: str) -> str:
+ATTENTION_KEEPING_MATRICES = ("Doggettx", "InvokeAI", "V1")
+"""A1111's attention optimisations that form each attention-probability matrix as a tensor, which autograd keeps for
+A&E's backward: SDXL 1024 needs +6.3 GiB per image for A&E under Doggettx, +2.4 under SDP (tests/webui-gpu-h200.json)."""
+
+
+def failure_text(error: BaseException, where: str, attention: str | None = None) -> str:
     """The user's line for an unexpected failure inside the A&E pass at `where` ("step 3"). Out of memory (CUDA's
-    OutOfMemoryError, or the RuntimeError other backends raise) says what to change; anything else names the error
-    with the first line of its text (CUDA's out-of-memory text runs over several)."""
+    OutOfMemoryError, or the RuntimeError other backends raise) says what to change, including a leaner attention
+    optimisation when the host's (`attention`) is one that keeps the matrices; anything else names the error with the
+    first line of its text (CUDA's out-of-memory text runs over several)."""
     name = type(error).__name__
     if isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower():
-        return (
-            f"A&E ran out of memory at {where} ({name}); sampling went on without A&E: "
-            "lower the batch size or image size"
-        )
+        advice = "lower the batch size or image size"
+        if attention in ATTENTION_KEEPING_MATRICES:
+            advice += (
+                f", or start the webui with --opt-sdp-attention or --xformers (A&E's backward needs far less memory"
+                f" with them than with the {attention} attention)"
+            )
+        return f"A&E ran out of memory at {where} ({name}); sampling went on without A&E: {advice}"
     detail = (str(error).splitlines() or [""])[0][:120]
     return f"A&E stopped at {where} ({name}: {detail}); sampling went on without it"
 

@@ -216,7 +216,7 @@ class SamplingPass:
             failure = f"A&E {'stopped at ' + self._where() if ran else 'was not applied'}: {error}"
         except Exception as error:  # includes torch.cuda.OutOfMemoryError; InterruptedException is a BaseException
             logger.exception("%s failed at %s; sampling continues without it", TITLE, self._where())
-            failure = failure_text(error, self._where())
+            failure = failure_text(error, self._where(), host.attention_optimization())
         finally:
             host.show_progress(textinfo)
         if failure is not None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from modules.textual_inversion.textual_inversion import EmbeddingDatabase
 
 __all__ = ["EmbeddingDatabase", "StableDiffusionModelHijack", "model_hijack"]
@@ -18,3 +20,6 @@ class StableDiffusionModelHijack:
 
 model_hijack = StableDiffusionModelHijack()
 """L393."""
+
+current_optimizer: Any = None
+"""L39: the active attention optimisation (an SdOptimization with a `name`), set by apply_optimizations (L60-97)."""
