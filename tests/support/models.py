@@ -8,21 +8,31 @@ levels with attention) and shrink only the widths.
 
 float64: ldm hard-codes a few float32 casts that a float32/float16 model never notices but that break or degrade a
 float64 model (sinusoidal timestep embedding, `GroupNorm32`, the "fp32" attention-score upcast). `make_unet(...,
-dtype=torch.float64)` neutralises the first two on that instance only, and the third process-wide through ldm's own
-`ATTN_PRECISION` switch (read at every call; for float32 models both settings compute the same thing).
+dtype=torch.float64)` neutralises `GroupNorm32` on that instance only, the score upcast process-wide through ldm's own
+`ATTN_PRECISION` switch (read at every call; for float32 models both settings compute the same thing), and computes
+the timestep embedding of float64 timesteps in float64 (`float64_timestep_embedding`; float32 timesteps keep ldm's
+own function).
+
+Why float64 end to end, timestep embedding and schedule included: a float32 intermediate is rounded by whichever
+vector kernel torch picks for the CPU (ATen's `default`, `avx2` or `avx512` builds of exp, sin, cos, linspace), so
+its last bit, amplified over a sampling run, moved recorded figures by up to 4.9e-7 (avx512) and 3.5e-5 (default).
+In float64 the kernels still differ by an ulp (1e-16), which is the rounding every float64 comparison here allows
+for anyway. `float64_ddim_scheduler` and `sd_alphas_cumprod_float64` are the schedule in that form.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from ldm.modules import attention as ldm_attention
 from ldm.modules.attention import SpatialTransformer
+from ldm.modules.diffusionmodules import openaimodel
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.diffusionmodules.util import GroupNorm32
 from torch import nn
@@ -169,8 +179,13 @@ def _randomize_parameters(module: nn.Module, seed: int) -> None:
 
     ldm zero-initialises the last layer of every residual branch (ResBlock out conv, transformer proj_out, final conv),
     which would make the fresh UNet output 0 and its attention invisible to gradients. Weights get N(0, 1/fan_in)
-    (unit-variance activations through each layer), norm gains 1 + N(0, 0.1^2), biases N(0, 0.1^2). Drawing in
-    float32 makes a float64 model the exact upcast of the float32 model with the same seed.
+    (unit-variance activations through each layer), norm gains 1 + N(0, 0.1^2), biases N(0, 0.1^2). Values are
+    rounded to float32, so a float64 model is the exact upcast of the float32 model with the same seed.
+
+    The draw itself is float64: torch's float32 `randn` takes a vectorised path (its own log/sin/cos) on avx2 and
+    avx512 CPUs and a scalar one under ATEN_CPU_CAPABILITY=default, which give weights a last bit apart, and figures
+    recorded from these models then depend on the CPU. float64 `randn` is the same on every capability, and so is
+    its rounding to float32.
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
     norm_gains = {
@@ -180,7 +195,7 @@ def _randomize_parameters(module: nn.Module, seed: int) -> None:
     }
     with torch.no_grad():
         for parameter in module.parameters():
-            noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
+            noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float64).to(torch.float32)
             if id(parameter) in norm_gains:
                 value = 1.0 + 0.1 * noise
             elif parameter.ndim == 1:
@@ -211,9 +226,55 @@ def _broadcast_context(module: SpatialTransformer, args: tuple[Any, ...], kwargs
     return None
 
 
+def float64_timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+    """SD's sinusoidal timestep embedding, [cos | sin] of t * max_period^(-i/half), computed in float64.
+
+    The operations and their order are ldm's `timestep_embedding` and diffusers' `get_timestep_embedding` (with SD's
+    flip_sin_to_cos=True, downscale_freq_shift=0), which both compute it in float32; so an ldm UNet and its
+    diffusers twin still see the same embedding.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(0, half, dtype=torch.float64, device=timesteps.device) / half
+    args = timesteps[:, None].to(torch.float64) * torch.exp(exponent)[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+def _ldm_timestep_embedding_float64_aware(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """ldm's `timestep_embedding`, in float64 for float64 timesteps (what float64 runs pass), else ldm's own."""
+
+    @functools.wraps(original)
+    def timestep_embedding(
+        timesteps: torch.Tensor, dim: int, max_period: int = 10000, repeat_only: bool = False
+    ) -> torch.Tensor:
+        if timesteps.dtype == torch.float64 and not repeat_only:
+            return float64_timestep_embedding(timesteps, dim, max_period)
+        return original(timesteps, dim, max_period=max_period, repeat_only=repeat_only)
+
+    timestep_embedding.float64_aware = True  # type: ignore[attr-defined]
+    return timestep_embedding
+
+
+class Float64Timesteps(nn.Module):
+    """diffusers' `Timesteps` projection (SD's: flip_sin_to_cos, no shift) computed in float64; it returns float64,
+    which `UNet2DConditionModel.get_time_embed` casts to the model's dtype."""
+
+    def __init__(self, num_channels: int) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return float64_timestep_embedding(timesteps, self.num_channels)
+
+
 def _keep_model_dtype(unet: UNetModel) -> None:
     """Make the float32 casts in ldm's code dtype-preserving for this (non-float32) UNet instance."""
     unet.time_embed.register_forward_pre_hook(_embedding_to_weight_dtype)
+    if not getattr(openaimodel.timestep_embedding, "float64_aware", False):
+        # UNetModel.forward calls the module-level name; float32 timesteps still reach ldm's own function unchanged.
+        openaimodel.timestep_embedding = _ldm_timestep_embedding_float64_aware(openaimodel.timestep_embedding)
     for m in unet.modules():
         if type(m) is GroupNorm32:
             # GroupNorm32.forward is `super().forward(x.float()).type(x.dtype)`: with float64 weights that fails.
@@ -258,6 +319,37 @@ def sd_alphas_cumprod() -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def sd_alphas_cumprod_float64() -> torch.Tensor:
+    """The same schedule in float64, computed with Python floats (each operation correctly rounded, no vector
+    kernel): the same bits on every CPU. linspace as torch defines it: start + i * step."""
+    start, end, count = SD_BETA_START**0.5, SD_BETA_END**0.5, SD_TRAIN_TIMESTEPS
+    step = (end - start) / (count - 1)
+    product, values = 1.0, []
+    for i in range(count):
+        root = start + i * step
+        product *= 1.0 - root * root
+        values.append(product)
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def float64_ddim_scheduler() -> Any:
+    """diffusers' DDIMScheduler as the reference pipelines run SD (scaled_linear, steps_offset 1, no clipping, final
+    alpha = alphas_cumprod[0]) with its alphas_cumprod in float64.
+
+    diffusers always builds them in float32 (`trained_betas` too), and `step` multiplies the float64 latents by
+    those float32 scalars' square roots: a float32 schedule whose last bit depends on the CPU's linspace kernel.
+    """
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(
+        beta_start=SD_BETA_START, beta_end=SD_BETA_END, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    scheduler.alphas_cumprod = sd_alphas_cumprod_float64()
+    scheduler.final_alpha_cumprod = scheduler.alphas_cumprod[0]
+    return scheduler
+
+
 class _DiffusionWrapper(nn.Module):
     """ldm's `DiffusionWrapper` for conditioning_key 'crossattn': the UNet lives at `.diffusion_model`, so the wrapper
     chain has A1111's module path `sd_model.model.diffusion_model` and checkpoint keys `model.diffusion_model.*`."""
@@ -285,7 +377,7 @@ class _DiffusionWrapper(nn.Module):
 class LdmDenoiserModel(nn.Module):
     """The slice of ldm's `LatentDiffusion` that `k_diffusion.external.CompVisDenoiser` and A1111 use.
 
-    `alphas_cumprod` (buffer; float32, float64 for a float64 UNet) and `apply_model(x, t, cond)`, where `cond` is the
+    `alphas_cumprod` (buffer; float32, or `sd_alphas_cumprod_float64` for a float64 UNet) and `apply_model(x, t, cond)`, where `cond` is the
     text context (B, T, C), a list of them, or A1111's dict {'c_crossattn': [context], 'c_concat': [...]}.
     `parameterization` 'eps' is what A1111 checks to pick CompVisDenoiser over CompVisVDenoiser.
     """
@@ -295,9 +387,10 @@ class LdmDenoiserModel(nn.Module):
     def __init__(self, unet: UNetModel) -> None:
         super().__init__()
         self.model = _DiffusionWrapper(unet)
-        alphas_cumprod = sd_alphas_cumprod()
         if next(unet.parameters()).dtype == torch.float64:
-            alphas_cumprod = alphas_cumprod.to(torch.float64)
+            alphas_cumprod = sd_alphas_cumprod_float64()
+        else:
+            alphas_cumprod = sd_alphas_cumprod()
         self.alphas_cumprod: torch.Tensor
         self.register_buffer("alphas_cumprod", alphas_cumprod)
 
@@ -349,6 +442,11 @@ def ldm_to_diffusers_unet(ldm_unet: UNetModel, unet_params: Mapping[str, Any]) -
         raise RuntimeError("UNet2DConditionModel has buffers now; the meta-device build would leave them empty")
     unet.load_state_dict({k: v.detach().clone() for k, v in state_dict.items()}, strict=True, assign=True)
     unet.train(ldm_unet.training)
+    if next(ldm_unet.parameters()).dtype == torch.float64:
+        projection = unet.time_proj
+        if not (projection.flip_sin_to_cos and projection.downscale_freq_shift == 0 and projection.scale == 1):
+            raise ValueError("Float64Timesteps computes SD's timestep projection only (flip_sin_to_cos, no shift)")
+        unet.time_proj = Float64Timesteps(projection.num_channels)  # as make_unet does for the ldm twin
     logger.debug("converted an ldm UNet to diffusers with config %s", unet_config)
     return unet
 
