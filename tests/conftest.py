@@ -5,12 +5,19 @@ removed with everything imported from it) and a freshly loaded extension per tes
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from types import SimpleNamespace
 from typing import Iterator
 
-import pytest
-import torch
+# The suite runs torch as the extension's preload.py makes a webui run it: MKL in its reproducible mode, set before
+# torch computes anything (lib_ae/cpu_determinism.py). Without it, tests that compare two runs bit for bit on
+# several threads could differ in the last bit on a machine whose MKL splits the work differently.
+# tests/test_cpu_reproducible.py runs its worker without this, to check the preload itself.
+os.environ.setdefault("MKL_CBWR", "AUTO")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from support.webui_host import HOST, WebUI
 

@@ -17,6 +17,7 @@ from lib_ae import AttendAndExcite, AttentionCapture, CaptureError, InSamplerExc
 from lib_ae.binding import BindingLocation, BindingSelection
 from lib_ae.engine import read_reports
 from lib_ae.config import ConfigError
+from lib_ae.cpu_determinism import check_cpu_reproducibility
 from lib_ae.engine import GraphableRunner
 from lib_ae.loss import TokenSelection
 from lib_ae.params import AEParams
@@ -284,7 +285,7 @@ class SamplingPass:
             image_rows = rest[0] if has_image_cond else None
             cond_rows = rest[1:] if has_image_cond else rest
             value = dict(zip(names, cond_rows)) if names else cond_rows[0]
-            with sgm_timestep.device_side_embedding(unet, host.unet_output_dtype):
+            with sgm_timestep.device_side_embedding(unet, host.unet_output_dtype, host.loaded_module):
                 return inner(latent_rows, sigma_rows, cond=make_condition_dict(sd_model, value, image_rows))
 
         inputs = (sigma, *((image_cond,) if has_image_cond else ()), *cond_tensors)
@@ -529,6 +530,10 @@ def install(p: Processing, params: AEParams) -> None:
         plms=name == "PLMS",
     )
     sampling_pass.eager_reason = None if graphs else graphs_refused(p)
+    if not host.on_cuda():
+        warning = check_cpu_reproducibility()
+        if warning is not None:
+            say_once(warning)
     wrap_forward(den, sampling_pass)
     state_of(p).passes.append(sampling_pass)
 
