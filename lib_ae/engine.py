@@ -152,13 +152,16 @@ class StepReport:
             read_reports([self])
 
     def _fields(self) -> tuple[Any, ...]:
+        """Every field, in `__init__`'s order (tests/test_engine_graphs.py holds `__eq__` to each of them)."""
         return (self.step, self.active, self.loss, self.maxima, self.refinement_iterations, self.skipped_nonfinite,
-                self.interrupted, self.maps)
+                self.interrupted, self.maps, self.bind_loss, self.bind_maps)
 
     def __eq__(self, other: object) -> bool:
+        """Equal when every field is: floats exactly (NaN equal to NaN, as a report of a skipped image reads), maps
+        tensor for tensor (`torch.equal`)."""
         if not isinstance(other, StepReport):
             return NotImplemented
-        return self._fields() == other._fields()
+        return all(_same(a, b) for a, b in zip(self._fields(), other._fields()))
 
     def __repr__(self) -> str:
         return (
@@ -166,6 +169,17 @@ class StepReport:
             f"refinement_iterations={self.refinement_iterations}, skipped_nonfinite={self.skipped_nonfinite}, "
             f"interrupted={self.interrupted})"
         )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return (type(a) is type(b) and len(a) == len(b)  # type: ignore[arg-type]
+                and all(_same(x, y) for x, y in zip(a, b)))  # type: ignore[call-overload]
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return bool(a == b)
 
 
 def read_reports(reports: Sequence[StepReport]) -> None:

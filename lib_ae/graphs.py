@@ -13,7 +13,7 @@ import gc
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -148,15 +148,60 @@ class _Graph:
     outputs: "Evaluation"  # static outputs, overwritten by each replay
 
 
-class GraphEvaluations:
-    """`AttendAndExcite`'s evaluation for `GraphableRunner`s: on CUDA one captured graph per (rows, map size, shapes,
-    selections, runner key), replayed with the new latent and inputs copied into its static buffers; on the CPU the
-    same computation eagerly (which is how the CPU tests check it against the eager path, bit for bit)."""
+Compute = Callable[[torch.Tensor, tuple[torch.Tensor, ...]], "Evaluation"]
+"""The evaluation to capture, as a function of the static latent and inputs it reads."""
+
+
+class GraphBackend(Protocol):
+    """Where graphs are captured and replayed. `CudaGraphBackend` on CUDA; the CPU tests use a stand-in whose replay
+    re-runs the captured computation into the same static outputs (tests/test_engine_graphs.py)."""
+
+    def usable(self, latent: torch.Tensor) -> bool:
+        """Whether an evaluation of `latent` can be captured here (else it is evaluated eagerly)."""
+        ...
+
+    def capture(
+        self, latent: torch.Tensor, inputs: tuple[torch.Tensor, ...], compute: Compute, pool: Any
+    ) -> tuple["_Graph", Any]:
+        """Capture `compute` over static copies of `latent` and `inputs`: the graph (`replay()`, `reset()`) with its
+        static buffers and the outputs each replay overwrites, and the memory pool the next capture may share."""
+        ...
+
+
+class CudaGraphBackend:
+    """`torch.cuda.CUDAGraph`s, captured on one side stream per device, with the cyclic collector paused."""
 
     WARMUP = 2  # eager runs on the capture stream before capturing (lazy library initialisation, autotuning)
 
-    def __init__(self, engine: "AttendAndExcite") -> None:
+    def usable(self, latent: torch.Tensor) -> bool:
+        return latent.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+    def capture(
+        self, latent: torch.Tensor, inputs: tuple[torch.Tensor, ...], compute: Compute, pool: Any
+    ) -> tuple["_Graph", Any]:
+        stream = capture_stream(latent.device)
+        stream.wait_stream(torch.cuda.current_stream(latent.device))
+        with no_finalizers_during_capture(), torch.cuda.stream(stream):
+            static_latent = latent.detach().clone()
+            static_inputs = tuple(t.detach().clone() for t in inputs)
+            for _ in range(self.WARMUP):
+                compute(static_latent, static_inputs)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode=CAPTURE_ERROR_MODE):
+                outputs = compute(static_latent, static_inputs)
+        torch.cuda.current_stream(latent.device).wait_stream(stream)
+        # Every graph of an engine shares one pool: they are replayed one at a time.
+        return _Graph(graph, static_latent, static_inputs, outputs), graph.pool()
+
+
+class GraphEvaluations:
+    """`AttendAndExcite`'s evaluation for `GraphableRunner`s: one captured graph per (rows, map size, shapes,
+    selections, runner key), replayed with the new latent and inputs copied into its static buffers. Latents the
+    backend cannot capture (CPU tensors, for `CudaGraphBackend`) are evaluated eagerly."""
+
+    def __init__(self, engine: "AttendAndExcite", backend: GraphBackend | None = None) -> None:
         self.engine = engine
+        self.backend: GraphBackend = backend if backend is not None else CudaGraphBackend()
         self.graphs: dict[Hashable, _Graph] = {}
         self.failed: set[Hashable] = set()
         self.pool: Any = None
@@ -184,7 +229,7 @@ class GraphEvaluations:
         index = self.engine.row_index(rows, z)
         latent = z if index is None else z.index_select(0, index)
         inputs = runner.inputs if index is None else tuple(t.index_select(0, index) for t in runner.inputs)
-        if not z.is_cuda or torch.cuda.is_current_stream_capturing():
+        if not self.backend.usable(z):
             return self.engine.forward_backward(latent, lambda leaf: runner.fn(leaf, *inputs), plan, size)
         key = (
             tuple(rows), size, runner.key, plan.key, _signature(latent), tuple(_signature(t) for t in inputs),
@@ -222,24 +267,12 @@ class GraphEvaluations:
         plan: "_LossPlan",
         size: tuple[int, int],
     ) -> _Graph:
-        stream = capture_stream(latent.device)
-        stream.wait_stream(torch.cuda.current_stream(latent.device))
-        with no_finalizers_during_capture(), torch.cuda.stream(stream):
-            static_latent = latent.detach().clone()
-            static_inputs = tuple(t.detach().clone() for t in inputs)
+        def compute(static_latent: torch.Tensor, static_inputs: tuple[torch.Tensor, ...]) -> "Evaluation":
+            return self.engine.forward_backward(static_latent, lambda leaf: runner.fn(leaf, *static_inputs), plan, size)
 
-            def run(leaf: torch.Tensor) -> object:
-                return runner.fn(leaf, *static_inputs)
-
-            for _ in range(self.WARMUP):
-                self.engine.forward_backward(static_latent, run, plan, size)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, stream=stream, capture_error_mode=CAPTURE_ERROR_MODE):
-                outputs = self.engine.forward_backward(static_latent, run, plan, size)
-        torch.cuda.current_stream(latent.device).wait_stream(stream)
-        self.pool = graph.pool()  # every graph of this engine shares one pool: they are replayed one at a time
-        logger.info("captured the A&E evaluation of %d image(s) as a CUDA graph", latent.shape[0])
-        return _Graph(graph, static_latent, static_inputs, outputs)
+        entry, self.pool = self.backend.capture(latent, inputs, compute, self.pool)
+        logger.info("captured the A&E evaluation of %d image(s) as a graph", latent.shape[0])
+        return entry
 
 
 CAPTURE_ERROR_MODE = "thread_local"

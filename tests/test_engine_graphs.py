@@ -1,21 +1,83 @@
 """The CUDA-graph evaluation path (`AttendAndExcite(cuda_graphs=True)` with a `GraphableRunner`) computes exactly what
-the eager path computes. On the CPU `lib_ae.graphs.GraphEvaluations` runs the very computation it would capture on a GPU (device-side
-loss, no host synchronization inside), so comparing it with the eager engine here checks the arithmetic of what is
-replayed; the H200 benchmark (tests/benchmark-h200.json, `final_latent_max_abs_diff_vs_eager`) checks the replay."""
+the eager path computes.
+
+On the CPU the graph path runs through `lib_ae.graphs.GraphEvaluations` with a stand-in for `torch.cuda.CUDAGraph`
+(`ReplayedGraph`) that does what a replay does differently from eager evaluation: the computation is captured once
+over static buffers, each evaluation copies the latent and inputs into those buffers, the replay overwrites the same
+static outputs (poisoned after the capture, since a captured graph has computed nothing yet), and the caller gets
+copies of them. So a missed copy-in, a stale output or an output shared between evaluations fails here. The H200
+benchmark (tests/benchmark-h200.json, `final_latent_max_abs_diff_vs_eager`) and the CUDA tests below check the real
+replay."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gc
+import inspect
 import math
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
 
 from lib_ae import AttendAndExcite, AttentionCapture, ExciteConfig, StepReport, TokenSelection
 from lib_ae import graphs
-from lib_ae.graphs import GraphableRunner, no_finalizers_during_capture
+from lib_ae.engine import Evaluation
+from lib_ae.graphs import GraphableRunner, GraphEvaluations, no_finalizers_during_capture
 from support.models import SD1_LIKE, make_unet
+
+
+class ReplayedGraph:
+    """A stand-in `torch.cuda.CUDAGraph` on the CPU: `replay()` runs the captured computation again from the static
+    buffers and writes its results into the static outputs in place, which is what a CUDA graph's replay amounts to."""
+
+    def __init__(self, compute: Callable[[], Evaluation], outputs: Evaluation) -> None:
+        self.compute: Callable[[], Evaluation] | None = compute
+        self.outputs = outputs
+        self.replays = 0
+
+    def replay(self) -> None:
+        assert self.compute is not None, "replayed after reset"
+        fresh = self.compute()
+        with torch.no_grad():
+            for static, value in zip(_tensors(self.outputs), _tensors(fresh)):
+                static.copy_(value)
+        self.replays += 1
+
+    def reset(self) -> None:
+        self.compute = None
+
+
+def _tensors(evaluation: Evaluation) -> list[torch.Tensor]:
+    values = [getattr(evaluation, f.name) for f in dataclasses.fields(evaluation)]
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
+class ReplayingCpuBackend:
+    """`graphs.GraphBackend` on the CPU with `ReplayedGraph`s."""
+
+    def __init__(self) -> None:
+        self.graphs: list[ReplayedGraph] = []
+
+    def usable(self, latent: torch.Tensor) -> bool:
+        return True
+
+    def capture(self, latent: torch.Tensor, inputs: tuple[torch.Tensor, ...], compute: Any, pool: Any) -> Any:
+        static_latent = latent.detach().clone()
+        static_inputs = tuple(t.detach().clone() for t in inputs)
+        outputs = compute(static_latent, static_inputs)
+        with torch.no_grad():  # until it is replayed, a captured graph has computed nothing
+            for t in _tensors(outputs):
+                t.copy_(~t if t.dtype == torch.bool else torch.full_like(t, math.nan))
+        graph = ReplayedGraph(lambda: compute(static_latent, static_inputs), outputs)
+        self.graphs.append(graph)
+        return graphs._Graph(graph, static_latent, static_inputs, outputs), pool
+
+    @property
+    def replays(self) -> int:
+        return sum(g.replays for g in self.graphs)
+
 
 SIDE = 16  # latent side: 4x4 maps (1/4 of the latent)
 
@@ -35,10 +97,14 @@ def inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def run(unet: torch.nn.Module, graphs: bool, config: ExciteConfig, selections: list[TokenSelection | None], step: int,
         poison: int | None = None) -> tuple[torch.Tensor, StepReport]:
+    """One engine step, eager or through replayed stand-in graphs (then asserted to have replayed)."""
     x, t, context = inputs(len(selections))
     capture = AttentionCapture(unet)
+    backend = ReplayingCpuBackend()
     try:
         engine = AttendAndExcite(capture, config, cuda_graphs=graphs)
+        if graphs:
+            engine._graphs = GraphEvaluations(engine, backend)
 
         def forward(latent_rows: torch.Tensor, t_rows: torch.Tensor, context_rows: torch.Tensor) -> None:
             if poison is not None:  # a non-finite latent for one image (its row is first when it is in the subset)
@@ -52,7 +118,11 @@ def run(unet: torch.nn.Module, graphs: bool, config: ExciteConfig, selections: l
             def runner(latent_rows: torch.Tensor, rows: torch.Tensor) -> object:  # type: ignore[no-redef]
                 return eager(latent_rows, rows)  # a plain callable: the engine evaluates it eagerly
 
-        return engine.step(x, step, engine.plan(10), selections, runner, gradient_scale=[3.0, 1.5][: len(selections)])
+        result = engine.step(x, step, engine.plan(10), selections, runner, gradient_scale=[3.0, 1.5][: len(selections)])
+        if graphs:
+            assert engine.graph_fallback_reason is None, engine.graph_fallback_reason
+            assert backend.replays > 0 and backend.replays >= len(backend.graphs), "evaluated without replaying"
+        return result
     finally:
         capture.remove()
 
@@ -70,6 +140,40 @@ def test_graph_path_equals_eager_bit_for_bit(unet: torch.nn.Module, step: int) -
     assert not torch.equal(eager_latent, inputs(2)[0])  # the step did move the latent
     if step == 0:
         assert eager_report.refinement_iterations == [3, 3]
+
+
+def test_graphs_replayed_at_later_steps_read_the_new_inputs(unet: torch.nn.Module) -> None:
+    """One engine over three steps, as in a sampling pass: the graphs captured at the first step are replayed at the
+    next ones with another timestep and latent copied in."""
+    config = ExciteConfig(thresholds={})
+    x, _, context = inputs(2)
+
+    def three_steps(use_graphs: bool) -> tuple[list[torch.Tensor], list[StepReport], ReplayingCpuBackend]:
+        capture = AttentionCapture(unet)
+        backend = ReplayingCpuBackend()
+        try:
+            engine = AttendAndExcite(capture, config, cuda_graphs=use_graphs)
+            if use_graphs:
+                engine._graphs = GraphEvaluations(engine, backend)
+            latent, latents, reports = x, [], []
+            for step, t in enumerate(([700.0, 420.0], [650.0, 380.0], [600.0, 340.0])):
+                timestep = torch.tensor(t, dtype=torch.float64)
+                runner: Any = GraphableRunner(lambda z, tt, c: unet(z, tt, context=c), (timestep, context), key="test")
+                if not use_graphs:
+                    runner = runner.__call__  # a plain callable: evaluated eagerly
+                latent, report = engine.step(latent, step, engine.plan(10), SELECTIONS, runner, gradient_scale=[3.0, 1.5])
+                latents.append(latent)
+                reports.append(report)
+            return latents, reports, backend
+        finally:
+            capture.remove()
+
+    eager_latents, eager_reports, _ = three_steps(False)
+    graph_latents, graph_reports, backend = three_steps(True)
+    assert len(backend.graphs) == 1 and backend.replays == 3, "one graph, captured once and replayed at each step"
+    for eager, graph in zip(eager_latents, graph_latents):
+        assert torch.equal(eager, graph)
+    assert graph_reports == eager_reports
 
 
 def test_graph_path_skips_a_non_finite_image_like_the_eager_path(unet: torch.nn.Module) -> None:
@@ -150,8 +254,72 @@ def test_the_collector_stays_as_the_host_left_it() -> None:
     assert gc.isenabled()
 
 
-def test_capture_breaks_only_on_this_threads_unsafe_calls() -> None:
-    assert graphs.CAPTURE_ERROR_MODE == "thread_local"
+def test_a_captured_graph_that_is_not_replayed_is_caught(unet: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The stand-in makes the comparison above able to fail: a replay that computes nothing leaves poisoned outputs.
+    monkeypatch.setattr(ReplayedGraph, "replay", lambda self: None)
+    config = ExciteConfig(max_refinement_steps=3)
+    eager_latent, _ = run(unet, False, config, SELECTIONS, 1)
+    with pytest.raises(AssertionError):
+        graph_latent, _ = run(unet, True, config, SELECTIONS, 1)
+        assert torch.equal(eager_latent, graph_latent)
+
+
+def test_report_equality_covers_every_field() -> None:
+    values: dict[str, Any] = {
+        "step": 3, "active": True, "loss": [0.5, None], "maxima": [[0.25, 0.75], None], "refinement_iterations": [2, 0],
+        "skipped_nonfinite": [1], "interrupted": False, "maps": [torch.ones(2, 4, 4), None],
+        "bind_loss": [-0.1, None], "bind_maps": [torch.ones(3, 4, 4), None],
+    }
+    changed: dict[str, Any] = {
+        "step": 4, "active": False, "loss": [0.5, 0.1], "maxima": [[0.25, 0.5], None], "refinement_iterations": [1, 0],
+        "skipped_nonfinite": [], "interrupted": True, "maps": [torch.zeros(2, 4, 4), None],
+        "bind_loss": [-0.2, None], "bind_maps": [torch.ones(3, 4, 4) * 2, None],
+    }
+    assert list(values) == list(inspect.signature(StepReport).parameters), "a field the comparison does not know"
+    assert StepReport(**values) == StepReport(**values)
+    for name in values:
+        assert StepReport(**values) != StepReport(**{**values, name: changed[name]}), name
+    skipped = {**values, "loss": [math.nan, None]}
+    assert StepReport(**skipped) == StepReport(**skipped)  # a skipped image's NaN loss reads the same in both
+
+
+def test_capture_breaks_only_on_this_threads_unsafe_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA backend captures in "thread_local" mode (other webui threads' CUDA calls cannot break our capture),
+    on the process's one capture stream, with the cyclic collector paused: checked on its calls into torch.cuda."""
+    assert "capture_error_mode" in inspect.signature(torch.cuda.graph).parameters
+
+    class Stream:
+        def wait_stream(self, other: object) -> None:
+            pass
+
+    class Graph:
+        def pool(self) -> str:
+            return "pool"
+
+    side, calls = Stream(), []
+
+    class RecordingCapture:
+        def __init__(self, graph: object, **kwargs: Any) -> None:
+            calls.append(kwargs)
+
+        def __enter__(self) -> None:
+            assert not gc.isenabled(), "the collector runs during the capture"
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    monkeypatch.setattr(graphs, "_capture_streams", {torch.device("cpu"): side})
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", RecordingCapture)
+    computed: list[torch.Tensor] = []
+    entry, pool = graphs.CudaGraphBackend().capture(
+        torch.zeros(1, 4), (torch.ones(1),), lambda latent, inputs: computed.append(latent) or "outputs", "old pool"
+    )
+    assert calls == [{"pool": "old pool", "stream": side, "capture_error_mode": "thread_local"}]
+    assert pool == "pool" and entry.outputs == "outputs"
+    assert len(computed) == graphs.CudaGraphBackend.WARMUP + 1 and all(c is entry.latent for c in computed)
 
 
 def cuda_generation(device: torch.device) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
