@@ -74,14 +74,14 @@ def test_only_an_sgm_unet_gets_the_device_embedding_and_only_within() -> None:
     saved = sys.modules.get(sgm_timestep.SGM_UNET_MODULE)
     sys.modules[sgm_timestep.SGM_UNET_MODULE] = fake
     try:
-        with sgm_timestep.device_side_embedding(unet_class(), lambda t: torch.float32):
+        with sgm_timestep.device_side_embedding(unet_class(), lambda t: torch.float32, sys.modules.get):
             inside = fake.timestep_embedding  # type: ignore[attr-defined]
             assert inside is not sgm_reference
             t = torch.tensor([3.0, 700.0])
             assert torch.equal(inside(t, 9), sgm_reference(t, 9))
         assert fake.timestep_embedding is sgm_reference  # type: ignore[attr-defined]
         ldm_unet = torch.nn.Linear(1, 1)  # any other UNet: nothing replaced
-        with sgm_timestep.device_side_embedding(ldm_unet, lambda t: torch.float32):
+        with sgm_timestep.device_side_embedding(ldm_unet, lambda t: torch.float32, sys.modules.get):
             assert fake.timestep_embedding is sgm_reference  # type: ignore[attr-defined]
     finally:
         if saved is None:

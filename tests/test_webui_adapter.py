@@ -26,14 +26,58 @@ LIB = ROOT / "lib_ae"
 # Layering
 
 
+DYNAMIC = "<dynamic module access>"
+"""What `imported_modules` reports for a module reached at run time by a name it cannot read (sys.modules[x],
+importlib.import_module(x), __import__(x) with x not a literal): it could be any host module."""
+
+
+def _dotted(node: ast.AST) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value)}.{node.attr}"
+    return ""
+
+
 def imported_modules(path: Path) -> set[str]:
+    """The modules a file imports or reaches: import statements, and run-time access through `sys.modules`
+    (subscript, .get), `importlib.import_module` and `__import__` (the literal name, else DYNAMIC)."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module)
+            if node.module in ("sys", "importlib") and any(a.name in ("modules", "import_module") for a in node.names):
+                names.add(DYNAMIC)  # `from sys import modules`: every use below is a run-time lookup
+        elif isinstance(node, ast.Subscript) and _dotted(node.value) == "sys.modules":
+            key = node.slice
+            names.add(key.value if isinstance(key, ast.Constant) and isinstance(key.value, str) else DYNAMIC)
+        elif isinstance(node, ast.Call):
+            function = _dotted(node.func)
+            if function in ("sys.modules.get", "sys.modules.pop", "sys.modules.setdefault", "importlib.import_module",
+                            "import_module", "__import__", "importlib.__import__"):
+                first = node.args[0] if node.args else None
+                literal = isinstance(first, ast.Constant) and isinstance(first.value, str)
+                names.add(first.value if literal else DYNAMIC)  # type: ignore[union-attr]
+        elif isinstance(node, ast.Attribute) and _dotted(node) == "sys.modules":
+            names.add(DYNAMIC)  # any other use (iteration, `in`) may reach any module
     return names
+
+
+def test_the_import_reader_sees_run_time_access(tmp_path: Path) -> None:
+    source = tmp_path / "sample.py"
+    source.write_text(
+        "import sys, importlib\n"
+        "a = sys.modules.get('modules.sd_unet')\n"
+        "b = sys.modules['modules.shared']\n"
+        "c = importlib.import_module('modules.devices')\n"
+        "d = __import__('modules.paths')\n"
+        "e = sys.modules.get(name)\n"
+    )
+    assert imported_modules(source) == {
+        "sys", "importlib", "modules.sd_unet", "modules.shared", "modules.devices", "modules.paths", DYNAMIC,
+    }
 
 
 def test_only_the_host_facade_imports_the_webui() -> None:
@@ -43,6 +87,13 @@ def test_only_the_host_facade_imports_the_webui() -> None:
         if any(name == "modules" or name.startswith("modules.") for name in imported_modules(path))
     }
     assert importers == {"lib_ae/webui/host.py"}
+    dynamic = {
+        path.relative_to(ROOT).as_posix()
+        for path in [*LIB.rglob("*.py"), *(ROOT / "scripts").glob("*.py")]
+        if DYNAMIC in imported_modules(path)
+    }
+    # A module found by a run-time name could be a host module: only the facade looks modules up like that.
+    assert dynamic <= {"lib_ae/webui/host.py"}, dynamic
     core = [path for path in LIB.glob("*.py")]
     for path in core:  # the core imports neither the adapter nor gradio
         assert not any(n.startswith(("lib_ae.webui", "gradio")) for n in imported_modules(path)), path.name
@@ -109,6 +160,8 @@ def test_token_view_marks_suggested_subjects(webui: WebUI, subjects: str) -> Non
     assert legend(html) == ["cat: column 5, suggested", "dog: column 8, suggested"]
     assert html.count("data-ae-suggested='1'") == 4  # two legend entries, two tokens
     assert "ae-subject ae-subject-0 ae-suggested" in html and "click to fix it" in html
+    # The note says what the box holds: a pasted "AE subjects: auto" writes "auto" into it.
+    assert ("the subject box says auto" if subjects else "the subject box is empty") in html
     typed = token_view(webui, "a photo of a cat and a (dog:1.2)", "cat")
     assert legend(typed) == ["cat: column 5"] and "ae-suggested" not in typed
 
@@ -193,7 +246,7 @@ def test_interrupted_run_says_so_in_the_trace(webui: WebUI, monkeypatch: pytest.
     monkeypatch.setattr(AttendAndExcite, "step", step)
     p, processed = webui.run(webui.args(enabled=True, subjects="cat", thresholds="none"))
     trace = ae_keys(processed.infotexts[0], webui.host)["AE trace"]
-    assert trace.startswith("interrupted after 1 steps")
+    assert trace.startswith("interrupted after 1 step,")
 
 
 def test_hires_pass_has_its_own_trace(webui: WebUI) -> None:

@@ -16,10 +16,11 @@ from typing import Any, Callable
 import torch
 
 from lib_ae import AttentionCapture
+from lib_ae.graphs import find_graph_hazards
+
+from . import host
 
 logger = logging.getLogger("lib_ae.webui")
-
-from lib_ae.graphs import find_graph_hazards
 
 GraphGuard = Callable[[], "list[str] | None"]
 
@@ -77,10 +78,7 @@ def _condfunc_substitute(fn: Any) -> Any:
 
 
 def _no_sd_unet_replacement() -> bool:
-    import sys
-
-    sd_unet = sys.modules.get("modules.sd_unet")
-    return getattr(sd_unet, "current_unet", None) is None
+    return not host.sd_unet_replaced()
 
 
 def guard_for(capture: AttentionCapture, sd_model: Any) -> GraphGuard:

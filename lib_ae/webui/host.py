@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 from types import ModuleType
 from typing import Any, Callable, Protocol
 
@@ -224,3 +225,15 @@ def xyz_grid_module() -> ModuleType | None:
     """The loaded X/Y/Z plot script (scripts/xyz_grid.py, loaded as a module named "xyz_grid.py")."""
     return next((d.module for d in scripts.scripts_data if d.script_class.__module__ == "xyz_grid.py"), None)
 
+
+def sd_unet_replaced() -> bool:
+    """Whether an sd_unet replacement (TensorRT and the like: `modules.sd_unet.current_unet`) runs instead of ldm's
+    UNetModel.forward. Read from sys.modules: A1111 imports that module only with such an option, and importing it
+    here would load it for every user."""
+    sd_unet = sys.modules.get("modules.sd_unet")
+    return getattr(sd_unet, "current_unet", None) is not None
+
+
+def loaded_module(name: str) -> ModuleType | None:
+    """A module the host has already imported (e.g. sgm's openaimodel for an SDXL UNet), or None; imports nothing."""
+    return sys.modules.get(name)

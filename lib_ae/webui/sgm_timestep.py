@@ -14,8 +14,8 @@ each evaluation.
 from __future__ import annotations
 
 import math
-import sys
 from contextlib import contextmanager
+from types import ModuleType
 from typing import Any, Callable, Iterator
 
 import torch
@@ -55,9 +55,14 @@ def device_timestep_embedding(
 
 
 @contextmanager
-def device_side_embedding(unet: Any, output_dtype: Callable[[torch.Tensor], torch.dtype]) -> Iterator[None]:
-    """Within: an sgm UNet computes its timestep embedding on the device. Other UNets: nothing changes."""
-    module = sys.modules.get(type(unet).__module__) if type(unet).__module__ == SGM_UNET_MODULE else None
+def device_side_embedding(
+    unet: Any,
+    output_dtype: Callable[[torch.Tensor], torch.dtype],
+    loaded_module: Callable[[str], ModuleType | None],
+) -> Iterator[None]:
+    """Within: an sgm UNet computes its timestep embedding on the device. Other UNets: nothing changes.
+    `loaded_module` finds sgm's module among those the host imported (`host.loaded_module`)."""
+    module = loaded_module(SGM_UNET_MODULE) if type(unet).__module__ == SGM_UNET_MODULE else None
     original = getattr(module, "timestep_embedding", None)
     if module is None or original is None:
         yield
