@@ -1,4 +1,7 @@
-"""The committed GPU results keep the shape issue 10 asks of them (the README's tables are read from them)."""
+"""The shape of the committed GPU results files (their keys and value types; the README's tables are read from them).
+
+This runs no measuring code: it checks only that the JSON files keep the structure issue 10 asks of them, not that
+their numbers are right (those come from the H200 runs they record)."""
 
 from __future__ import annotations
 
