@@ -108,8 +108,9 @@ def image_trace(reports: Sequence[StepReport], image: int, labels: Sequence[str]
 
 def trace_summary(trace: ImageTrace, *, interrupted: bool = False) -> str:
     """One infotext line, e.g. `25 steps, refinement 20/4/0, final min attention 0.83`; an interrupted run says so
-    first (`interrupted after 1 steps, refinement 5`), so that its short trace is not read as the whole run."""
-    parts = [f"{'interrupted after ' if interrupted else ''}{len(trace.steps)} steps"]
+    first (`interrupted after 1 step, refinement 5`), so that its short trace is not read as the whole run."""
+    count = len(trace.steps)
+    parts = [f"{'interrupted after ' if interrupted else ''}{count} {'step' if count == 1 else 'steps'}"]
     if trace.refinement:
         parts.append("refinement " + "/".join(str(n) for _, n in trace.refinement))
     final = trace.final_min_attention

@@ -106,6 +106,9 @@ def test_trace_summary_and_plot(runs: dict[bool, tuple[list, int]]) -> None:
     summary = trace_summary(trace)
     expected_refinement = "/".join(str(n) for _, n in trace.refinement)
     assert summary == f"3 steps, refinement {expected_refinement}, final min attention {min(trace.maxima[-1]):.2f}"
+    one_step = image_trace(reports[:1], 1, SUBJECTS[1], refinement_steps=[0])
+    assert trace_summary(one_step).startswith("1 step, refinement ")
+    assert trace_summary(one_step, interrupted=True).startswith("interrupted after 1 step, ")
     plot = trace_plot(trace, size=(400, 250))
     assert plot.size == (400, 250) and plot.mode == "RGB"
     assert len(set(plot.getdata())) > 10  # something was drawn

@@ -139,8 +139,10 @@ def _token_view_html(prompt: str, subjects_text: str, steps: int, method: str) -
         parts.append(_entry_html(encoder, tokens, entry, steps_label, marks))
     legend = [_legend_html(i, subject, found_in, missing, count, suggested) for i, subject in enumerate(subjects)]
     if suggested and subjects:
+        # A pasted infotext writes "auto" into the box (A1111 drops empty values): say what the box shows.
+        box = "says auto" if subjects_text.strip() else "is empty"
         legend.append(
-            "<span class='ae-tokens-note'>suggested: the subject box is empty, so A&amp;E finds the subjects; "
+            f"<span class='ae-tokens-note'>suggested: the subject box {box}, so A&amp;E finds the subjects; "
             "click one to fix it</span>"
         )
     elif not subjects:
