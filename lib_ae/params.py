@@ -1,12 +1,15 @@
 """The single declarative spec of the user-facing Attend-and-Excite parameters.
 
-Everything the user can set is declared once, in `PARAMS`; the rest derives from it:
+Everything the user can set is declared once, as a typed field of `AEParams` made by `param(default, label=...,
+infotext_key=..., ...)`: type checkers see the fields, and `PARAMS`, one `ParamSpec` per field in field order, is
+read from them (a dataclass rather than pydantic: A1111 ships pydantic 1, Forge Neo a later one, and the spec needs
+no more than the standard library gives). The rest derives from `PARAMS`:
 
 * the UI (built by `lib_ae/webui/controls.py`): one component per `ParamSpec`, in `PARAMS` order, labelled
   `ParamSpec.label` (labels are also the ui-config.json keys, so they are unique and must not change lightly);
 * the HTTP API: `alwayson_scripts["Attend and Excite"]["args"]` is either the positional list in `PARAMS` order or a
   single dict keyed by field name as its first element (`from_script_args`; `requested_params` adds the X/Y/Z
-  overrides and the enable flag); `api_arg_info()` documents both;
+  overrides and the enable flag); A1111's /sdapi/v1/script-info lists the controls' labels, ranges and defaults;
 * the infotext: `to_infotext` / `from_infotext`, one readable key per parameter (`ParamSpec.infotext_key`);
 * X/Y/Z plot axes: the specs with `xyz=True`, values parsed with `parse_value`;
 * validation: `ParamSpec.parse` for one value, `validate` / `AEParams.__post_init__` for a whole set.
@@ -44,9 +47,10 @@ import logging
 import math
 import numbers
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -359,180 +363,26 @@ class ParamSpec:
         return self.canonical(text, self.infotext_key) if self.canonical is not None else text
 
 
-PARAMS: tuple[ParamSpec, ...] = (
-    ParamSpec(
-        name="enabled",
-        label="Enable Attend and Excite",
-        kind="bool",
-        default=False,
-        infotext_key="AE",
-        help="Run Attend-and-Excite on this generation.",
-    ),
-    ParamSpec(
-        name="subjects",
-        label="Subject words",
-        kind="str",
-        default="",
-        infotext_key="AE subjects",
-        help="Words or phrases of the prompt that must appear in the image, separated by commas, e.g. 'cat, red car'. "
-        "Each must occur in the prompt as written; the first occurrence is used. Empty (or 'auto'): the nouns of the "
-        "prompt are found for you (shown as suggested in the token view).",
-        canonical=_canonical_subjects,
-        accepts_list=True,
-    ),
-    ParamSpec(
-        name="scale_factor",
-        label="Scale factor",
-        kind="float",
-        default=20.0,
-        minimum=0.0,
-        maximum=100.0,
-        step=0.5,
-        infotext_key="AE scale factor",
-        help="Step size of the latent update (official: 20). Larger pushes harder and may distort the image.",
-    ),
-    ParamSpec(
-        name="alter_fraction",
-        label="Fraction of steps updated",
-        kind="float",
-        default=0.5,
-        minimum=0.0,
-        maximum=1.0,
-        step=0.01,
-        infotext_key="AE steps fraction",
-        help="Fraction of the sampling steps, from the start, whose latent is updated (official: 25 of 50 = 0.5).",
-    ),
-    ParamSpec(
-        name="thresholds",
-        label="Refinement thresholds",
-        kind="str",
-        default=OFFICIAL_THRESHOLDS_TEXT,
-        infotext_key="AE thresholds",
-        help="step:threshold pairs. At these steps the latent is refined until every subject's attention reaches the "
-        f"threshold. Steps are for {REFERENCE_STEPS} sampling steps and scaled to the actual count; 'none' = no "
-        "refinement.",
-        canonical=_canonical_thresholds,
-    ),
-    ParamSpec(
-        name="max_refinement_steps",
-        label="Max refinement iterations",
-        kind="int",
-        default=20,
-        minimum=0,
-        maximum=100,
-        step=1,
-        infotext_key="AE refinement iterations",
-        help="Most update iterations at one refinement step (official: 20).",
-    ),
-    ParamSpec(
-        name="smooth_attentions",
-        label="Smooth attention maps",
-        kind="bool",
-        default=True,
-        infotext_key="AE smoothing",
-        help="Gaussian-smooth each subject's attention map before taking its maximum (official: on).",
-    ),
-    ParamSpec(
-        name="sigma",
-        label="Smoothing sigma",
-        kind="float",
-        default=0.5,
-        minimum=0.05,
-        maximum=5.0,
-        step=0.05,
-        infotext_key="AE sigma",
-        help="Sigma of the smoothing kernel (official: 0.5).",
-    ),
-    ParamSpec(
-        name="kernel_size",
-        label="Smoothing kernel size",
-        kind="int",
-        default=3,
-        minimum=1,
-        maximum=15,
-        step=2,
-        infotext_key="AE kernel size",
-        help="Side of the smoothing kernel, odd (official: 3).",
-    ),
-    ParamSpec(
-        name="attention_res",
-        label="Attention map size (0 = auto)",
-        kind="int",
-        default=0,
-        minimum=0,
-        maximum=128,
-        step=1,
-        infotext_key="AE attention size",
-        help="Side of the square cross-attention maps the loss reads; 0 = 1/32 of the image (16 at 512x512).",
-    ),
-    ParamSpec(
-        name="normalize_eot",
-        label="Prompt-only softmax (SD2.1 mode)",
-        kind="bool",
-        default=False,
-        infotext_key="AE prompt-only softmax",
-        help="Re-softmax over the prompt's own tokens only, without the end-of-text padding "
-        "(the official SD 2.1 mode).",
-    ),
-    ParamSpec(
-        name="apply_to_hires",
-        label="Also on the hires fix pass",
-        kind="bool",
-        default=False,
-        infotext_key="AE hires",
-        help="Also run on the second (hires fix) pass; the official method only runs on the first.",
-        xyz=False,  # hires on/off is what the built-in hires axes already vary; this one only doubles the A&E cost
-    ),
-    ParamSpec(
-        name="heatmaps",
-        label="Show attention heatmaps",
-        kind="bool",
-        default=False,
-        infotext_key="AE heatmaps",
-        help="Add to the results, per image, each subject's attention map at the last step A&E ran, over the image, "
-        "and a plot of the excitation; saved like the images, returned by the API as extra images.",
-        xyz=False,
-    ),
-    ParamSpec(
-        name="heatmaps_first_step",
-        label="Heatmaps also at the first step",
-        kind="bool",
-        default=False,
-        infotext_key="AE heatmaps first step",
-        help="With the heatmaps: a second row with the maps at the first step, before A&E moved the latent.",
-        xyz=False,
-    ),
-    ParamSpec(
-        name="method",
-        label="Method",
-        kind="str",
-        default="excite",
-        infotext_key="AE method",
-        help="excite: Attend-and-Excite, every subject must appear. bind: SynGen's binding, each modifier's attention "
-        "is pulled onto its noun's ('a red car and a blue bench': red goes to the car), on the modifiers of the "
-        "subjects. excite+bind: both, each loss with its own step size.",
-        canonical=_canonical_method,
-        choices=METHODS,
-        absent_means_default=True,
-    ),
-    ParamSpec(
-        name="bind_step_size",
-        label="Binding step size",
-        kind="float",
-        default=20.0,
-        minimum=0.0,
-        maximum=100.0,
-        step=0.5,
-        infotext_key="AE bind step size",
-        help="Step size of the binding update (SynGen: 20, the same at every updated step). With excite+bind the "
-        "binding loss moves the latent by this step and the excite loss by the scale factor.",
-        absent_means_default=True,
-    ),
-)
-"""Stable positional API order: only ever append (see the module docstring)."""
 
-PARAM_NAMES: tuple[str, ...] = tuple(spec.name for spec in PARAMS)
-PARAMS_BY_NAME: Mapping[str, ParamSpec] = {spec.name: spec for spec in PARAMS}
+
+_SPEC_METADATA = "ae_param"
+_KINDS: Mapping[str, ParamKind] = {"bool": "bool", "int": "int", "float": "float", "str": "str"}
+
+_Value = TypeVar("_Value", bool, int, float, str)
+
+
+def param(default: _Value, **spec: Any) -> _Value:
+    """An `AEParams` field with its default and the rest of its `ParamSpec` (label, infotext key, range, ...): each
+    parameter is declared once, as a typed field that type checkers see, and `PARAMS` is read from the fields."""
+    value: _Value = field(default=default, metadata={_SPEC_METADATA: spec})  # type: ignore[assignment]
+    return value
+
+
+def _spec_of(declared: dataclasses.Field[Any]) -> ParamSpec:
+    kind = _KINDS[declared.type if isinstance(declared.type, str) else declared.type.__name__]
+    default = declared.default
+    assert isinstance(default, (bool, int, float, str)), declared.name  # every field is made by `param`
+    return ParamSpec(name=declared.name, kind=kind, default=default, **declared.metadata[_SPEC_METADATA])
 
 
 def _spec_key(name: str) -> str:
@@ -562,26 +412,155 @@ def parse_value(name: str, raw: Any) -> bool | int | float | str:
 # The parameter set
 
 
-_FIELD_TYPES: Mapping[ParamKind, type] = {"bool": bool, "int": int, "float": float, "str": str}
-
-
-def _fields_from_params(cls: type) -> type:
-    """Make `cls` a frozen dataclass whose fields are `PARAMS`, in order, with the spec's types and defaults: the
-    fields are declared once, in the spec, and cannot drift from it."""
-    cls.__annotations__ = {spec.name: _FIELD_TYPES[spec.kind] for spec in PARAMS}
-    for spec in PARAMS:
-        setattr(cls, spec.name, spec.default)
-    return dataclass(frozen=True)(cls)
-
-
-@_fields_from_params
+@dataclass(frozen=True)
 class AEParams:
-    """One complete, valid set of user parameters: one field per `ParamSpec` of `PARAMS` (same order and defaults).
+    """One complete, valid set of user parameters. Its fields are the parameters' declarations (`PARAMS` is read
+    from them).
 
     Construction validates every field (raising `ParamsError`) and stores the canonical form: numbers as int/float,
     subjects and thresholds in canonical text, the form of the API, the UI and the infotext. The text is parsed here,
     once: the host reads the typed values `subject_names` and `threshold_steps`.
     """
+
+    # The fields, in the stable positional API order: only ever append (see the module docstring).
+    enabled: bool = param(
+        False,
+        label="Enable Attend and Excite",
+        infotext_key="AE",
+        help="Run Attend-and-Excite on this generation.",
+    )
+    subjects: str = param(
+        "",
+        label="Subject words",
+        infotext_key="AE subjects",
+        help="Words or phrases of the prompt that must appear in the image, separated by commas, e.g. 'cat, red car'. "
+            "Each must occur in the prompt as written; the first occurrence is used. Empty (or 'auto'): the nouns of "
+            "the "
+            "prompt are found for you (shown as suggested in the token view).",
+        canonical=_canonical_subjects,
+        accepts_list=True,
+    )
+    scale_factor: float = param(
+        20.0,
+        label="Scale factor",
+        minimum=0.0,
+        maximum=100.0,
+        step=0.5,
+        infotext_key="AE scale factor",
+        help="Step size of the latent update (official: 20). Larger pushes harder and may distort the image.",
+    )
+    alter_fraction: float = param(
+        0.5,
+        label="Fraction of steps updated",
+        minimum=0.0,
+        maximum=1.0,
+        step=0.01,
+        infotext_key="AE steps fraction",
+        help="Fraction of the sampling steps, from the start, whose latent is updated (official: 25 of 50 = 0.5).",
+    )
+    thresholds: str = param(
+        OFFICIAL_THRESHOLDS_TEXT,
+        label="Refinement thresholds",
+        infotext_key="AE thresholds",
+        help="step:threshold pairs. At these steps the latent is refined until every subject's attention reaches the "
+            f"threshold. Steps are for {REFERENCE_STEPS} sampling steps and scaled to the actual count; 'none' = no "
+            "refinement.",
+        canonical=_canonical_thresholds,
+    )
+    max_refinement_steps: int = param(
+        20,
+        label="Max refinement iterations",
+        minimum=0,
+        maximum=100,
+        step=1,
+        infotext_key="AE refinement iterations",
+        help="Most update iterations at one refinement step (official: 20).",
+    )
+    smooth_attentions: bool = param(
+        True,
+        label="Smooth attention maps",
+        infotext_key="AE smoothing",
+        help="Gaussian-smooth each subject's attention map before taking its maximum (official: on).",
+    )
+    sigma: float = param(
+        0.5,
+        label="Smoothing sigma",
+        minimum=0.05,
+        maximum=5.0,
+        step=0.05,
+        infotext_key="AE sigma",
+        help="Sigma of the smoothing kernel (official: 0.5).",
+    )
+    kernel_size: int = param(
+        3,
+        label="Smoothing kernel size",
+        minimum=1,
+        maximum=15,
+        step=2,
+        infotext_key="AE kernel size",
+        help="Side of the smoothing kernel, odd (official: 3).",
+    )
+    attention_res: int = param(
+        0,
+        label="Attention map size (0 = auto)",
+        minimum=0,
+        maximum=128,
+        step=1,
+        infotext_key="AE attention size",
+        help="Side of the square cross-attention maps the loss reads; 0 = 1/32 of the image (16 at 512x512).",
+    )
+    normalize_eot: bool = param(
+        False,
+        label="Prompt-only softmax (SD2.1 mode)",
+        infotext_key="AE prompt-only softmax",
+        help="Re-softmax over the prompt's own tokens only, without the end-of-text padding "
+            "(the official SD 2.1 mode).",
+    )
+    apply_to_hires: bool = param(
+        False,
+        label="Also on the hires fix pass",
+        infotext_key="AE hires",
+        help="Also run on the second (hires fix) pass; the official method only runs on the first.",
+        xyz=False,  # hires on/off is what the built-in hires axes already vary; this one only doubles the A&E cost
+    )
+    heatmaps: bool = param(
+        False,
+        label="Show attention heatmaps",
+        infotext_key="AE heatmaps",
+        help="Add to the results, per image, each subject's attention map at the last step A&E ran, over the image, "
+            "and a plot of the excitation; saved like the images, returned by the API as extra images.",
+        xyz=False,
+    )
+    heatmaps_first_step: bool = param(
+        False,
+        label="Heatmaps also at the first step",
+        infotext_key="AE heatmaps first step",
+        help="With the heatmaps: a second row with the maps at the first step, before A&E moved the latent.",
+        xyz=False,
+    )
+    method: str = param(
+        "excite",
+        label="Method",
+        infotext_key="AE method",
+        help="excite: Attend-and-Excite, every subject must appear. bind: SynGen's binding, each modifier's attention "
+            "is pulled onto its noun's ('a red car and a blue bench': red goes to the car), on the modifiers of the "
+            "subjects. excite+bind: both, each loss with its own step size.",
+        canonical=_canonical_method,
+        choices=METHODS,
+        absent_means_default=True,
+    )
+    bind_step_size: float = param(
+        20.0,
+        label="Binding step size",
+        minimum=0.0,
+        maximum=100.0,
+        step=0.5,
+        infotext_key="AE bind step size",
+        help="Step size of the binding update (SynGen: 20, the same at every updated step). With excite+bind the "
+            "binding loss moves the latent by this step and the excite loss by the scale factor.",
+        absent_means_default=True,
+    )
+
 
     def __post_init__(self) -> None:
         values = validate({spec.name: getattr(self, spec.name) for spec in PARAMS})
@@ -593,13 +572,13 @@ class AEParams:
     @property
     def subject_names(self) -> tuple[str, ...]:
         """The subjects, in the order given (parsed once, at construction)."""
-        names: tuple[str, ...] = getattr(self, "_subject_names")
+        names: tuple[str, ...] = getattr(self, "_subject_names")  # noqa: B009  # set in __post_init__, not a field
         return names
 
     @property
     def threshold_steps(self) -> Mapping[int, float]:
         """Refinement thresholds keyed by step at `REFERENCE_STEPS` steps (parsed once, read-only)."""
-        steps: Mapping[int, float] = getattr(self, "_threshold_steps")
+        steps: Mapping[int, float] = getattr(self, "_threshold_steps")  # noqa: B009  # as above
         return steps
 
     @property
@@ -657,9 +636,15 @@ class AEParams:
         """The API's positional form, in `PARAMS` order."""
         return [getattr(self, spec.name) for spec in PARAMS]
 
-    def replace(self, **changes: Any) -> "AEParams":
+    def replace(self, **changes: Any) -> AEParams:
         """A copy with some fields changed (validated like any construction), e.g. for an X/Y/Z cell."""
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]  # a dataclass, made by the decorator
+
+
+PARAMS: tuple[ParamSpec, ...] = tuple(_spec_of(f) for f in dataclasses.fields(AEParams))
+"""Every parameter's spec, in `AEParams`'s field order: the stable positional API order."""
+PARAM_NAMES: tuple[str, ...] = tuple(spec.name for spec in PARAMS)
+PARAMS_BY_NAME: Mapping[str, ParamSpec] = {spec.name: spec for spec in PARAMS}
 
 
 def validate(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -781,7 +766,8 @@ def from_infotext(fields: Mapping[str, Any], *, strict: bool = False) -> dict[st
 
     `enabled` is always in the result: True iff any A&E key is present, so pasting an infotext without A&E switches
     the checkbox off. With A&E keys present, a parameter that is `absent_means_default` and missing takes its default
-    (the image was written before that parameter existed). A text value A1111's parser split as "number x number" (a subject like "3x4") is rejoined.
+    (the image was written before that parameter existed). A text value A1111's parser split as "number x number" (a
+    subject like "3x4") is rejoined.
     A value that does not parse is skipped with a warning (a hand-edited infotext should not break a paste), or with
     `strict` raises `ParamsError` listing every such value.
     """
@@ -825,24 +811,6 @@ def _infotext_value(fields: Mapping[str, Any], spec: ParamSpec) -> Any:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Documentation
-
-
-def api_arg_info() -> list[dict[str, Any]]:
-    """One entry per parameter in positional order: name, label, default value, minimum, maximum, step (as in A1111's
-    /sdapi/v1/script-info), plus the accepted values in words and the help text."""
-    return [
-        {
-            "name": spec.name,
-            "label": spec.label,
-            "value": spec.default,
-            "minimum": spec.minimum,
-            "maximum": spec.maximum,
-            "step": spec.step,
-            "accepts": spec.expected(),
-            "help": spec.help,
-        }
-        for spec in PARAMS
-    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from lib_ae.params import (
     AEParams,
     ParamsError,
     ParamSpec,
-    api_arg_info,
     format_thresholds,
     from_infotext,
     from_script_args,
@@ -204,17 +203,22 @@ def test_xyz_params() -> None:
     assert [s.name for s in xyz_params()] == [n for n in PARAM_NAMES if n not in ("apply_to_hires", "heatmaps", "heatmaps_first_step")]
 
 
-def test_api_arg_info() -> None:
-    info = api_arg_info()
-    assert [i["name"] for i in info] == list(PARAM_NAMES)
-    assert [i["label"] for i in info] == [s.label for s in PARAMS]
-    assert [i["value"] for i in info] == [s.default for s in PARAMS]
-    by_name = {i["name"]: i for i in info}
+def test_spec_ranges_and_what_they_accept() -> None:
+    by_name = {spec.name: spec for spec in PARAMS}
     scale = by_name["scale_factor"]
-    assert (scale["minimum"], scale["maximum"], scale["step"]) == (0, 100, 0.5)
-    assert by_name["kernel_size"]["accepts"] == "one of 1, 3, 5, 7, 9, 11, 13, 15"
-    assert by_name["subjects"]["minimum"] is None
-    json.dumps(info)  # documentation-ready: plain JSON values only
+    assert (scale.minimum, scale.maximum, scale.step) == (0, 100, 0.5)
+    assert by_name["kernel_size"].expected() == "one of 1, 3, 5, 7, 9, 11, 13, 15"
+    assert by_name["subjects"].minimum is None
+
+
+def test_each_field_is_its_parameters_declaration() -> None:
+    import dataclasses
+
+    fields = dataclasses.fields(AEParams)
+    assert [f.name for f in fields] == list(PARAM_NAMES)
+    assert [f.default for f in fields] == [s.default for s in PARAMS]
+    assert [f.type for f in fields] == [s.kind for s in PARAMS]  # the annotation is the spec's kind
+    assert json.dumps([s.default for s in PARAMS])  # plain JSON values: the API's defaults
 
 
 # ---------------------------------------------------------------------------------------------------------------------
