@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -38,11 +38,10 @@ from .tokens import CHUNK_LENGTH, EmbeddingSpan, embedding_columns, prompt_token
 logger = logging.getLogger(__name__)
 
 OFFICIAL_STEP_SIZE = 20.0
-"""`syngen_step_size` (syngen_diffusion_pipeline.py L114; run.py --step_size default)."""
-OFFICIAL_INTERVENTION_STEPS = 25
-"""`num_intervention_steps` (syngen_diffusion_pipeline.py L116)."""
+"""`syngen_step_size` (syngen_diffusion_pipeline.py `SynGenDiffusionPipeline.__call__`; run.py --step_size default)."""
 OFFICIAL_MAP_SCALE = 100.0
-"""`_get_attention_maps_list` multiplies the aggregated maps by 100 (syngen_diffusion_pipeline.py L548)."""
+"""`_get_attention_maps_list` multiplies the aggregated maps by 100 (syngen_diffusion_pipeline.py
+`_get_attention_maps_list`)."""
 
 Word = tuple[int, ...]
 """The conditioning columns (word pieces) of one word."""
@@ -83,7 +82,8 @@ class BindingSelection:
 
     `groups`: the noun/modifier groups. `word_columns`: every word-piece column of the prompt, the pool the "other
     words" of each group are taken from. Officially (one 77-token chunk) columns 1..n for a prompt of n word pieces:
-    the start and end tokens and the padding are not words (compute_loss.py L289-300). For A1111's several chunks,
+    the start and end tokens and the padding are not words (compute_loss.py `get_attention_map_index_to_wordpiece`).
+    For A1111's several chunks,
     the prompt tokens of every chunk (see `lib_ae.tokens`), never a chunk's BOS, EOS or padding.
     """
 
@@ -98,7 +98,7 @@ class BindingSelection:
                 raise ValueError(f"binding columns {stray} are not word columns of the prompt")
 
     @staticmethod
-    def official(num_word_pieces: int, groups: Sequence[BindingGroup]) -> "BindingSelection":
+    def official(num_word_pieces: int, groups: Sequence[BindingGroup]) -> BindingSelection:
         """The official columns for a one-chunk prompt of `num_word_pieces` word pieces."""
         return BindingSelection(tuple(groups), tuple(range(1, num_word_pieces + 1)))
 
@@ -151,7 +151,7 @@ class BindingIndex:
     lone_nouns: torch.Tensor  # (N,) long: units of nouns without modifiers
 
     @staticmethod
-    def build(selection: BindingSelection, device: torch.device | str = "cpu") -> "BindingIndex":
+    def build(selection: BindingSelection, device: torch.device | str = "cpu") -> BindingIndex:
         words = list(selection.word_columns)
         position = {column: i for i, column in enumerate(words)}
         pieces: list[int] = []
@@ -203,7 +203,8 @@ def binding_loss(
     attention: torch.Tensor, selection: BindingSelection, index: BindingIndex | None = None
 ) -> torch.Tensor:
     """The official loss from aggregated maps `attention` (..., h, w, T): one value per image, shape (...)
-    (0 without groups); float32 for half-precision maps. Images of a batch share `selection`. `index`: `BindingIndex.build(selection, device)`, to
+    (0 without groups); float32 for half-precision maps. Images of a batch share `selection`.
+    `index`: `BindingIndex.build(selection, device)`, to
     build once and keep (required for a host-read-free evaluation); built here when not given.
 
     Every divergence is computed in one batched call (each group piece against every word column), then reduced with
@@ -376,7 +377,7 @@ class BindingConfig:
         ):
             raise ValueError(f"intervention_steps must be a whole number >= 0 (got {self.intervention_steps!r})")
 
-    def plan(self, steps: int) -> "BindingPlan":
+    def plan(self, steps: int) -> BindingPlan:
         return binding_plan(steps, self)
 
 
@@ -389,10 +390,6 @@ class BindingPlan:
     steps: int
     step_sizes: tuple[float, ...]
     intervention_steps: int
-    iterations_per_step: int = 1
-
-    def is_active(self, step: int) -> bool:
-        return 0 <= step < self.intervention_steps
 
     def step_size(self, step: int) -> float:
         return self.step_sizes[step] if 0 <= step < self.steps else 0.0
@@ -411,12 +408,3 @@ def binding_plan(steps: int, config: BindingConfig | None = None) -> BindingPlan
     sizes = tuple(float(config.step_size) if i < active else 0.0 for i in range(steps))
     return BindingPlan(steps, sizes, active)
 
-
-def combined_loss(
-    excite: torch.Tensor | None, bind: torch.Tensor | None, *, excite_weight: float = 1.0, bind_weight: float = 1.0
-) -> torch.Tensor:
-    """`excite+bind`: excite_weight * L_excite + bind_weight * L_bind (either may be absent)."""
-    terms = [w * t for w, t in ((excite_weight, excite), (bind_weight, bind)) if t is not None]
-    if not terms:
-        raise ValueError("combined_loss needs at least one loss")
-    return terms[0] if len(terms) == 1 else terms[0] + terms[1]

@@ -2,7 +2,8 @@
 
 Works on any attention module that carries `to_q`, `to_k` and `heads` and receives its text context as keyword
 `context` (CompVis ldm / sgm `CrossAttention`, as called by their `BasicTransformerBlock`) or `encoder_hidden_states`
-(diffusers `Attention`). Hooks live on module instances, so A1111's class-level `forward` swaps (attention optimisations)
+(diffusers `Attention`). Hooks live on module instances, so A1111's class-level `forward` swaps
+(attention optimisations)
 leave them in place; the layer's own output is untouched, whatever attention kernel produced it.
 
 Only layers whose query length equals the requested map size are captured; for them the probabilities
@@ -14,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -122,7 +124,7 @@ class AttentionCapture:
             self._last_layer[(height, width)] = accumulator.layers[-1]
 
     @contextlib.contextmanager
-    def record(self, height: int, width: int) -> Iterator["Recording"]:
+    def record(self, height: int, width: int) -> Iterator[Recording]:
         """Capture the maps of size height x width during the forward run inside this block."""
         if not self._handles:
             raise CaptureError("attention capture was removed")
@@ -200,9 +202,11 @@ class Recording:
 
 def attention_probabilities(module: nn.Module, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T * scale) per head, (B, heads, N, T), in float32 at least, differentiable w.r.t. `hidden`."""
-    heads: int = module.heads
-    q = module.to_q(hidden)
-    k = module.to_k(context)
+    heads = int(module.heads)  # type: ignore[arg-type]  # ldm/sgm CrossAttention: an int attribute
+    to_q: Callable[[torch.Tensor], torch.Tensor] = module.to_q  # type: ignore[assignment]
+    to_k: Callable[[torch.Tensor], torch.Tensor] = module.to_k  # type: ignore[assignment]
+    q = to_q(hidden)
+    k = to_k(context)
     dim_head = q.shape[-1] // heads
     scale = getattr(module, "scale", dim_head**-0.5)
     dtype = torch.promote_types(q.dtype, torch.float32)

@@ -8,8 +8,8 @@ scales the step indices proportionally (see `StepPlan.build`), which is the iden
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 
@@ -30,7 +30,8 @@ class ExciteConfig:
     `alter_fraction` / `max_iter_to_alter`: the update runs for loop index `i < max_iter_to_alter`; when
     `max_iter_to_alter` is None it is `round(alter_fraction * steps)` (25 of 50 officially).
     `thresholds`: refinement thresholds keyed by step index *at `REFERENCE_STEPS` steps*; with
-    `scale_thresholds_with_steps` each key k moves to `round(k * steps / 50)` (colliding keys keep the highest threshold),
+    `scale_thresholds_with_steps` each key k moves to `round(k * steps / 50)`
+    (colliding keys keep the highest threshold),
     otherwise the keys are used verbatim (the reference pipeline's behaviour for any step count).
     `attention_res`: (height, width) of the cross-attention maps used; None = 1/32 of the image, i.e.
     `ceil(latent_h / 4) x ceil(latent_w / 4)` (16x16 at 512x512, 32x32 at 1024x1024).
@@ -95,7 +96,7 @@ class ExciteConfig:
                 "smoothing off"
             )
 
-    def plan(self, steps: int) -> "StepPlan":
+    def plan(self, steps: int) -> StepPlan:
         return StepPlan.build(self, steps)
 
 
@@ -109,7 +110,7 @@ class StepPlan:
     refinement_thresholds: Mapping[int, float]
 
     @staticmethod
-    def build(config: ExciteConfig, steps: int) -> "StepPlan":
+    def build(config: ExciteConfig, steps: int) -> StepPlan:
         if steps < 1:
             raise ConfigError(f"steps must be at least 1 (got {steps})")
         # Computed exactly as the reference: float64 numpy, alpha_i = scale * sqrt(linspace(1, 0.5, N)[i]).
@@ -121,7 +122,8 @@ class StepPlan:
             alter_steps = int(math.floor(config.alter_fraction * steps + 0.5))
         thresholds: dict[int, float] = {}
         for step, threshold in config.thresholds.items():
-            index = int(math.floor(step * steps / REFERENCE_STEPS + 0.5)) if config.scale_thresholds_with_steps else step
+            scaled = int(math.floor(step * steps / REFERENCE_STEPS + 0.5))
+            index = scaled if config.scale_thresholds_with_steps else step
             if index < steps:
                 thresholds[index] = max(threshold, thresholds.get(index, 0.0))
         return StepPlan(steps, step_sizes, min(alter_steps, steps), thresholds)

@@ -15,13 +15,10 @@ product computed, sets it (`request_reproducible_mkl`). A value the user set is 
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import sys
 from collections.abc import MutableMapping
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 MKL_CBWR_VARIABLE = "MKL_CBWR"
 REPRODUCIBLE_MODE = "AUTO"
@@ -68,7 +65,7 @@ def _mkl_cbwr_get() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
         return None
     library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
     try:
-        function = getattr(ctypes.CDLL(str(library)), "mkl_serv_cbwr_get")
+        function = ctypes.CDLL(str(library)).mkl_serv_cbwr_get
     except (OSError, AttributeError):
         return None
     function.argtypes = [ctypes.c_int]

@@ -1,4 +1,5 @@
-"""One Attend-and-Excite step on a batch of latents, as the reference pipeline does it per image (docs/algorithm.md §1.4).
+"""One Attend-and-Excite step on a batch of latents, as the reference pipeline does it per image
+(docs/algorithm.md §1.4).
 
 The engine updates whatever latent the caller's UNet runner differentiates against:
     latent <- latent - a_i * gradient_scale_b * grad_latent L
@@ -32,8 +33,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,7 +57,9 @@ GraphGuard = Callable[[], "Sequence[str] | None"]
 """Called once per sampling pass, before the first graph evaluation: reasons why a graph would be wrong (empty or
 None: safe). See `lib_ae.graphs.find_graph_hazards`."""
 
-__all__ = ["AttendAndExcite", "Evaluation", "GraphableRunner", "StepReport", "UNetRunner", "frozen_parameters", "read_reports"]
+__all__ = [
+    "AttendAndExcite", "Evaluation", "GraphableRunner", "StepReport", "UNetRunner", "frozen_parameters", "read_reports",
+]
 
 
 # --------------------------------------------------------------------------------------------------------- report
@@ -72,7 +76,8 @@ class StepReport:
     noun then its modifiers, first word piece each, group after group, float32, CPU).
 
     Which accesses wait for the GPU: the first access to `loss`, `maxima`, `skipped_nonfinite` or `bind_loss` reads
-    them all from the device at once (one host transfer; later accesses are free). `step`, `active`, `refinement_iterations`,
+    them all from the device at once (one host transfer; later accesses are free).
+    `step`, `active`, `refinement_iterations`,
     `interrupted` and `maps` are host values and never wait. `read_reports(reports)` reads many reports in a single
     transfer: call it once after sampling, not during it.
     """
@@ -107,40 +112,20 @@ class StepReport:
         self._read()
         return self._loss
 
-    @loss.setter
-    def loss(self, value: list[float | None]) -> None:
-        self._read()
-        self._loss = value
-
     @property
     def maxima(self) -> list[list[float] | None]:
         self._read()
         return self._maxima
-
-    @maxima.setter
-    def maxima(self, value: list[list[float] | None]) -> None:
-        self._read()
-        self._maxima = value
 
     @property
     def skipped_nonfinite(self) -> list[int]:
         self._read()
         return self._skipped
 
-    @skipped_nonfinite.setter
-    def skipped_nonfinite(self, value: list[int]) -> None:
-        self._read()
-        self._skipped = value
-
     @property
     def bind_loss(self) -> list[float | None]:
         self._read()
         return self._bind_loss
-
-    @bind_loss.setter
-    def bind_loss(self, value: list[float | None]) -> None:
-        self._read()
-        self._bind_loss = value
 
     @property
     def pending(self) -> bool:
@@ -183,7 +168,8 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def read_reports(reports: Sequence[StepReport]) -> None:
-    """Fetch the device values of all `reports` in one host transfer (one wait for the GPU instead of one per report)."""
+    """Fetch the device values of all `reports` in one host transfer (one wait for the GPU instead of one per
+    report)."""
     pending = [r for r in reports if r._pending is not None]
     if not pending:
         return
@@ -204,9 +190,9 @@ class _DeviceValues:
 
     batch: int
     rows: list[int]
-    first: "Evaluation"  # the evaluation at the step's starting latent: the reported loss
-    maxima_from: list[tuple[list[int], "Evaluation"]]  # (batch rows, evaluation of exactly those rows)
-    skipped_from: list[tuple[list[int], "Evaluation"]]  # rows skipped when that evaluation is not finite
+    first: Evaluation  # the evaluation at the step's starting latent: the reported loss
+    maxima_from: list[tuple[list[int], Evaluation]]  # (batch rows, evaluation of exactly those rows)
+    skipped_from: list[tuple[list[int], Evaluation]]  # rows skipped when that evaluation is not finite
     skipped_known: set[int]  # rows already known (on the host) to be skipped
     binding_rows: frozenset[int] = frozenset()  # rows with binding groups: their bind loss is reported
 
@@ -275,13 +261,13 @@ class Evaluation:
         skip the update at a zero loss)."""
         return self.finite & (self.objective != 0)
 
-    def clone(self) -> "Evaluation":
+    def clone(self) -> Evaluation:
         return Evaluation(
             self.losses.clone(), self.maxima.clone(), self.values_finite.clone(), self.finite.clone(),
             self.grads.clone(), self.bind_losses.clone(), self.objective.clone(),
         )
 
-    def select(self, positions: list[int], index: torch.Tensor) -> "Evaluation":
+    def select(self, positions: list[int], index: torch.Tensor) -> Evaluation:
         """The rows at `positions` (indices into this evaluation's rows; `index`: the same on the device)."""
         pick = lambda t: t.index_select(0, index)  # noqa: E731
         maps = None if self.maps is None else [self.maps[j] for j in positions]
@@ -364,7 +350,8 @@ class AttendAndExcite:
 
     def parameters(self) -> list[nn.Parameter]:
         """The UNet's parameters, listed once per sampling pass (until `release_graphs()`): walking the module tree
-        at every evaluation costs milliseconds of CPU (SD1.5: 686 parameters in ~400 modules), more than the toggling."""
+        at every evaluation costs milliseconds of CPU (SD1.5: 686 parameters in ~400 modules),
+        more than the toggling."""
         if self._parameter_list is None:
             self._parameter_list = list(self.capture.unet.parameters())
         return self._parameter_list
@@ -439,7 +426,8 @@ class AttendAndExcite:
 
         threshold = plan.refinement_thresholds.get(step)
         if threshold is not None and self.config.max_refinement_steps > 0:
-            refined = self._refine(z, rows, first, max(0.0, 1.0 - threshold), context, report, should_stop, on_iteration)
+            target = max(0.0, 1.0 - threshold)
+            refined = self._refine(z, rows, first, target, context, report, should_stop, on_iteration)
             z, skipped = refined.latent, refined.skipped
             skipped_from = []  # the first evaluation's finiteness was read: it is in `skipped`
             updates = []
@@ -495,11 +483,14 @@ class AttendAndExcite:
 
     # ------------------------------------------------------------------------------------------------ the three parts
 
-    def _evaluate(self, z: torch.Tensor, rows: list[int], context: "_StepContext", keep_maps: bool = False) -> Evaluation:
+    def _evaluate(self, z: torch.Tensor, rows: list[int], context: _StepContext, keep_maps: bool = False) -> Evaluation:
         """L and its gradient at the latent `z` for batch rows `rows` (the paper's forward pass with attention)."""
         loss_plan = self._loss_plan([(context.selections[b], context.bindings[b]) for b in rows], z.device)
         run_unet = context.run_unet
-        if self._graphs is not None and isinstance(run_unet, GraphableRunner) and not keep_maps and self._graphs_allowed():
+        if (
+            self._graphs is not None and isinstance(run_unet, GraphableRunner) and not keep_maps
+            and self._graphs_allowed()
+        ):
             return self._graphs.evaluate(z, rows, loss_plan, context.size, run_unet)
         index = self.index(rows, z.device)
         latent = z if self.row_index(rows, z) is None else z.index_select(0, index)
@@ -511,11 +502,11 @@ class AttendAndExcite:
         rows: list[int],
         first: Evaluation,
         target: float,
-        context: "_StepContext",
+        context: _StepContext,
         report: StepReport,
         should_stop: Callable[[], bool] | None,
         on_iteration: Callable[[int, int], None] | None,
-    ) -> "_Refinement":
+    ) -> _Refinement:
         """Iterative latent refinement: z <- z - a_i grad L while L > target, at most `max_refinement_steps` times.
 
         Deciding whether iteration k+1 runs needs iteration k's loss on the host. Iteration k+1's evaluation is
@@ -558,7 +549,9 @@ class AttendAndExcite:
             final = last[1]  # the speculative evaluation ran at exactly the final latents of exactly these rows
         return _Refinement(z, refined_rows, final, skipped)
 
-    def _update(self, z: torch.Tensor, rows: list[int], evaluation: Evaluation, coefficient: torch.Tensor) -> torch.Tensor:
+    def _update(
+        self, z: torch.Tensor, rows: list[int], evaluation: Evaluation, coefficient: torch.Tensor
+    ) -> torch.Tensor:
         """z_t' = z_t - a_i * scale_b * grad L for `rows`, where the update applies (finite, L != 0): a masked update
         on the device, so a non-finite image is left as it was without asking the host."""
         index = self.row_index(rows, z)
@@ -751,7 +744,9 @@ class AttendAndExcite:
         return self._selections[key]
 
     @staticmethod
-    def _coefficients(step_size: float, gradient_scale: Sequence[float] | torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
+    def _coefficients(
+        step_size: float, gradient_scale: Sequence[float] | torch.Tensor | None, z: torch.Tensor
+    ) -> torch.Tensor:
         """(B,) a_i * scale_b in the precision the update multiplies in (float32 for half latents)."""
         dtype = torch.promote_types(z.dtype, torch.float32)
         if gradient_scale is None:
@@ -789,7 +784,9 @@ def _rows_of(evaluation: Evaluation, rows: list[int], wanted: list[int], engine:
     return evaluation.select(positions, engine.index(positions, evaluation.losses.device))
 
 
-def _exact_rows(sources: list[tuple[list[int], Evaluation]], engine: AttendAndExcite) -> list[tuple[list[int], Evaluation]]:
+def _exact_rows(
+    sources: list[tuple[list[int], Evaluation]], engine: AttendAndExcite
+) -> list[tuple[list[int], Evaluation]]:
     """Later sources override earlier ones row by row: keep each earlier source only for the rows no later one has."""
     result: list[tuple[list[int], Evaluation]] = []
     taken: set[int] = set()

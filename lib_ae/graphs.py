@@ -12,8 +12,9 @@ import contextlib
 import gc
 import inspect
 import logging
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -145,7 +146,7 @@ class _Graph:
     graph: Any
     latent: torch.Tensor  # static leaf (requires grad), rows of z
     inputs: tuple[torch.Tensor, ...]
-    outputs: "Evaluation"  # static outputs, overwritten by each replay
+    outputs: Evaluation  # static outputs, overwritten by each replay
 
 
 Compute = Callable[[torch.Tensor, tuple[torch.Tensor, ...]], "Evaluation"]
@@ -162,7 +163,7 @@ class GraphBackend(Protocol):
 
     def capture(
         self, latent: torch.Tensor, inputs: tuple[torch.Tensor, ...], compute: Compute, pool: Any
-    ) -> tuple["_Graph", Any]:
+    ) -> tuple[_Graph, Any]:
         """Capture `compute` over static copies of `latent` and `inputs`: the graph (`replay()`, `reset()`) with its
         static buffers and the outputs each replay overwrites, and the memory pool the next capture may share."""
         ...
@@ -178,7 +179,7 @@ class CudaGraphBackend:
 
     def capture(
         self, latent: torch.Tensor, inputs: tuple[torch.Tensor, ...], compute: Compute, pool: Any
-    ) -> tuple["_Graph", Any]:
+    ) -> tuple[_Graph, Any]:
         stream = capture_stream(latent.device)
         stream.wait_stream(torch.cuda.current_stream(latent.device))
         with no_finalizers_during_capture(), torch.cuda.stream(stream):
@@ -199,7 +200,7 @@ class GraphEvaluations:
     selections, runner key), replayed with the new latent and inputs copied into its static buffers. Latents the
     backend cannot capture (CPU tensors, for `CudaGraphBackend`) are evaluated eagerly."""
 
-    def __init__(self, engine: "AttendAndExcite", backend: GraphBackend | None = None) -> None:
+    def __init__(self, engine: AttendAndExcite, backend: GraphBackend | None = None) -> None:
         self.engine = engine
         self.backend: GraphBackend = backend if backend is not None else CudaGraphBackend()
         self.graphs: dict[Hashable, _Graph] = {}
@@ -222,10 +223,10 @@ class GraphEvaluations:
         self,
         z: torch.Tensor,
         rows: Sequence[int],
-        plan: "_LossPlan",
+        plan: _LossPlan,
         size: tuple[int, int],
         runner: GraphableRunner,
-    ) -> "Evaluation":
+    ) -> Evaluation:
         index = self.engine.row_index(rows, z)
         latent = z if index is None else z.index_select(0, index)
         inputs = runner.inputs if index is None else tuple(t.index_select(0, index) for t in runner.inputs)
@@ -264,10 +265,10 @@ class GraphEvaluations:
         latent: torch.Tensor,
         inputs: tuple[torch.Tensor, ...],
         runner: GraphableRunner,
-        plan: "_LossPlan",
+        plan: _LossPlan,
         size: tuple[int, int],
     ) -> _Graph:
-        def compute(static_latent: torch.Tensor, static_inputs: tuple[torch.Tensor, ...]) -> "Evaluation":
+        def compute(static_latent: torch.Tensor, static_inputs: tuple[torch.Tensor, ...]) -> Evaluation:
             return self.engine.forward_backward(static_latent, lambda leaf: runner.fn(leaf, *static_inputs), plan, size)
 
         entry, self.pool = self.backend.capture(latent, inputs, compute, self.pool)

@@ -13,9 +13,9 @@ exactly the official map.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +80,7 @@ class TokenSelection:
         subjects: Sequence[Sequence[int]],
         end_of_text: int | None = None,
         normalize_eot: bool = False,
-    ) -> "TokenSelection":
+    ) -> TokenSelection:
         """The reference's columns: 1..T-2, or with `normalize_eot` 1..end_of_text-1 (SD2.1 mode)."""
         last = num_columns - 1
         if normalize_eot:
@@ -103,7 +103,7 @@ class SelectionIndex:
     """Per subject, its positions among the text columns."""
 
     @staticmethod
-    def build(selection: TokenSelection, device: torch.device | str) -> "SelectionIndex":
+    def build(selection: TokenSelection, device: torch.device | str) -> SelectionIndex:
         position = {column: i for i, column in enumerate(selection.text_columns)}
         relative = [[position[c] for c in subject] for subject in selection.subjects]
         single = None
@@ -117,7 +117,11 @@ class SelectionIndex:
 
 
 def subject_maps(
-    attention: torch.Tensor, selection: TokenSelection, temperature: float = 100.0, *, index: SelectionIndex | None = None
+    attention: torch.Tensor,
+    selection: TokenSelection,
+    temperature: float = 100.0,
+    *,
+    index: SelectionIndex | None = None,
 ) -> torch.Tensor:
     """(..., S, h, w) re-softmaxed attention of each subject, from aggregated maps (..., h, w, T) of one or more images
     that share `selection`."""

@@ -8,9 +8,9 @@ resuming: the model call and the rest of the step integrate from the updated lat
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import torch
 
@@ -18,8 +18,6 @@ from .binding import BindingSelection
 from .config import StepPlan
 from .engine import AttendAndExcite, StepReport, UNetRunner
 from .loss import TokenSelection
-
-logger = logging.getLogger(__name__)
 
 LatentSpace = Literal["sigma", "vp"]
 """'sigma': k-diffusion's x = x0 + sigma * eps, UNet input x / sqrt(1 + sigma^2); 'vp': the UNet input itself."""

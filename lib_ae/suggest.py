@@ -27,8 +27,8 @@ without an article).
 
 Two parsers, same output format:
 * spaCy, when `spacy` and an English pipeline are importable (as SynGen does; `en_core_web_trf` first). Pairs follow
-  SynGen's `extract_attribution_indices` (compute_loss.py L145-168): a noun's children with a modifier dependency
-  (amod, nmod, compound, npadvmod, advmod, acomp) and, below them, further modifiers and conjuncts.
+  SynGen's `extract_attribution_indices` (compute_loss.py `extract_attribution_indices`): a noun's children with a
+  modifier dependency (amod, nmod, compound, npadvmod, advmod, acomp) and, below them, further modifiers and conjuncts.
 * otherwise a built-in rule-based chunker (this module): function words (determiners, numerals, prepositions,
   conjunctions, pronouns, auxiliaries, a compact verb list) and punctuation close a phrase; a phrase's last word is its
   head and the words before it are its modifiers ("big red car" -> head car, modifiers big, red); adjectives joined by
@@ -42,9 +42,10 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Collection, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,6 @@ _AND = re.compile(r"\bAND\b")
 _SUBPROMPT_WEIGHT = re.compile(r"\s*:\s*[-+]?(?:\d+\.?|\d*\.\d+)\s*$")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 _NUMBER = re.compile(r"^\s*[-+]?(?:\d+\.?\d*|\.\d+)\s*$")
-_WEIGHT_SUFFIX = re.compile(r":\s*[-+]?(?:\d+\.?\d*|\.\d+)\s*$")
 
 SEGMENT_BREAK = "\n"
 """Separator `first_step_text` puts where BREAK was: no phrase spans it."""
@@ -426,7 +426,7 @@ def _phrase_of_chunk(chunk: _Chunk, embeddings: Collection[str]) -> NounPhrase |
 
 SPACY_MODELS = ("en_core_web_trf", "en_core_web_lg", "en_core_web_md", "en_core_web_sm")
 MODIFIER_DEPENDENCIES = frozenset({"amod", "nmod", "compound", "npadvmod", "advmod", "acomp"})
-"""SynGen's modifier dependencies (compute_loss.py L148)."""
+"""SynGen's modifier dependencies (compute_loss.py `extract_attribution_indices`)."""
 
 
 @lru_cache(maxsize=1)
@@ -454,7 +454,8 @@ def spacy_available() -> bool:
 def phrases_from_dependency_parse(tokens: Iterable[Any]) -> list[NounPhrase]:
     """Noun phrases from a dependency parse: tokens with spaCy's attributes `text`, `i`, `pos_`, `dep_`, `children`,
     `head`. Heads: NOUN/PROPN that are not themselves modifiers; modifiers: SynGen's subtree walk
-    (compute_loss.py L145-168), in prompt order. Framing and quantity nouns with an "of" child are left out."""
+    (compute_loss.py `extract_attribution_indices`), in prompt order. Framing and quantity nouns with an "of" child are
+    left out."""
     phrases: list[NounPhrase] = []
     for word in tokens:
         if word.pos_ not in ("NOUN", "PROPN") or word.dep_ in MODIFIER_DEPENDENCIES:

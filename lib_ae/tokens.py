@@ -2,7 +2,8 @@
 
 A1111 encodes a prompt in chunks of 77 tokens, `[BOS, 75 prompt tokens padded with EOS, EOS]`, each chunk a separate
 CLIP pass, and concatenates the chunks' outputs: chunk k occupies conditioning columns 77*k .. 77*k + 76, and the
-prompt token at index j of chunk k (j = 0 is that chunk's BOS) is column 77*k + j (docs/host-notes.md §5). A new chunk starts
+prompt token at index j of chunk k (j = 0 is that chunk's BOS) is column 77*k + j (docs/host-notes.md §5).
+A new chunk starts
 when 75 tokens are full (A1111 may move the text after a nearby comma along) and at every BREAK.
 
 Subjects. A subject's token ids (`encode(subject)`, no special tokens) must appear as one contiguous run inside one
@@ -26,7 +27,8 @@ The chunks passed in must be the whole conditioning row: when A1111 batches prom
 empty chunks `[BOS, EOS * 76]` to the shorter ones (`FrozenCLIPEmbedderWithCustomWordsBase.forward`); pass those too.
 
 Textual-inversion embeddings appear in A1111's chunks as placeholder ids 0, one per vector, with a `PromptChunkFix`
-(offset, embedding) saying where its vectors go (sd_hijack_clip.py L156-172). Given as `embeddings`, an embedding's
+(offset, embedding) saying where its vectors go (sd_hijack_clip.py `TextConditionalModel.tokenize_line`). Given as
+`embeddings`, an embedding's
 name is a subject like a word: its columns are those of its vectors. The placeholders are never matched as tokens
 (id 0 is also the token "!"), and a subject that is only part of an embedding's name is reported as such.
 """
@@ -34,8 +36,8 @@ name is a subject like a word: its columns are those of its vectors. The placeho
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from .loss import TokenSelection
 

@@ -8,9 +8,10 @@ extension with the option off never loads it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -92,7 +93,9 @@ def bind_loss_summary(reports: Sequence[StepReport], image: int) -> str | None:
     return f"bind loss {values[0]:.3g} -> {values[-1]:.3g}"
 
 
-def image_trace(reports: Sequence[StepReport], image: int, labels: Sequence[str], refinement_steps: Sequence[int]) -> ImageTrace:
+def image_trace(
+    reports: Sequence[StepReport], image: int, labels: Sequence[str], refinement_steps: Sequence[int]
+) -> ImageTrace:
     active = [r for r in reports if r.active and image < len(r.loss) and r.loss[image] is not None]
     refinement = tuple(
         (r.step, r.refinement_iterations[image]) for r in active if r.step in set(refinement_steps)
@@ -101,9 +104,14 @@ def image_trace(reports: Sequence[StepReport], image: int, labels: Sequence[str]
         labels=tuple(labels),
         steps=tuple(r.step for r in active),
         losses=tuple(r.loss[image] for r in active),
-        maxima=tuple(tuple(r.maxima[image]) if r.maxima[image] is not None else None for r in active),
+        maxima=tuple(_maxima_of(r, image) for r in active),
         refinement=refinement,
     )
+
+
+def _maxima_of(report: StepReport, image: int) -> tuple[float, ...] | None:
+    maxima = report.maxima[image]
+    return tuple(maxima) if maxima is not None else None
 
 
 def trace_summary(trace: ImageTrace, *, interrupted: bool = False) -> str:
@@ -132,7 +140,8 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 def _colour(values: np.ndarray, size: tuple[int, int], colormap: str) -> Image.Image:
     import matplotlib
 
-    upsampled = np.asarray(Image.fromarray(np.asarray(values, dtype=np.float32), mode="F").resize(size, Image.BICUBIC))
+    source = Image.fromarray(np.asarray(values, dtype=np.float32), mode="F")
+    upsampled = np.asarray(source.resize(size, Image.Resampling.BICUBIC))
     # Each map scaled by its own maximum, as the official visualisation does (ptp_utils.show_cross_attention): the
     # shape is what the picture shows; how strong the peak is, the caption says.
     peak = float(np.max(values))
@@ -157,7 +166,7 @@ def heatmap_strip(
         raise ValueError("no subject maps to draw")
     base = image.convert("RGB")
     width = max(1, round(base.width * tile_height / base.height))
-    base = base.resize((width, tile_height), Image.LANCZOS)
+    base = base.resize((width, tile_height), Image.Resampling.LANCZOS)
     columns = max(len(row) for row in rows)
     strip = Image.new("RGB", (columns * width, len(rows) * (tile_height + CAPTION_HEIGHT)), "black")
     draw = ImageDraw.Draw(strip)

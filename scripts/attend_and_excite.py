@@ -18,7 +18,8 @@ without A&E: the image is never lost.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import gradio as gr
 

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from lib_ae.binding import (
-    OFFICIAL_INTERVENTION_STEPS,
     BindingIndex,
     BindingLocation,
     locate_bindings,
@@ -28,7 +27,6 @@ from lib_ae.binding import (
     BindingSelection,
     binding_loss,
     binding_plan,
-    combined_loss,
     spatial_distributions,
     symmetric_kl,
 )
@@ -200,16 +198,14 @@ OFFICIAL_PNDM_UPDATED_TIMESTEPS = (
 def test_official_schedule_at_50_steps() -> None:
     plan = binding_plan(50)
     assert plan.step_sizes == OFFICIAL_50_STEP_SIZES
-    assert plan.intervention_steps == OFFICIAL_INTERVENTION_STEPS == 25
-    assert plan.iterations_per_step == 1
-    assert [plan.is_active(i) for i in range(50)] == [i < 25 for i in range(50)]
+    assert plan.intervention_steps == 25  # the official num_intervention_steps, one update per step
     assert OFFICIAL_STEP_SIZE == 20.0
     assert plan.step_size(50) == 0.0
 
 
 def test_official_pndm_loop_of_51_iterations() -> None:
     plan = binding_plan(51, BindingConfig(intervention_steps=25))
-    assert [i for i in range(51) if plan.is_active(i)] == list(range(len(OFFICIAL_PNDM_UPDATED_TIMESTEPS)))
+    assert [i for i in range(51) if plan.step_sizes[i] > 0] == list(range(len(OFFICIAL_PNDM_UPDATED_TIMESTEPS)))
     assert set(plan.step_sizes[:25]) == {20.0} and set(plan.step_sizes[25:]) == {0.0}
 
 
@@ -226,15 +222,6 @@ def test_schedule_for_other_step_counts() -> None:
                    {"intervention_steps": -3}):
         with pytest.raises(ValueError):
             BindingConfig(**kwargs)  # type: ignore[arg-type]
-
-
-def test_combined_loss_weights() -> None:
-    excite = torch.tensor(0.25, dtype=torch.float64)
-    bind = torch.tensor(-0.5, dtype=torch.float64)
-    assert float(combined_loss(excite, bind, excite_weight=2.0, bind_weight=0.5)) == 0.25
-    assert float(combined_loss(None, bind)) == -0.5
-    with pytest.raises(ValueError):
-        combined_loss(None, None)
 
 
 # --- words -> columns in A1111's chunks ------------------------------------------------------------------------------
@@ -414,7 +401,7 @@ def _run_binding_vp(
     losses: list[float] = []
     norms: list[float] = []
     for i, t in enumerate(scheduler.timesteps):
-        if plan.is_active(i):  # type: ignore[attr-defined]
+        if i < plan.intervention_steps:  # type: ignore[attr-defined]
             with torch.enable_grad():
                 leaf = z.detach().clone().requires_grad_(True)
                 unet(leaf, t, encoder_hidden_states=cond)

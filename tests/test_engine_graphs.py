@@ -95,16 +95,24 @@ def inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, t, context
 
 
+def engine_with_backend(
+    capture: AttentionCapture, config: ExciteConfig, use_graphs: bool
+) -> tuple[AttendAndExcite, ReplayingCpuBackend]:
+    """An engine that evaluates eagerly, or through the stand-in graphs of the returned backend."""
+    backend = ReplayingCpuBackend()
+    engine = AttendAndExcite(capture, config, cuda_graphs=use_graphs)
+    if use_graphs:
+        engine._graphs = GraphEvaluations(engine, backend)
+    return engine, backend
+
+
 def run(unet: torch.nn.Module, graphs: bool, config: ExciteConfig, selections: list[TokenSelection | None], step: int,
         poison: int | None = None) -> tuple[torch.Tensor, StepReport]:
     """One engine step, eager or through replayed stand-in graphs (then asserted to have replayed)."""
     x, t, context = inputs(len(selections))
     capture = AttentionCapture(unet)
-    backend = ReplayingCpuBackend()
     try:
-        engine = AttendAndExcite(capture, config, cuda_graphs=graphs)
-        if graphs:
-            engine._graphs = GraphEvaluations(engine, backend)
+        engine, backend = engine_with_backend(capture, config, graphs)
 
         def forward(latent_rows: torch.Tensor, t_rows: torch.Tensor, context_rows: torch.Tensor) -> None:
             if poison is not None:  # a non-finite latent for one image (its row is first when it is in the subset)
@@ -150,11 +158,8 @@ def test_graphs_replayed_at_later_steps_read_the_new_inputs(unet: torch.nn.Modul
 
     def three_steps(use_graphs: bool) -> tuple[list[torch.Tensor], list[StepReport], ReplayingCpuBackend]:
         capture = AttentionCapture(unet)
-        backend = ReplayingCpuBackend()
         try:
-            engine = AttendAndExcite(capture, config, cuda_graphs=use_graphs)
-            if use_graphs:
-                engine._graphs = GraphEvaluations(engine, backend)
+            engine, backend = engine_with_backend(capture, config, use_graphs)
             latent, latents, reports = x, [], []
             for step, t in enumerate(([700.0, 420.0], [650.0, 380.0], [600.0, 340.0])):
                 timestep = torch.tensor(t, dtype=torch.float64)

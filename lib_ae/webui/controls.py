@@ -4,7 +4,8 @@ with the defaults of the advanced ones, the infotext paste readers, and the X/Y/
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import gradio as gr
 
@@ -29,7 +30,7 @@ def setting_key(spec: ParamSpec) -> str:
 
 def initial_value(spec: ParamSpec) -> Any:
     """A control's initial value: the user's default from Settings if valid, else the spec's default. A1111 also
-    takes the API's default args from these values (api.py L315-333 calls ui())."""
+    takes the API's default args from these values (api.py `Api.init_default_script_args` calls ui())."""
     if spec.name in MAIN_PARAMS:
         return spec.default
     raw = host.option(setting_key(spec), spec.default)
@@ -72,7 +73,7 @@ def pasted_value(name: str) -> Callable[[dict[str, Any]], Any]:
 
 
 def infotext_fields(controls: dict[str, Any]) -> list[tuple[Any, Any]]:
-    """Pasting infotext (infotext_utils.connect_paste L477-, Api.apply_infotext api.py L363-): text and number
+    """Pasting infotext (infotext_utils.connect_paste, api.py `Api.apply_infotext`): text and number
     parameters by key (A1111 casts to the control's type); through a reader the enable flag and the booleans, because
     the API casts with bool(), which would read "False" as True, and the parameters whose absence from an infotext
     with A&E means their default (a key-only field would leave the current value: an old image made with `excite`
@@ -88,7 +89,8 @@ def _read_by_reader(spec: ParamSpec) -> bool:
 
 
 def paste_field_names() -> list[str]:
-    """"Send to img2img/inpaint" copies the controls whose infotext field is one of these keys (L169-175)."""
+    """"Send to img2img/inpaint" copies the controls whose infotext field is one of these keys
+    (infotext_utils.connect_paste_params_buttons)."""
     return [spec.infotext_key for spec in PARAMS if not _read_by_reader(spec)]
 
 

@@ -10,17 +10,15 @@ each one and why), and the engine falls back to eager evaluation when anything e
 from __future__ import annotations
 
 import inspect
-import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from lib_ae import AttentionCapture
-from lib_ae.graphs import find_graph_hazards
+from lib_ae.graphs import find_graph_hazards, owned_by
 
 from . import host
-
-logger = logging.getLogger("lib_ae.webui")
 
 GraphGuard = Callable[[], "list[str] | None"]
 
@@ -86,11 +84,8 @@ def guard_for(capture: AttentionCapture, sd_model: Any) -> GraphGuard:
     evaluation of a pass. Our own capture hooks are not a hazard."""
     unet: torch.nn.Module = sd_model.model.diffusion_model
 
-    def is_own(hook: Any) -> bool:
-        return getattr(hook, "__self__", None) is capture
-
     def guard() -> list[str] | None:
-        reasons = list(find_graph_hazards(unet, is_own=is_own, allowed_forward=allowed_forward))
+        reasons = list(find_graph_hazards(unet, is_own=owned_by(capture), allowed_forward=allowed_forward))
         return reasons or None
 
     return guard

@@ -8,16 +8,14 @@ replaces them (a model load, the tests' stand-in state).
 from __future__ import annotations
 
 import gc
-import logging
 import sys
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from modules import devices, extra_networks, images, prompt_parser, script_callbacks, scripts, sd_hijack, shared
 from modules.ui_components import InputAccordion
-
-logger = logging.getLogger("lib_ae.webui")
 
 Script = scripts.Script
 ALWAYS_VISIBLE = scripts.AlwaysVisible
@@ -28,13 +26,13 @@ __all__ = ["ALWAYS_VISIBLE", "InputAccordion", "Script"]
 
 
 class SamplerConfig(Protocol):
-    """sd_samplers_common.SamplerData (L11-18): the sampler's name as the user picked it."""
+    """sd_samplers_common.SamplerData: the sampler's name as the user picked it."""
 
     name: str
 
 
 class PromptChunk(Protocol):
-    """sd_hijack_clip.PromptChunk (L10-21): 77 token ids, [BOS, 75 prompt tokens (EOS-padded), EOS], their emphasis
+    """sd_hijack_clip.PromptChunk: 77 token ids, [BOS, 75 prompt tokens (EOS-padded), EOS], their emphasis
     multipliers, and the textual-inversion embeddings placed in it (`fixes`, PromptChunkFix(offset, embedding))."""
 
     tokens: list[int]
@@ -43,7 +41,7 @@ class PromptChunk(Protocol):
 
 
 class TextEncoder(Protocol):
-    """The CLIP wrapper that cuts prompts into chunks (sd_hijack_clip.TextConditionalModel, L30-174)."""
+    """The CLIP wrapper that cuts prompts into chunks (sd_hijack_clip.TextConditionalModel)."""
 
     id_start: int
     id_end: int
@@ -57,7 +55,7 @@ class TextEncoder(Protocol):
 
 
 class Denoiser(Protocol):
-    """sd_samplers_cfg_denoiser.CFGDenoiser (L33-311): `step` is the index of the current model call (reset by
+    """sd_samplers_cfg_denoiser.CFGDenoiser: `step` is the index of the current model call (reset by
     Sampler.initialize, +1 at the end of forward); `steps` / `total_steps` are set by Sampler.launch_sampling."""
 
     step: int
@@ -73,7 +71,7 @@ class Sampler(Protocol):
 
 
 class Processing(Protocol):
-    """processing.StableDiffusionProcessing (L137-): the fields read here."""
+    """processing.StableDiffusionProcessing: the fields read here."""
 
     prompts: list[str]
     steps: int
@@ -92,7 +90,8 @@ def option(name: str, default: Any) -> Any:
 
 def add_setting(key: str, default: Any, label: str, component: Any, component_args: dict[str, Any] | None,
                 section: tuple[str, str], info: str) -> None:
-    """Register a setting in Settings > `section` (shared_options.py OptionInfo; ui.py L262 calls on_ui_settings)."""
+    """Register a setting in Settings > `section` (shared_options.py OptionInfo; ui.py `create_ui` calls
+    on_ui_settings)."""
     shared.opts.add_option(
         key, shared.OptionInfo(default, label, component, component_args, section=section, category_id="sd").info(info)
     )
@@ -108,7 +107,7 @@ def show_progress(text: str | None) -> None:
 
 
 def stop_requested() -> bool:
-    """Interrupt or Skip was pressed (shared_state.State L38-52)."""
+    """Interrupt or Skip was pressed (shared_state.State.interrupted / skipped)."""
     return bool(shared.state.interrupted or shared.state.skipped)
 
 
@@ -123,7 +122,7 @@ def free_memory() -> None:
 
 def attention_optimization() -> str | None:
     """The name of A1111's active cross-attention optimisation ("Doggettx", "sdp", "xformers", ...):
-    `sd_hijack.current_optimizer` (L39), set when a model is loaded (apply_optimizations L60-97); None before that."""
+    `sd_hijack.current_optimizer`, set when a model is loaded (sd_hijack.apply_optimizations); None before that."""
     return getattr(getattr(sd_hijack, "current_optimizer", None), "name", None)
 
 
@@ -133,7 +132,7 @@ def on_cuda() -> bool:
 
 def low_vram_flag(sd_model: Any) -> str | None:
     """The command-line flag that moves UNet blocks between devices during the forward (lowvram.py), if in effect:
-    no CUDA graph can hold that. --medvram-sdxl only acts on SDXL models (lowvram.is_needed L10-15)."""
+    no CUDA graph can hold that. --medvram-sdxl only acts on SDXL models (lowvram.is_needed)."""
     options = getattr(shared, "cmd_opts", None)
     if getattr(options, "lowvram", False):
         return "--lowvram"
@@ -147,7 +146,7 @@ def low_vram_flag(sd_model: Any) -> str | None:
 
 
 def unet_output_dtype(timesteps: torch.Tensor) -> torch.dtype:
-    """The dtype A1111 casts the timestep embedding to (sd_hijack_unet.py L145-150, timestep_embedding_cast_result)."""
+    """The dtype A1111 casts the timestep embedding to (sd_hijack_unet.py `timestep_embedding_cast_result`)."""
     if getattr(devices, "unet_needs_upcast", False) and timesteps.dtype == torch.int64:
         return torch.float32
     return getattr(devices, "dtype_unet", torch.float32)  # type: ignore[no-any-return]
@@ -167,7 +166,7 @@ def strip_extra_networks(prompt: str) -> str:
 
 
 def first_subprompt(prompt: str) -> tuple[str, list[str]]:
-    """(first AND sub-prompt, the others) of one prompt (prompt_parser.get_multicond_prompt_list L269-)."""
+    """(first AND sub-prompt, the others) of one prompt (prompt_parser.get_multicond_prompt_list)."""
     indexes, texts, _ = prompt_parser.get_multicond_prompt_list([prompt])
     if not indexes or not indexes[0]:
         return prompt, []

@@ -59,7 +59,8 @@ def say_once(message: str) -> None:
 
 ATTENTION_KEEPING_MATRICES = ("Doggettx", "InvokeAI", "V1")
 """A1111's attention optimisations that form each attention-probability matrix as a tensor, which autograd keeps for
-A&E's backward: SDXL 1024 needs +6.3 GiB per image for A&E under Doggettx, +2.4 under SDP (tests/webui-gpu-h200.json)."""
+A&E's backward: SDXL 1024 needs +6.3 GiB per image for A&E under Doggettx, +2.4 under SDP
+(tests/webui-gpu-h200.json)."""
 
 
 def failure_text(error: BaseException, where: str, attention: str | None = None) -> str:

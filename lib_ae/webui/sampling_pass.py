@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
 from lib_ae import AttendAndExcite, AttentionCapture, CaptureError, InSamplerExcitation, StepClock, StepPlan, UNetRunner
 from lib_ae.binding import BindingLocation, BindingSelection
-from lib_ae.engine import read_reports
 from lib_ae.config import ConfigError
 from lib_ae.cpu_determinism import check_cpu_reproducibility
-from lib_ae.engine import GraphableRunner
+from lib_ae.engine import GraphableRunner, read_reports
 from lib_ae.loss import TokenSelection
 from lib_ae.params import AEParams
 from lib_ae.sampling import LatentSpace
@@ -44,7 +44,8 @@ UNSUPPORTED_SAMPLERS = frozenset({"UniPC", "DPM fast", "DPM adaptive", "Restart"
 """Their model calls do not map to sampler steps (docs/host-notes.md §3): UniPC corrects from a state the model never
 sees, DPM fast/adaptive choose their own evaluations, Restart adds re-noising segments."""
 TIMESTEP_SAMPLERS = frozenset({"DDIM", "DDIM CFG++", "PLMS"})
-"""CompVisSampler family (sd_samplers_timesteps.py L11-16): the latent is the VP latent and `sigma` the timestep."""
+"""CompVisSampler family (sd_samplers_timesteps.py `samplers_timesteps`): the latent is the VP latent and `sigma` the
+timestep."""
 CUDA_GRAPHS_SETTING = "ae_cuda_graphs"
 
 
@@ -81,11 +82,13 @@ def capture_for(unet: torch.nn.Module) -> AttentionCapture:
 def remove_captures() -> None:
     """Detach every capture (model change, script unload, a refused run): no hook of ours stays on any module."""
     for ref in list(_captures.values()):
-        capture = ref()
-        if capture is not None:
-            capture.remove()
-            if getattr(capture.unet, CAPTURE_ATTRIBUTE, None) is capture:
-                delattr(capture.unet, CAPTURE_ATTRIBUTE)
+        capture: AttentionCapture | None = ref()
+        if capture is None:
+            continue
+        capture.remove()
+        unet = capture.unet
+        if getattr(unet, CAPTURE_ATTRIBUTE, None) is capture:
+            delattr(unet, CAPTURE_ATTRIBUTE)
     _captures.clear()
 
 
@@ -112,9 +115,9 @@ def unsupported_reason(p: Processing) -> str | None:
 
 
 def make_condition_dict(sd_model: Any, cond: Any, image_cond: torch.Tensor | None) -> dict[str, Any]:
-    """The UNet conditioning of CFGDenoiser.forward (sd_samplers_cfg_denoiser.py L192-200): unCLIP models take the
-    image embedding as `c_adm`; SDXL conds are dicts (crossattn/vector); SD1/SD2 a tensor. A new dict every call:
-    A1111's apply_model casts the dict's entries in place (sd_hijack_unet.py L40-50)."""
+    """The UNet conditioning of sd_samplers_cfg_denoiser.py `CFGDenoiser.forward`: unCLIP models take the image
+    embedding as `c_adm`; SDXL conds are dicts (crossattn/vector); SD1/SD2 a tensor. A new dict every call:
+    A1111's apply_model casts the dict's entries in place (sd_hijack_unet.py `apply_model`)."""
     if getattr(sd_model.model, "conditioning_key", None) == "crossattn-adm":
         return {"c_crossattn": [cond], "c_adm": image_cond}
     if isinstance(cond, dict):
@@ -253,7 +256,8 @@ class SamplingPass:
         bindings = [bind for _, bind in targets]
         if all(selection is None for selection in selections) and all(bind is None for bind in bindings):
             return
-        # Each image's loss uses its first AND sub-prompt, whose row is the first of its rows in `tensor` (L168, L203).
+        # Each image's loss uses its first AND sub-prompt, whose row is the first of its rows in `tensor`
+        # (CFGDenoiser.forward: reconstruct_multicond_batch's conds_list, then the rows in that order).
         first_rows = torch.as_tensor([rows[0][0] for rows in conds_list], device=x.device)
         run_unet = self._runner(sigma, select_rows(tensor, first_rows), image_cond)
         max_iterations = self.params.max_refinement_steps
@@ -314,7 +318,7 @@ class SamplingPass:
 
     def _clock_index(self, call: int) -> int | None:
         """The call index StepClock understands. PLMS makes two model calls in its first step (the second one on a
-        temporary latent) and one per step after (sd_samplers_timesteps_impl.py L109-137)."""
+        temporary latent) and one per step after (sd_samplers_timesteps_impl.py `plms`)."""
         if not self.plms:
             return call
         return None if call == 1 else max(0, call - 1)
@@ -408,7 +412,7 @@ class SamplingPass:
     def _entry_span(self, tokens: PromptTokens, target: int) -> str:
         """" during steps 2-3 (prompt editing: the prompt then reads '...')" for an entry of a prompt-editing
         schedule, "" for a prompt without editing. Entry i is in effect for model calls ends[i-1]+1 .. ends[i]
-        (prompt_parser.reconstruct_multicond_batch L331-335), shown as 1-based sampler steps."""
+        (prompt_parser.reconstruct_multicond_batch), shown as 1-based sampler steps."""
         if len(tokens.ends) < 2:
             return ""
         calls_per_step = self.excitation.clock.calls_per_step if self.excitation is not None else 1
@@ -421,8 +425,8 @@ class SamplingPass:
 
     def _schedule_steps(self) -> tuple[int, int | None]:
         """The step counts A1111 built this pass's prompt schedules with: first pass `total_steps` of the sampler
-        (processing.py L493-503, stored as p.firstpass_steps); hires pass (firstpass_steps, hires total steps)
-        (L1499-1511)."""
+        (processing.py `StableDiffusionProcessing.setup_conds`, stored as p.firstpass_steps); hires pass
+        (firstpass_steps, hires total steps: `StableDiffusionProcessingTxt2Img.calculate_hr_conds`)."""
         p = self.p
         multiplier = max(1, int(self.den.total_steps) // int(self.den.steps))
         base = int(getattr(p, "firstpass_steps", 0) or p.steps * multiplier)
@@ -540,8 +544,8 @@ def install(p: Processing, params: AEParams) -> None:
 
 def wrap_forward(den: Denoiser, sampling_pass: Any) -> None:
     """Make `den.forward` (an instance attribute, used by nn.Module.__call__) run A&E before the original forward.
-    Idempotent per denoiser: img2img reuses one sampler for every batch (processing.py L1607), so a second install
-    replaces our wrapper instead of stacking another."""
+    Idempotent per denoiser: img2img reuses one sampler for every batch (processing.py
+    `StableDiffusionProcessingImg2Img.init`), so a second install replaces our wrapper instead of stacking another."""
     original: Callable[..., torch.Tensor] = getattr(den.forward, "_ae_original", den.forward)
 
     def forward(x: torch.Tensor, sigma: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

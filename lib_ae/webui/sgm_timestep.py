@@ -2,8 +2,9 @@
 
 sgm's `timestep_embedding` (generative-models, sgm/modules/diffusionmodules/util.py) builds its frequency table on
 the CPU and copies it to the device at every UNet call. A1111 moves ldm's table to the device but only wraps sgm's
-(sd_hijack_unet.py L57-78, L126 for ldm; L145-154 cast the result of both to the UNet's dtype). A host-to-device copy
-cannot be captured in a CUDA graph, so an SDXL A&E pass could never be replayed.
+(sd_hijack_unet.py: its own `timestep_embedding` for ldm; `timestep_embedding_cast_result` casts the result of both to
+the UNet's dtype). A host-to-device copy cannot be captured in a CUDA graph, so an SDXL A&E pass could never be
+replayed.
 
 While the A&E pass evaluates an sgm UNet, the module-level `timestep_embedding` its UNetModel calls is replaced by
 `device_timestep_embedding`: the same table, computed on the CPU exactly as sgm computes it and kept on the device,
@@ -14,9 +15,10 @@ each evaluation.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import ModuleType
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -75,8 +77,8 @@ def device_side_embedding(
             timesteps, dim, max_period, repeat_only, original=original, output_dtype=output_dtype
         )
 
-    setattr(module, "timestep_embedding", embedding)
+    setattr(module, "timestep_embedding", embedding)  # noqa: B010  # a host module: ModuleType has no such field
     try:
         yield
     finally:
-        setattr(module, "timestep_embedding", original)
+        setattr(module, "timestep_embedding", original)  # noqa: B010

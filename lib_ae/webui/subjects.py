@@ -11,8 +11,9 @@ The subjects arrive typed (`AEParams.subject_names`, parsed once); nothing here 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from lib_ae.binding import BindingLocation, locate_bindings
 from lib_ae.suggest import modifier_pairs, suggest_subjects
@@ -29,7 +30,8 @@ class UnsupportedModel(Exception):
 def text_encoder(sd_model: Any) -> TextEncoder:
     """The CLIP wrapper whose chunks make the conditioning columns. SD1/SD2: `cond_stage_model` itself. SDXL: the
     conditioner, whose `process_texts`/`tokenize` delegate to its first embedder that has them, CLIP-L
-    (sd_models_xl.py L65-87); the token ids BOS/EOS/pad live on that embedder (sd_hijack_clip.py L342-344)."""
+    (sd_models_xl.py `tokenize`); the token ids BOS/EOS/pad live on that embedder (sd_hijack_clip.py
+    `FrozenCLIPEmbedderWithCustomWords.__init__`)."""
     model = sd_model.cond_stage_model
     if hasattr(model, "id_start"):
         encoder: TextEncoder = model
@@ -45,7 +47,8 @@ def text_encoder(sd_model: Any) -> TextEncoder:
 class PromptTokens:
     """One sub-prompt's prompt-editing schedule: per entry its last model call, text, chunks as A1111 encodes them
     (shorter entries padded with empty chunks to the longest, as A1111 encodes them together: sd_hijack_clip.py
-    L210-217), token ids and textual-inversion embeddings per chunk; `token_counts`: each entry's own token count."""
+    `TextConditionalModel.forward`), token ids and textual-inversion embeddings per chunk; `token_counts`: each entry's
+    own token count."""
 
     ends: tuple[int, ...]
     texts: tuple[str, ...]
@@ -57,7 +60,7 @@ class PromptTokens:
     """Per entry: its own number of chunks (the rest of `chunks[entry]` is padding)."""
 
     def entry_at(self, call: int) -> int:
-        """The entry in effect at model call `call` (prompt_parser.reconstruct_multicond_batch L331-335)."""
+        """The entry in effect at model call `call` (prompt_parser.reconstruct_multicond_batch)."""
         return next((i for i, end in enumerate(self.ends) if call <= end), 0)
 
 
@@ -76,7 +79,8 @@ def encode_schedule(encoder: TextEncoder, schedule: Sequence[tuple[int, str]]) -
         texts=tuple(texts),
         chunks=tuple(tuple(entry) for entry in padded),
         ids=tuple(tuple(tuple(int(t) for t in chunk.tokens) for chunk in entry) for entry in padded),
-        # Textual-inversion embeddings: PromptChunkFix(offset, embedding) per chunk (sd_hijack_clip.py L24, L167).
+        # Textual-inversion embeddings: PromptChunkFix(offset, embedding) per chunk (sd_hijack_clip.py
+        # `TextConditionalModel.tokenize_line`).
         embeddings=tuple(
             tuple(
                 tuple((str(fix.embedding.name), int(fix.offset), int(fix.embedding.vectors)) for fix in chunk.fixes)

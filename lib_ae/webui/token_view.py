@@ -6,8 +6,8 @@ in the prompt are shown marked as suggested (a click on one fixes it: it is writ
 method each bound modifier is shown in its noun's colour, with the noun's name.
 
 javascript/attend_and_excite.js writes {prompt, subjects, steps, method} as JSON into a hidden textbox and clicks a
-hidden button (the pattern of A1111's token counter, ui.py L491); the reply is the HTML. None of these components is
-returned by ui(), so they carry no script argument (the positional API order is unchanged).
+hidden button (the pattern of A1111's token counter, ui.py `create_ui`); the reply is the HTML. None of these
+components is returned by ui(), so they carry no script argument (the positional API order is unchanged).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from __future__ import annotations
 import html
 import json
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gradio as gr
 
@@ -74,7 +75,8 @@ def token_view_html(prompt: str, subjects_text: str, steps: int, method: str = "
 
 
 def _steps_label(index: int, count: int, end: int, previous_end: int) -> str:
-    """A1111's own terms: an entry is used while the step counter is <= its end (prompt_parser.py L331-335)."""
+    """A1111's own terms: an entry is used while the step counter is <= its end (prompt_parser.py
+    `reconstruct_multicond_batch`)."""
     if index == 0:
         return f"until step {end}"
     if index == count - 1:
@@ -89,7 +91,8 @@ def _token_view_html(prompt: str, subjects_text: str, steps: int, method: str) -
     encoder = text_encoder(sd_model)
     problems: list[str] = []
     params, subjects_valid = AEParams(), True
-    for values in ({"subjects": subjects_text, "method": method}, {"subjects": subjects_text}):  # as generation does
+    attempts: tuple[dict[str, Any], ...] = ({"subjects": subjects_text, "method": method}, {"subjects": subjects_text})
+    for values in attempts:  # as generation does
         try:
             params = AEParams(**values)
             break

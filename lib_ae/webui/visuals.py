@@ -50,7 +50,8 @@ def record_batch_traces(p: Processing) -> None:
             continue
         summaries = _summaries(sampling_pass, interrupted)
         if summaries:
-            # Evaluated per image when A1111 writes the infotext (processing.py L802-810; `index` = position in batch).
+            # Evaluated per image when A1111 writes the infotext (processing.py `create_infotext`; `index` = position
+            # in batch).
             p.extra_generation_params[key] = lambda index=0, _summaries=summaries, **_: _summaries.get(index)
     shown = ran[0]
     if shown.params.heatmaps:
