@@ -7,9 +7,9 @@
     capture.remove()
 
 A step without refinement never waits for the GPU: the report's loss, maxima and skipped images stay on the device
-until first read (`read_reports(reports)` reads many at once, after sampling). With `cuda_graphs=True` the evaluation
-is replayed as a CUDA graph (`lib_ae.graphs`), unless a `graph_guard` (e.g. `find_graph_hazards`) finds what a graph
-cannot hold.
+until first read (`read_reports(reports)` reads many at once, after sampling; both live in `lib_ae.step_report`).
+With `cuda_graphs=True` the evaluation is replayed as a CUDA graph (`lib_ae.graphs`), unless a `graph_guard` (e.g.
+`find_graph_hazards`) finds what a graph cannot hold.
 
 `TokenSelection` says which conditioning columns are subjects; `InSamplerExcitation` applies the update in place on
 the tensor a sampler hands to its first model call of a step (k-diffusion sigma space or VP space).
@@ -17,10 +17,11 @@ the tensor a sampler hands to its first model call of a step (k-diffusion sigma 
 
 from .capture import AttentionCapture, CaptureError, attention_probabilities, cross_attention_modules
 from .config import OFFICIAL_THRESHOLDS, REFERENCE_STEPS, ConfigError, ExciteConfig, StepPlan
-from .engine import AttendAndExcite, StepReport, UNetRunner, frozen_parameters, read_reports
+from .engine import AttendAndExcite, UNetRunner, frozen_parameters
 from .graphs import GraphableRunner, find_graph_hazards
 from .loss import TokenSelection, excite_loss, official_gaussian_kernel, smooth, subject_maps, subject_maxima
 from .sampling import InSamplerExcitation, LatentSpace, StepClock, sigma_space_gradient_scale
+from .step_report import StepReport, read_reports
 
 __all__ = [
     "AttendAndExcite",

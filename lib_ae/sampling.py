@@ -16,8 +16,9 @@ import torch
 
 from .binding import BindingSelection
 from .config import StepPlan
-from .engine import AttendAndExcite, StepReport, UNetRunner
+from .engine import AttendAndExcite, UNetRunner
 from .loss import TokenSelection
+from .step_report import StepReport
 
 LatentSpace = Literal["sigma", "vp"]
 """'sigma': k-diffusion's x = x0 + sigma * eps, UNet input x / sqrt(1 + sigma^2); 'vp': the UNet input itself."""

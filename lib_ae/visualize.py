@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .engine import StepReport
+from .step_report import StepReport
 
 CAPTION_HEIGHT = 28
 """Pixels of the label bar under each tile."""

@@ -18,10 +18,11 @@ from lib_ae import AttendAndExcite, AttentionCapture, CaptureError, InSamplerExc
 from lib_ae.binding import BindingLocation, BindingSelection
 from lib_ae.config import ConfigError
 from lib_ae.cpu_determinism import check_cpu_reproducibility
-from lib_ae.engine import GraphableRunner, read_reports
+from lib_ae.engine import GraphableRunner
 from lib_ae.loss import TokenSelection
 from lib_ae.params import AEParams
 from lib_ae.sampling import LatentSpace
+from lib_ae.step_report import read_reports
 from lib_ae.tokens import SubjectLocation
 
 from . import graph_safety, host, sgm_timestep
