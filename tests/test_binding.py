@@ -37,12 +37,19 @@ from lib_ae.tokens import CHUNK_LENGTH
 
 
 def _maps(h: int = 16, w: int = 16, tokens: int = 77) -> torch.Tensor:
-    """logits[y, x, k] = 3 sin(0.7 y (k mod 5 + 1) + 1.3 x (k mod 3 + 1) + 0.5 k), softmax over the tokens, float64."""
+    """logits[y, x, k] = 3 sin(0.7 y (k mod 5 + 1) + 1.3 x (k mod 3 + 1) + 0.5 k), softmax over the tokens, float64.
+
+    The sine is Python's (`math.sin`, one libm call per element), not `torch.sin`: torch's threaded float64 sine of
+    these 19,712 elements returned other values in 1 of 50 fresh processes when the CPU was loaded (under
+    ATEN_CPU_CAPABILITY=avx2; the loss then moved by 5.8e-9), a figure that depended on the machine's load. libm's
+    sine differs from torch's usual result by 1 ulp in 40 elements, which moves the figures below by 3.6e-15 at most.
+    """
     y = torch.arange(h, dtype=torch.float64)[:, None, None]
     x = torch.arange(w, dtype=torch.float64)[None, :, None]
     k = torch.arange(tokens, dtype=torch.float64)[None, None, :]
-    logits = 3 * torch.sin(0.7 * y * (k % 5 + 1) + 1.3 * x * (k % 3 + 1) + 0.5 * k)
-    return torch.softmax(logits, dim=-1)
+    angles = 0.7 * y * (k % 5 + 1) + 1.3 * x * (k % 3 + 1) + 0.5 * k  # products and sums: correctly rounded anywhere
+    sines = torch.tensor([math.sin(a) for a in angles.flatten().tolist()], dtype=torch.float64)
+    return torch.softmax(3 * sines.reshape(angles.shape), dim=-1)
 
 
 # name: (word pieces after the start token, official subtrees, official loss, grad L2, grad L1, grad[0, 0, 2])
