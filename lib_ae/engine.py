@@ -43,6 +43,7 @@ from torch import nn
 from .binding import BindingConfig, BindingIndex, BindingPlan, BindingSelection, binding_loss, spatial_distributions
 from .capture import AttentionCapture
 from .config import ConfigError, ExciteConfig, StepPlan
+from .evaluation import Evaluation, LossGroup, LossPlan
 from .graphs import GraphableRunner, GraphEvaluations
 from .loss import SelectionIndex, TokenSelection, excite_losses, smoothed_subject_maps, subject_maxima
 from .step_report import StepReport, _DeviceValues
@@ -62,64 +63,6 @@ __all__ = [
     "AttendAndExcite", "Evaluation", "GraphableRunner", "UNetRunner", "frozen_parameters",
 ]
 
-
-# ----------------------------------------------------------------------------------------------------- evaluation
-
-
-@dataclass
-class Evaluation:
-    """Loss terms and gradient of some batch rows at one latent, all on the device (nothing read on the host)."""
-
-    losses: torch.Tensor  # (R,) L per row; 0 where the maxima are not finite
-    maxima: torch.Tensor  # (R, S) a_s per row and subject, NaN-padded when rows have fewer subjects
-    values_finite: torch.Tensor  # (R,) bool: the maxima are finite
-    finite: torch.Tensor  # (R,) bool: the maxima and the gradient are finite
-    grads: torch.Tensor  # (R, ...) gradient of the objective with respect to the row's latent
-    bind_losses: torch.Tensor  # (R,) SynGen's loss per row; 0 for rows without binding groups (or no binding)
-    objective: torch.Tensor  # (R,) the loss differentiated: L_excite, L_bind, or L_excite + ratio * L_bind
-    maps: list[torch.Tensor] | None = None  # with keep_maps: per row, (S, h, w) smoothed maps, float32, CPU
-    bind_maps: list[torch.Tensor | None] | None = None  # with keep_maps: per row, (K, h, w) binding maps, CPU
-
-    @property
-    def moves(self) -> torch.Tensor:
-        """(R,) bool: rows whose update applies (finite, and the objective != 0: A&E's reference and SynGen's both
-        skip the update at a zero loss)."""
-        return self.finite & (self.objective != 0)
-
-    def clone(self) -> Evaluation:
-        return Evaluation(
-            self.losses.clone(), self.maxima.clone(), self.values_finite.clone(), self.finite.clone(),
-            self.grads.clone(), self.bind_losses.clone(), self.objective.clone(),
-        )
-
-    def select(self, positions: list[int], index: torch.Tensor) -> Evaluation:
-        """The rows at `positions` (indices into this evaluation's rows; `index`: the same on the device)."""
-        pick = lambda t: t.index_select(0, index)  # noqa: E731
-        maps = None if self.maps is None else [self.maps[j] for j in positions]
-        bind_maps = None if self.bind_maps is None else [self.bind_maps[j] for j in positions]
-        return Evaluation(pick(self.losses), pick(self.maxima), pick(self.values_finite), pick(self.finite),
-                          pick(self.grads), pick(self.bind_losses), pick(self.objective), maps, bind_maps)
-
-
-@dataclass(frozen=True, eq=False)
-class _LossGroup:
-    index: SelectionIndex | None  # None: no subjects in this group (binding only)
-    selection: TokenSelection | None
-    positions: torch.Tensor | None  # rows of the evaluation in this group; None: all of them, in order
-    binding: BindingSelection | None = None
-    binding_index: BindingIndex | None = None  # built outside any CUDA-graph capture, with the plan
-
-
-@dataclass(frozen=True, eq=False)
-class _LossPlan:
-    """How the rows of one evaluation split into groups that share a token selection (computed together), all index
-    tensors prepared on the device in advance."""
-
-    key: tuple[tuple[TokenSelection | None, BindingSelection | None], ...]
-    groups: tuple[_LossGroup, ...]
-    order: torch.Tensor | None  # positions that restore row order after concatenating the groups; None: identity
-    order_list: tuple[int, ...]
-    width: int  # most subjects of any row
 
 
 class AttendAndExcite:
@@ -162,7 +105,7 @@ class AttendAndExcite:
         self._indices: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
         self._selections: dict[tuple[TokenSelection, torch.device], SelectionIndex] = {}
         self._loss_plans: dict[tuple[tuple[tuple[TokenSelection | None, BindingSelection | None], ...], torch.device],
-                               _LossPlan] = {}
+                               LossPlan] = {}
         self._parameter_list: list[nn.Parameter] | None = None
 
     def release_graphs(self) -> None:
@@ -394,7 +337,7 @@ class AttendAndExcite:
         self,
         latent: torch.Tensor,
         run: Callable[[torch.Tensor], object],
-        loss_plan: _LossPlan,
+        loss_plan: LossPlan,
         size: tuple[int, int],
         keep_maps: bool = False,
     ) -> Evaluation:
@@ -461,7 +404,7 @@ class AttendAndExcite:
                           kept_binding if keep_maps else None)
 
     def _binding_terms(
-        self, group: _LossGroup, attention: torch.Tensor, losses: torch.Tensor
+        self, group: LossGroup, attention: torch.Tensor, losses: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(SynGen's loss per row, the objective to differentiate) for one loss group: A&E's loss alone without
         binding (exactly as before: the reference's computation is untouched), L_bind for `bind`, and
@@ -476,7 +419,7 @@ class AttendAndExcite:
         return bind, losses + self._ratio(attention.device) * bind
 
     @staticmethod
-    def _binding_maps(group: _LossGroup, attention: torch.Tensor, size: tuple[int, int]) -> list[torch.Tensor | None]:
+    def _binding_maps(group: LossGroup, attention: torch.Tensor, size: tuple[int, int]) -> list[torch.Tensor | None]:
         """Per row, (K, h, w): each binding group's noun then its modifiers (first word piece), as the loss sees
         them (spatial distributions); None per row without binding groups. Only with keep_maps (eager)."""
         count = attention.shape[0]
@@ -523,7 +466,7 @@ class AttendAndExcite:
 
     def _loss_plan(
         self, targets: list[tuple[TokenSelection | None, BindingSelection | None]], device: torch.device
-    ) -> _LossPlan:
+    ) -> LossPlan:
         """Rows grouped by (subjects, binding groups); every index tensor built here, before any graph capture."""
         key = (tuple(targets), device)
         plan = self._loss_plans.get(key)
@@ -537,7 +480,7 @@ class AttendAndExcite:
                 has_subjects = selection is not None and bool(selection.subjects)
                 binds = self.binding is not None and binding is not None and bool(binding.groups)
                 groups.append(
-                    _LossGroup(
+                    LossGroup(
                         self._selection_index(selection, device) if has_subjects else None,  # type: ignore[arg-type]
                         selection if has_subjects else None,
                         None if len(distinct) == 1 else torch.as_tensor(positions, device=device),
@@ -552,7 +495,7 @@ class AttendAndExcite:
                     inverse[row] = concatenated
                 order = torch.as_tensor(inverse, device=device)
             width = max((len(g.selection.subjects) for g in groups if g.selection is not None), default=0)
-            plan = _LossPlan(tuple(targets), tuple(groups), order, tuple(inverse), width)
+            plan = LossPlan(tuple(targets), tuple(groups), order, tuple(inverse), width)
             self._loss_plans[key] = plan
         return plan
 

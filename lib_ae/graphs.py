@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .engine import AttendAndExcite, Evaluation, _LossPlan
+    from .engine import AttendAndExcite
+    from .evaluation import Evaluation, LossPlan
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ class GraphEvaluations:
         self,
         z: torch.Tensor,
         rows: Sequence[int],
-        plan: _LossPlan,
+        plan: LossPlan,
         size: tuple[int, int],
         runner: GraphableRunner,
     ) -> Evaluation:
@@ -265,7 +266,7 @@ class GraphEvaluations:
         latent: torch.Tensor,
         inputs: tuple[torch.Tensor, ...],
         runner: GraphableRunner,
-        plan: _LossPlan,
+        plan: LossPlan,
         size: tuple[int, int],
     ) -> _Graph:
         def compute(static_latent: torch.Tensor, static_inputs: tuple[torch.Tensor, ...]) -> Evaluation:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from .engine import Evaluation
+    from .evaluation import Evaluation
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import torch
 
 from lib_ae import AttendAndExcite, AttentionCapture, ExciteConfig, StepReport, TokenSelection
 from lib_ae import graphs
-from lib_ae.engine import Evaluation
+from lib_ae.evaluation import Evaluation
 from lib_ae.graphs import GraphableRunner, GraphEvaluations, no_finalizers_during_capture
 from support.models import SD1_LIKE, make_unet
 
