@@ -1,4 +1,4 @@
-"""SynGen's binding loss and update schedule (Rassin et al., NeurIPS 2023), operation for operation as the official
+"""SynGen's binding loss (Rassin et al., NeurIPS 2023), operation for operation as the official
 code (RoyiRa/Linguistic-Binding-in-Diffusion-Models at 50b8eab: compute_loss.py, syngen_diffusion_pipeline.py).
 The derivation, with file:line citations, is in docs/binding.md.
 
@@ -19,26 +19,17 @@ Loss of one image, for each group (noun n, modifiers m_1..m_k; every word a set 
 The positive term pulls each modifier's map onto its noun's; the negative term pushes both away from every other word
 of the prompt (articles, conjunctions and punctuation included, as officially).
 
-Schedule (`BindingPlan`): one plain gradient step z <- z - 20 * grad_z L at each of the first 25 loop iterations,
-in the scheduler's (VP) latent space, no refinement, no decay; nothing after. In k-diffusion sigma space the same step
-is taken with the factor (1 + sigma^2) of `lib_ae.sampling.sigma_space_gradient_scale`, as for A&E.
+Its schedule is `lib_ae.config.BindingConfig`; where a prompt's words are in the conditioning, `lib_ae.tokens`.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .tokens import CHUNK_LENGTH, EmbeddingSpan, embedding_columns, prompt_tokens
-
-logger = logging.getLogger(__name__)
-
-OFFICIAL_STEP_SIZE = 20.0
-"""`syngen_step_size` (syngen_diffusion_pipeline.py `SynGenDiffusionPipeline.__call__`; run.py --step_size default)."""
 OFFICIAL_MAP_SCALE = 100.0
 """`_get_attention_maps_list` multiplies the aggregated maps by 100 (syngen_diffusion_pipeline.py
 `_get_attention_maps_list`)."""
@@ -240,171 +231,3 @@ def binding_loss(
         pair_negative = (modifier_negative + noun_negative) / 2
         loss = loss + positive.sum(-1) + pair_negative.sum(-1)
     return loss
-
-
-# --- words -> columns ----------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class BindingLocation:
-    """Where the (modifier, noun) pairs are in one conditioning row.
-
-    `selection`: the groups for `binding_loss` (None when no pair was found). `bound`: the pairs used, as
-    (modifier, noun, modifier columns, noun columns), in prompt order. `messages`: one human line per pair left out
-    (a word not in the prompt, or split between two chunks) and when there is nothing to bind, for the UI / log.
-    """
-
-    selection: BindingSelection | None
-    bound: tuple[tuple[str, str, Word, Word], ...]
-    messages: tuple[str, ...]
-
-
-def locate_bindings(
-    chunks: Sequence[Sequence[int]],
-    pairs: Sequence[tuple[str, str]],
-    encode: Callable[[str], Sequence[int]],
-    *,
-    bos_id: int,
-    eos_id: int,
-    pad_id: int,
-    embeddings: Sequence[Sequence[EmbeddingSpan]] | None = None,
-) -> BindingLocation:
-    """Columns of each (modifier, noun) pair in A1111's 77-token `chunks` (the layout of `lib_ae.tokens`).
-
-    A word's columns are a contiguous run of its token ids inside one chunk (a textual-inversion embedding: its
-    vectors, matched by name). Pairs are placed in order, the way one reads them: a modifier takes its first
-    occurrence not yet bound, and its noun the nearest occurrence after it (else the first one), so "a red car and a
-    red bench" binds each "red" to its own noun, and "a red car and a blue car" makes two groups. Modifiers placed on
-    the same noun occurrence form one group ("a big red car"). The other words are every chunk's prompt tokens, never a
-    chunk's BOS, EOS or padding; a pair may straddle a chunk boundary (all chunks are in the same attention)."""
-    if isinstance(pairs, str) or any(isinstance(p, str) or len(p) != 2 for p in pairs):
-        raise TypeError("pairs must be a sequence of (modifier, noun) pairs")
-    if not chunks:
-        raise ValueError("a prompt has at least one chunk")
-    tokens = [prompt_tokens(chunk, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id) for chunk in chunks]
-    word_columns = tuple(
-        CHUNK_LENGTH * k + 1 + j for k, chunk_tokens in enumerate(tokens) for j in range(len(chunk_tokens))
-    )
-    spans = embedding_columns(embeddings or [], len(tokens))
-    placeholders = {column for _, columns in spans for column in columns}
-
-    def occurrences(word: str) -> list[Word] | str:
-        key = " ".join(word.split()).lower()
-        named = [columns for name, columns in spans if " ".join(name.split()).lower() == key]
-        if named:
-            return named
-        ids = [int(t) for t in encode(key)]
-        if not ids:
-            return "has no tokens"
-        found: list[Word] = []
-        for k, chunk_tokens in enumerate(tokens):
-            for start in range(len(chunk_tokens) - len(ids) + 1):
-                if list(chunk_tokens[start : start + len(ids)]) == ids:
-                    columns = tuple(range(CHUNK_LENGTH * k + 1 + start, CHUNK_LENGTH * k + 1 + start + len(ids)))
-                    if not placeholders.intersection(columns):
-                        found.append(columns)
-        if found:
-            return found
-        for left, right in zip(tokens, tokens[1:]):
-            joined = list(left[-(len(ids) - 1) :] if len(ids) > 1 else []) + list(right[: len(ids) - 1])
-            if any(joined[i : i + len(ids)] == ids for i in range(len(joined) - len(ids) + 1)):
-                return "is split between two chunks of the prompt (75-token limit or BREAK)"
-        return "is not in the prompt"
-
-    messages: list[str] = []
-    bound: list[tuple[str, str, Word, Word]] = []
-    used_modifiers: set[Word] = set()
-    groups: dict[Word, list[Word]] = {}
-    for modifier, noun in pairs:
-        modifier_places, noun_places = occurrences(modifier), occurrences(noun)
-        problems = [
-            f"{role} {word!r} {places}"
-            for role, word, places in (("modifier", modifier, modifier_places), ("noun", noun, noun_places))
-            if isinstance(places, str)
-        ]
-        if problems or isinstance(modifier_places, str) or isinstance(noun_places, str):
-            messages.append(f"AE bind: {' and '.join(problems)}; the pair ({modifier!r}, {noun!r}) is not bound")
-            continue
-        free = [m for m in modifier_places if m not in used_modifiers] or modifier_places
-        modifier_columns = free[0]
-        after = [n for n in noun_places if n[0] > modifier_columns[-1]]
-        noun_columns = after[0] if after else noun_places[0]
-        if set(modifier_columns) & set(noun_columns):
-            messages.append(f"AE bind: modifier {modifier!r} and noun {noun!r} are the same words; not bound")
-            continue
-        used_modifiers.add(modifier_columns)
-        modifiers = groups.setdefault(noun_columns, [])
-        if modifier_columns not in modifiers:
-            modifiers.append(modifier_columns)
-        bound.append((modifier, noun, modifier_columns, noun_columns))
-    if not bound and not messages:
-        messages.append("AE bind: the prompt has no modifier to bind (no adjective or other modifier before a noun)")
-    selection = None
-    if groups:
-        ordered = sorted(groups.items(), key=lambda item: item[0][0])
-        selection = BindingSelection(tuple(BindingGroup(n, tuple(ms)) for n, ms in ordered), word_columns)
-    for message in messages:
-        logger.debug(message)
-    return BindingLocation(selection, tuple(bound), tuple(messages))
-
-# --- the schedule ---------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class BindingConfig:
-    """SynGen's schedule parameters, official defaults.
-
-    `step_size`: the constant step (no decay over the steps, unlike A&E's 20 * sqrt(linspace(1, 0.5))).
-    `intervention_steps`: the update runs at loop index i < intervention_steps. None = round(fraction * steps), which
-    is the official 25 at 50 steps; an int is used verbatim, as the official pipeline does for any step count.
-    `weight`: the factor on this loss when it is added to A&E's (`excite+bind`); 1 for `bind` alone.
-    """
-
-    step_size: float = OFFICIAL_STEP_SIZE
-    intervention_fraction: float = 0.5
-    intervention_steps: int | None = None
-    weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name, value, high in (("step_size", self.step_size, 1e4), ("weight", self.weight, 1e4)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number (got {value!r})")
-            if not 0.0 <= value <= high:
-                raise ValueError(f"{name} must be in [0, {high:g}] (got {value!r})")
-        if not 0.0 <= self.intervention_fraction <= 1.0:
-            raise ValueError(f"intervention_fraction must be in [0, 1] (got {self.intervention_fraction!r})")
-        if self.intervention_steps is not None and (
-            isinstance(self.intervention_steps, bool) or not isinstance(self.intervention_steps, int)
-            or self.intervention_steps < 0
-        ):
-            raise ValueError(f"intervention_steps must be a whole number >= 0 (got {self.intervention_steps!r})")
-
-    def plan(self, steps: int) -> BindingPlan:
-        return binding_plan(steps, self)
-
-
-@dataclass(frozen=True)
-class BindingPlan:
-    """What SynGen does at each of `steps` sampler steps: `step_sizes[i]` > 0 means one update
-    z <- z - step_sizes[i] * grad_z L at step i (VP space), after a single cond-only forward at that step's latent;
-    0 means no gradient pass at all. There is never more than one update per step (no refinement)."""
-
-    steps: int
-    step_sizes: tuple[float, ...]
-    intervention_steps: int
-
-    def step_size(self, step: int) -> float:
-        return self.step_sizes[step] if 0 <= step < self.steps else 0.0
-
-
-def binding_plan(steps: int, config: BindingConfig | None = None) -> BindingPlan:
-    """The per-step schedule (official: 50 steps -> 20.0 at steps 0..24, nothing at 25..49)."""
-    config = config or BindingConfig()
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a whole number >= 1 (got {steps!r})")
-    if config.intervention_steps is not None:
-        active = config.intervention_steps
-    else:
-        active = int(math.floor(config.intervention_fraction * steps + 0.5))
-    active = min(active, steps)
-    sizes = tuple(float(config.step_size) if i < active else 0.0 for i in range(steps))
-    return BindingPlan(steps, sizes, active)
-

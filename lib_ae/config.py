@@ -1,8 +1,10 @@
-"""Attend-and-Excite hyper-parameters and the per-run step plan derived from them.
+"""The methods' hyper-parameters and the per-run step plan derived from them.
 
-The defaults are the official ones (`config.py` of yuval-alaluf/Attend-and-Excite, identical to diffusers'
-`StableDiffusionAttendAndExcitePipeline`): they are defined for 50 sampler steps. For other step counts the plan
-scales the step indices proportionally (see `StepPlan.build`), which is the identity at 50 steps.
+`ExciteConfig`: Attend-and-Excite's, with the official defaults (`config.py` of yuval-alaluf/Attend-and-Excite,
+identical to diffusers' `StableDiffusionAttendAndExcitePipeline`), defined for 50 sampler steps. For other step counts
+the plan scales the step indices proportionally (see `StepPlan.build`), which is the identity at 50 steps.
+`BindingConfig`: SynGen's schedule (Rassin et al. 2023), official defaults: a constant step, no refinement.
+Both give a `StepPlan`, the one shape the engine follows.
 """
 
 from __future__ import annotations
@@ -37,15 +39,17 @@ class ExciteConfig:
     `ceil(latent_h / 4) x ceil(latent_w / 4)` (16x16 at 512x512, 32x32 at 1024x1024).
     `normalize_eot`: SD2.1 mode of the official code: the re-softmax covers only the prompt's own tokens
     (start token and end-of-text/padding excluded) instead of columns 1..T-2.
+    `step_size`: the official `scale_factor`, alpha in alpha_i = step_size * sqrt(linspace(1, 0.5)[i]) (the user's
+    "Scale factor"). `max_refinement_iterations`: the official `max_refinement_steps`, which counts iterations.
     """
 
-    scale_factor: float = 20.0
+    step_size: float = 20.0
     scale_range: tuple[float, float] = (1.0, 0.5)
     alter_fraction: float = 0.5
     max_iter_to_alter: int | None = None
     thresholds: Mapping[int, float] = field(default_factory=lambda: dict(OFFICIAL_THRESHOLDS))
     scale_thresholds_with_steps: bool = True
-    max_refinement_steps: int = 20
+    max_refinement_iterations: int = 20
     smooth_attentions: bool = True
     sigma: float = 0.5
     kernel_size: int = 3
@@ -56,7 +60,7 @@ class ExciteConfig:
     """Abort the gradient forward right after the last layer whose maps the loss needs (same gradient, less work)."""
 
     def __post_init__(self) -> None:
-        _check_finite_range("scale_factor", self.scale_factor, 0.0, 1e4)
+        _check_finite_range("step_size", self.step_size, 0.0, 1e4)
         if len(self.scale_range) != 2:
             raise ConfigError("scale_range must be two numbers (start, end)")
         for value in self.scale_range:
@@ -67,7 +71,7 @@ class ExciteConfig:
         for step, threshold in self.thresholds.items():
             _check_int_range("thresholds step", step, 0, 10_000)
             _check_finite_range("thresholds value", threshold, 0.0, 1.0)
-        _check_int_range("max_refinement_steps", self.max_refinement_steps, 0, 1000)
+        _check_int_range("max_refinement_iterations", self.max_refinement_iterations, 0, 1000)
         _check_finite_range("sigma", self.sigma, 1e-3, 100.0)
         _check_int_range("kernel_size", self.kernel_size, 1, 31)
         if self.kernel_size % 2 == 0:
@@ -115,7 +119,7 @@ class StepPlan:
             raise ConfigError(f"steps must be at least 1 (got {steps})")
         # Computed exactly as the reference: float64 numpy, alpha_i = scale * sqrt(linspace(1, 0.5, N)[i]).
         scale_range = np.linspace(config.scale_range[0], config.scale_range[1], steps)
-        step_sizes = tuple(float(v) for v in config.scale_factor * np.sqrt(scale_range))
+        step_sizes = tuple(float(v) for v in config.step_size * np.sqrt(scale_range))
         if config.max_iter_to_alter is not None:
             alter_steps = config.max_iter_to_alter
         else:
@@ -131,6 +135,64 @@ class StepPlan:
     def is_active(self, step: int) -> bool:
         """Whether step `step` needs the gradient pass at all (the reference also runs it when idle; we don't)."""
         return step < self.alter_steps or step in self.refinement_thresholds
+
+    def step_size(self, step: int) -> float:
+        """The step size at `step`; 0 outside the plan."""
+        return self.step_sizes[step] if 0 <= step < self.steps else 0.0
+
+
+OFFICIAL_BINDING_STEP_SIZE = 20.0
+"""SynGen's `syngen_step_size` (syngen_diffusion_pipeline.py `SynGenDiffusionPipeline.__call__`; run.py --step_size
+default)."""
+
+
+@dataclass(frozen=True)
+class BindingConfig:
+    """SynGen's schedule parameters, official defaults.
+
+    `step_size`: the constant step (no decay over the steps, unlike A&E's 20 * sqrt(linspace(1, 0.5))).
+    `intervention_steps`: the update runs at loop index i < intervention_steps. None = round(fraction * steps), which
+    is the official 25 at 50 steps; an int is used verbatim, as the official pipeline does for any step count.
+    `weight`: the factor on this loss when it is added to A&E's (`excite+bind`); 1 for `bind` alone.
+    """
+
+    step_size: float = OFFICIAL_BINDING_STEP_SIZE
+    intervention_fraction: float = 0.5
+    intervention_steps: int | None = None
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name, value, high in (("step_size", self.step_size, 1e4), ("weight", self.weight, 1e4)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number (got {value!r})")
+            if not 0.0 <= value <= high:
+                raise ConfigError(f"{name} must be in [0, {high:g}] (got {value!r})")
+        if not 0.0 <= self.intervention_fraction <= 1.0:
+            raise ConfigError(f"intervention_fraction must be in [0, 1] (got {self.intervention_fraction!r})")
+        if self.intervention_steps is not None and (
+            isinstance(self.intervention_steps, bool) or not isinstance(self.intervention_steps, int)
+            or self.intervention_steps < 0
+        ):
+            raise ConfigError(f"intervention_steps must be a whole number >= 0 (got {self.intervention_steps!r})")
+
+    def plan(self, steps: int) -> StepPlan:
+        return binding_plan(steps, self)
+
+
+def binding_plan(steps: int, config: BindingConfig | None = None) -> StepPlan:
+    """SynGen's per-step schedule: `step_sizes[i]` > 0 means one update z <- z - step_sizes[i] * grad_z L at step i
+    (VP space) after a single cond-only forward; 0 means no gradient pass. No refinement. Officially, 50 steps give
+    20.0 at steps 0..24 and nothing at 25..49."""
+    config = config or BindingConfig()
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be a whole number >= 1 (got {steps!r})")
+    if config.intervention_steps is not None:
+        active = config.intervention_steps
+    else:
+        active = int(math.floor(config.intervention_fraction * steps + 0.5))
+    active = min(active, steps)
+    sizes = tuple(float(config.step_size) if i < active else 0.0 for i in range(steps))
+    return StepPlan(steps, sizes, active, {})
 
 
 def _check_finite_range(name: str, value: float, low: float, high: float) -> None:

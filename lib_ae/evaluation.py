@@ -1,4 +1,5 @@
-"""What one evaluation of the A&E objective yields, and how an evaluation's rows are grouped for the loss.
+"""What one evaluation of an objective yields, how an evaluation's rows are grouped for the loss, and how its
+rows are picked and read.
 
 `Evaluation` holds, for some batch rows at one latent, the loss terms and the gradient, all on the device; the engine
 (`lib_ae.engine`) computes it, eagerly or through a replayed graph (`lib_ae.graphs`), which both import it from here.
@@ -7,14 +8,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .binding import BindingIndex, BindingSelection
 from .loss import SelectionIndex, TokenSelection
 
-__all__ = ["Evaluation", "LossGroup", "LossPlan"]
+__all__ = ["Evaluation", "HostRead", "LossGroup", "LossPlan", "Target", "exact_rows", "rows_of"]
+
+Target = tuple[TokenSelection | None, BindingSelection | None]
+"""What one image's loss reads: its subjects' columns and its modifier-noun groups (None: nothing of that kind)."""
 
 
 @dataclass
@@ -66,8 +72,60 @@ class LossPlan:
     """How the rows of one evaluation split into groups that share a token selection (computed together), all index
     tensors prepared on the device in advance."""
 
-    key: tuple[tuple[TokenSelection | None, BindingSelection | None], ...]
+    key: tuple[Target, ...]
     groups: tuple[LossGroup, ...]
     order: torch.Tensor | None  # positions that restore row order after concatenating the groups; None: identity
     order_list: tuple[int, ...]
     width: int  # most subjects of any row
+
+
+RowIndex = Callable[[list[int], torch.device], torch.Tensor]
+"""index(positions, device): `positions` as a cached LongTensor on `device` (`Evaluator.index`)."""
+
+
+def rows_of(evaluation: Evaluation, rows: list[int], wanted: list[int], index: RowIndex) -> Evaluation:
+    """The part of `evaluation` (of batch rows `rows`) for batch rows `wanted` (a subsequence of `rows`)."""
+    if wanted == rows:
+        return evaluation
+    positions = [rows.index(b) for b in wanted]
+    return evaluation.select(positions, index(positions, evaluation.losses.device))
+
+
+def exact_rows(
+    sources: list[tuple[list[int], Evaluation]], index: RowIndex
+) -> list[tuple[list[int], Evaluation]]:
+    """Later sources override earlier ones row by row: keep each earlier source only for the rows no later one has."""
+    result: list[tuple[list[int], Evaluation]] = []
+    taken: set[int] = set()
+    for rows, evaluation in reversed(sources):
+        kept = [b for b in rows if b not in taken]
+        if kept:
+            result.append((kept, rows_of(evaluation, rows, kept, index)))
+            taken.update(kept)
+    return list(reversed(result))
+
+
+class HostRead:
+    """Small device tensors copied to the host without waiting; `values()` waits only for the work queued before."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        packed = torch.cat([t.detach().to(torch.float64).flatten() for t in tensors])
+        self.sizes = [t.numel() for t in tensors]
+        self.event: Any = None
+        if packed.is_cuda:
+            self.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self.host.copy_(packed, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = packed
+
+    def values(self) -> list[list[float]]:
+        if self.event is not None:
+            self.event.synchronize()
+        flat = self.host.tolist()
+        out, offset = [], 0
+        for size in self.sizes:
+            out.append(flat[offset : offset + size])
+            offset += size
+        return out

@@ -20,8 +20,12 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .engine import AttendAndExcite
     from .evaluation import Evaluation, LossPlan
+    from .evaluator import Evaluator
+
+GraphGuard = Callable[[], "Sequence[str] | None"]
+"""Called once per sampling pass, before the first graph evaluation: reasons why a graph would be wrong (empty or
+None: safe). See `find_graph_hazards`."""
 
 logger = logging.getLogger(__name__)
 
@@ -197,28 +201,52 @@ class CudaGraphBackend:
 
 
 class GraphEvaluations:
-    """`AttendAndExcite`'s evaluation for `GraphableRunner`s: one captured graph per (rows, map size, shapes,
+    """An `Evaluator`'s evaluations for `GraphableRunner`s: one captured graph per (rows, map size, shapes,
     selections, runner key), replayed with the new latent and inputs copied into its static buffers. Latents the
-    backend cannot capture (CPU tensors, for `CudaGraphBackend`) are evaluated eagerly."""
+    backend cannot capture (CPU tensors, for `CudaGraphBackend`) are evaluated eagerly.
 
-    def __init__(self, engine: AttendAndExcite, backend: GraphBackend | None = None) -> None:
-        self.engine = engine
+    `guard` is asked once per sampling pass (`allowed()` after construction or `release()`); when it gives reasons,
+    or a capture fails, the rest of the pass is evaluated eagerly and `fallback_reason` says why."""
+
+    def __init__(
+        self, evaluator: Evaluator, backend: GraphBackend | None = None, guard: GraphGuard | None = None
+    ) -> None:
+        self.evaluator = evaluator
         self.backend: GraphBackend = backend if backend is not None else CudaGraphBackend()
+        self.guard = guard
+        self.fallback_reason: str | None = None
+        self._guard_pending = True
         self.graphs: dict[Hashable, _Graph] = {}
         self.failed: set[Hashable] = set()
         self.pool: Any = None
         self.weights: tuple[int, ...] | None = None
 
+    def allowed(self) -> bool:
+        """Whether this pass may replay graphs (the guard is asked at the pass's first call)."""
+        if self._guard_pending:
+            self._guard_pending = False
+            self.fallback_reason = None
+            if self.guard is not None:
+                try:
+                    reasons = list(self.guard() or [])
+                except Exception as error:  # noqa: BLE001 - a broken check must not break sampling: be safe instead
+                    reasons = [f"the graph safety check failed ({error})"]
+                if reasons:
+                    self.fallback_reason = "; ".join(reasons)
+                    logger.warning("A&E evaluates without CUDA graphs in this pass: %s", self.fallback_reason)
+        return self.fallback_reason is None
+
     def release(self) -> None:
-        """Free every graph's CUDA graph and memory pool now. Reset, not only dropped: in the GPU webui dead graphs
-        lingered until the cyclic garbage collector found them (something on the host's side keeps them in a reference
-        cycle), holding their pool until then and destroying their CUDA graph whenever that collection ran, once
-        inside our next capture. A reset graph's later finalization makes no CUDA call."""
+        """Free every graph's CUDA graph and memory pool now. Reset, not only dropped: a host may keep dead graphs in
+        a reference cycle (the GPU webui does), so they would hold their pool until the cyclic collector ran, and be
+        destroyed whenever it ran, possibly inside our next capture. A reset graph's later finalization makes no CUDA
+        call (tests/webui-gpu-h200.json "capture_failure_found")."""
         for entry in self.graphs.values():
             entry.graph.reset()
         self.graphs.clear()
         self.pool = None
         self.weights = None
+        self._guard_pending = True  # a new sampling pass follows
 
     def evaluate(
         self,
@@ -228,16 +256,16 @@ class GraphEvaluations:
         size: tuple[int, int],
         runner: GraphableRunner,
     ) -> Evaluation:
-        index = self.engine.row_index(rows, z)
+        index = self.evaluator.row_index(rows, z)
         latent = z if index is None else z.index_select(0, index)
         inputs = runner.inputs if index is None else tuple(t.index_select(0, index) for t in runner.inputs)
         if not self.backend.usable(z):
-            return self.engine.forward_backward(latent, lambda leaf: runner.fn(leaf, *inputs), plan, size)
+            return self.evaluator.forward_backward(latent, lambda leaf: runner.fn(leaf, *inputs), plan, size)
         key = (
             tuple(rows), size, runner.key, plan.key, _signature(latent), tuple(_signature(t) for t in inputs),
             torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
         )
-        weights = tuple(p.data_ptr() for p in self.engine.parameters())
+        weights = tuple(p.data_ptr() for p in self.evaluator.parameters())
         if weights != self.weights:  # new or moved weights: graphs would read the old addresses
             self.release()
             self.weights = weights
@@ -249,10 +277,10 @@ class GraphEvaluations:
             except Exception as error:  # noqa: BLE001 - any capture failure falls back to the eager computation
                 self.failed.add(key)
                 logger.warning("CUDA graph capture of the A&E evaluation failed (%s); evaluating eagerly", error)
-                if self.engine.graph_fallback_reason is None:  # the host says it once, in the console and the trace
-                    self.engine.graph_fallback_reason = f"graph capture failed: {error}"
+                if self.fallback_reason is None:  # the host says it once, in the console and the trace
+                    self.fallback_reason = f"graph capture failed: {error}"
         if entry is None:
-            return self.engine.forward_backward(latent, lambda leaf: runner.fn(leaf, *inputs), plan, size)
+            return self.evaluator.forward_backward(latent, lambda leaf: runner.fn(leaf, *inputs), plan, size)
         with torch.no_grad():
             entry.latent.copy_(latent)
             for static, value in zip(entry.inputs, inputs):
@@ -270,7 +298,9 @@ class GraphEvaluations:
         size: tuple[int, int],
     ) -> _Graph:
         def compute(static_latent: torch.Tensor, static_inputs: tuple[torch.Tensor, ...]) -> Evaluation:
-            return self.engine.forward_backward(static_latent, lambda leaf: runner.fn(leaf, *static_inputs), plan, size)
+            return self.evaluator.forward_backward(
+                static_latent, lambda leaf: runner.fn(leaf, *static_inputs), plan, size
+            )
 
         entry, self.pool = self.backend.capture(latent, inputs, compute, self.pool)
         logger.info("captured the A&E evaluation of %d image(s) as a graph", latent.shape[0])
@@ -289,9 +319,9 @@ def no_finalizers_during_capture() -> Iterator[None]:
 
     A collection that runs inside the capture finalizes whatever cyclic garbage the process holds, on this thread; a
     finalizer that calls CUDA (a dead `torch.cuda.CUDAGraph`'s reset, an event's destroy) is an unsafe call during
-    capture and invalidates it. That happened in the GPU webui (tests/webui-gpu-h200.json "capture_failure_found":
-    "operation not permitted when stream is capturing (function reset)", then the pass fell back to eager). The pause
-    lasts one capture (a fraction of a second); the garbage is collected afterwards as usual."""
+    capture and invalidates it ("operation not permitted when stream is capturing (function reset)":
+    tests/webui-gpu-h200.json "capture_failure_found"). The pause lasts one capture (a fraction of a second); the
+    garbage is collected afterwards as usual."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -309,9 +339,9 @@ def capture_stream(device: torch.device, make_stream: Callable[[torch.device], A
     """The side stream A&E captures its graphs on (the legacy default stream cannot be captured): one per device for
     the whole process. PyTorch keeps a cuBLAS and a cuBLASLt workspace (32 MiB each on Hopper) for every (handle,
     stream) pair it has seen, for good, and hands out new streams round-robin from a pool of 32: a fresh stream per
-    capture, i.e. per generation, kept ~65 MiB more of every request until all 32 were seen (about 2 GiB on the H200,
-    tests/webui-gpu-h200.json "memory_growth_found"). The caching allocator also keeps freed blocks per stream, so the
-    warm-up runs before each capture now reuse the previous generation's blocks."""
+    capture, i.e. per generation, would keep ~65 MiB more of every request until all 32 were seen (about 2 GiB on the
+    H200, tests/webui-gpu-h200.json "memory_growth_found"). The caching allocator also keeps freed blocks per stream,
+    so on one stream the warm-up runs before each capture reuse the previous generation's blocks."""
     key = torch.device(device)
     stream = _capture_streams.get(key)
     if stream is None:

@@ -7,10 +7,8 @@ no more than the standard library gives). The rest derives from `PARAMS`:
 
 * the UI (built by `lib_ae/webui/controls.py`): one component per `ParamSpec`, in `PARAMS` order, labelled
   `ParamSpec.label` (labels are also the ui-config.json keys, so they are unique and must not change lightly);
-* the HTTP API: `alwayson_scripts["Attend and Excite"]["args"]` is either the positional list in `PARAMS` order or a
-  single dict keyed by field name as its first element (`from_script_args`; `requested_params` adds the X/Y/Z
-  overrides and the enable flag); A1111's /sdapi/v1/script-info lists the controls' labels, ranges and defaults;
-* the infotext: `to_infotext` / `from_infotext`, one readable key per parameter (`ParamSpec.infotext_key`);
+* the wire formats of A1111-family hosts (`lib_ae/webui/wire.py`): the API's positional list in `PARAMS` order or
+  its dict keyed by field name, and the infotext, one readable key per parameter (`ParamSpec.infotext_key`);
 * X/Y/Z plot axes: the specs with `xyz=True`, values parsed with `parse_value`;
 * validation: `ParamSpec.parse` for one value, `validate` / `AEParams.__post_init__` for a whole set.
 
@@ -27,7 +25,7 @@ string, a text field takes text. Every problem of a set of arguments is collecte
 CANONICAL TEXT. The text parameters are stored in a canonical spelling, so that equal settings compare equal
 and survive the infotext round trip: subjects as "cat, red car" (split on commas, whitespace collapsed, empty items and
 case-insensitive duplicates dropped), thresholds as "0:0.05, 10:0.5, 20:0.8" (sorted by step; "none" when empty), the
-method as one of its choices in lower case ("excite+bind").
+method as one of its choices in lower case ("excite+bind"; `METHODS`, one per objective of `lib_ae.objectives`).
 
 AUTOMATIC SUBJECTS. No subject words (an empty box, an empty list, or "auto" alone) means that the host finds the
 subjects in each image's prompt (`lib_ae.suggest`). Its canonical text is the empty string, the spec's default; the
@@ -54,20 +52,11 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from .binding import BindingConfig
-from .config import REFERENCE_STEPS, ExciteConfig
+from .config import REFERENCE_STEPS
 
 logger = logging.getLogger(__name__)
 
 ParamKind = Literal["bool", "int", "float", "str"]
-
-INFOTEXT_FORMAT = "v1"
-"""Value written under the presence key "AE" (the `enabled` parameter's infotext key).
-
-The key's presence says that A&E was on for the image; its value names the version of *this* set of infotext keys and
-their meaning, so that a later release can read old images. It is deliberately not "AE" itself (A1111 writes a
-parameter whose value equals its key as the bare key, which its own parser then cannot read back) and not a
-number-x-number value (which A1111's parser splits into two keys)."""
 
 INFOTEXT_KEY_PATTERN = re.compile(r"\w[\w \-/]+")
 """A1111's infotext key syntax (`infotext_utils.re_param_code`): keys that do not fully match are not parsed back."""
@@ -76,12 +65,13 @@ OFFICIAL_THRESHOLDS_TEXT = "0:0.05, 10:0.5, 20:0.8"
 EMPTY_THRESHOLDS_TEXT = "none"
 """Canonical spelling of "no iterative refinement": a non-empty word, because A1111 drops empty infotext values."""
 
+METHODS: tuple[str, ...] = ("excite", "bind", "excite+bind")
+"""`method`'s choices, one per objective of `lib_ae.objectives` (which checks that they match): Attend-and-Excite
+alone (the default, the behaviour before the parameter existed), SynGen's binding alone, or both in one update."""
+
 AUTO_SUBJECTS_TEXT = "auto"
 """How automatic subjects are written in the infotext and may be typed: the subjects are found in the prompt."""
 
-METHODS: tuple[str, ...] = ("excite", "bind", "excite+bind")
-"""`method`: Attend-and-Excite alone (the default, the behaviour before the parameter existed), SynGen's binding loss
-alone (lib_ae.binding), or both losses in one update, each with its own step size."""
 
 
 class ParamsError(ValueError):
@@ -93,7 +83,11 @@ class ParamsError(ValueError):
 
 
 class _ValueProblem(ValueError):
-    """One value did not pass its spec; the message is complete and user-facing."""
+    """One value did not pass its spec; `messages`: complete, user-facing, one per problem."""
+
+    def __init__(self, messages: str | Sequence[str]) -> None:
+        self.messages: list[str] = [messages] if isinstance(messages, str) else list(messages)
+        super().__init__("; ".join(self.messages))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -207,17 +201,17 @@ def _canonical_subjects(value: str | Sequence[str], key: str) -> str:
         problems = []
         for index, item in enumerate(value):
             if not isinstance(item, str):
-                problems.append(f"{key}: item {index} of the list must be text, got {_show(item)}")
+                problems.append(f"{key}: item {index} of the list must be text, got {describe_value(item)}")
             elif "," in item:
                 problems.append(
                     f"{key}: item {index} of the list contains a comma ({item!r}); give one subject per item"
                 )
         if problems:
-            raise _ValueProblem("\n".join(problems))
+            raise _ValueProblem(problems)
         subjects = parse_subjects(", ".join(value))
     problems = _subject_problems(subjects, key)
     if problems:
-        raise _ValueProblem("\n".join(problems))
+        raise _ValueProblem(problems)
     if len(subjects) == 1 and subjects[0].lower() == AUTO_SUBJECTS_TEXT:
         return ""
     return format_subjects(subjects)
@@ -226,14 +220,14 @@ def _canonical_subjects(value: str | Sequence[str], key: str) -> str:
 def _canonical_method(value: str, key: str) -> str:
     method = "".join(value.split()).lower()  # "Excite + Bind" is excite+bind
     if method not in METHODS:
-        raise _ValueProblem(f"{key}: expected one of {', '.join(METHODS)}, got {_show(value)}")
+        raise _ValueProblem(f"{key}: expected one of {', '.join(METHODS)}, got {describe_value(value)}")
     return method
 
 
 def _canonical_thresholds(value: str, key: str) -> str:
     thresholds, problems = _parse_thresholds(value, key)
     if problems:
-        raise _ValueProblem("\n".join(problems))
+        raise _ValueProblem(problems)
     return format_thresholds(thresholds)
 
 
@@ -306,7 +300,7 @@ class ParamSpec:
         return f"a number between {self.minimum:g} and {self.maximum:g}"
 
     def _problem(self, raw: Any) -> _ValueProblem:
-        return _ValueProblem(f"{self.infotext_key}: expected {self.expected()}, got {_show(raw)}")
+        return _ValueProblem(f"{self.infotext_key}: expected {self.expected()}, got {describe_value(raw)}")
 
     def _parse_bool(self, raw: Any) -> bool:
         if isinstance(raw, (bool, np.bool_)):  # numpy's bool is a bool too (e.g. from a dataframe of settings)
@@ -389,10 +383,6 @@ def _spec_key(name: str) -> str:
     return PARAMS_BY_NAME[name].infotext_key
 
 
-def _default(name: str) -> Any:
-    return PARAMS_BY_NAME[name].default
-
-
 def xyz_params() -> tuple[ParamSpec, ...]:
     """The parameters offered as X/Y/Z plot axes, in `PARAMS` order."""
     return tuple(spec for spec in PARAMS if spec.xyz)
@@ -401,11 +391,11 @@ def xyz_params() -> tuple[ParamSpec, ...]:
 def parse_value(name: str, raw: Any) -> bool | int | float | str:
     """Typed, validated value of one parameter (e.g. an X/Y/Z axis value); raises `ParamsError`."""
     if name not in PARAMS_BY_NAME:
-        raise ParamsError([_unknown_name(name)])
+        raise ParamsError([unknown_name(name)])
     try:
         return PARAMS_BY_NAME[name].parse(raw)
     except _ValueProblem as problem:
-        raise ParamsError(str(problem).split("\n")) from None
+        raise ParamsError(problem.messages) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -586,59 +576,9 @@ class AEParams:
         """No subject words: the host finds the subjects in each prompt."""
         return not self.subject_names
 
-    @property
-    def excites(self) -> bool:
-        """The method includes Attend-and-Excite's loss."""
-        return self.method in ("excite", "excite+bind")
-
-    @property
-    def binds(self) -> bool:
-        """The method includes SynGen's binding loss."""
-        return self.method in ("bind", "excite+bind")
-
-    @property
-    def subject_list(self) -> list[str]:
-        """The subjects as a list, in the order given."""
-        return list(self.subject_names)
-
-    @property
-    def threshold_map(self) -> dict[int, float]:
-        """Refinement thresholds keyed by step at `REFERENCE_STEPS` steps, as a new dict."""
-        return dict(self.threshold_steps)
-
-    def to_config(self) -> ExciteConfig:
-        """The engine configuration (the official defaults give exactly `ExciteConfig()`)."""
-        get = self.as_dict()
-        side = get["attention_res"]
-        return ExciteConfig(
-            scale_factor=get["scale_factor"],
-            alter_fraction=get["alter_fraction"],
-            thresholds=self.threshold_map,
-            max_refinement_steps=get["max_refinement_steps"],
-            smooth_attentions=get["smooth_attentions"],
-            sigma=get["sigma"],
-            kernel_size=get["kernel_size"],
-            attention_res=None if side == 0 else (side, side),
-            normalize_eot=get["normalize_eot"],
-        )
-
-    def to_binding_config(self) -> BindingConfig:
-        """SynGen's schedule: the binding step size, over the same fraction of the steps as A&E's updates (the
-        official 25 of 50 is the default 0.5)."""
-        get = self.as_dict()
-        return BindingConfig(step_size=get["bind_step_size"], intervention_fraction=get["alter_fraction"])
-
     def as_dict(self) -> dict[str, Any]:
         """Field name -> value: the API's dict form."""
         return {spec.name: getattr(self, spec.name) for spec in PARAMS}
-
-    def as_args(self) -> list[Any]:
-        """The API's positional form, in `PARAMS` order."""
-        return [getattr(self, spec.name) for spec in PARAMS]
-
-    def replace(self, **changes: Any) -> AEParams:
-        """A copy with some fields changed (validated like any construction), e.g. for an X/Y/Z cell."""
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]  # a dataclass, made by the decorator
 
 
 PARAMS: tuple[ParamSpec, ...] = tuple(_spec_of(f) for f in dataclasses.fields(AEParams))
@@ -656,172 +596,28 @@ def validate(values: Mapping[str, Any]) -> dict[str, Any]:
     problems: list[str] = []
     for name in values:
         if name not in PARAMS_BY_NAME:
-            problems.append(_unknown_name(name))
+            problems.append(unknown_name(name))
     result: dict[str, Any] = {}
     for spec in PARAMS:
         raw = values.get(spec.name, spec.default)
         try:
             result[spec.name] = spec.parse(raw)
         except _ValueProblem as problem:
-            problems.extend(str(problem).split("\n"))
+            problems.extend(problem.messages)
     if problems:
         raise ParamsError(problems)
     return result
-
-
-def from_script_args(args: Sequence[Any], overrides: Mapping[str, Any] | None = None) -> AEParams:
-    """The parameters from A1111's slice of script args (UI or `alwayson_scripts[...]["args"]`), with X/Y/Z
-    `overrides` (field name -> raw value) written over single values.
-
-    Two forms:
-    (a) positional, in `PARAMS` order; fewer values than parameters leave the rest at their defaults, more is an error;
-    (b) a dict as the first arg, keyed by field name, e.g. `{"enabled": true, "subjects": ["cat", "dog"]}`; missing
-        keys take their defaults (so `enabled` must be given to switch A&E on), unknown keys are an error. The args
-        after the dict are A1111's UI defaults (the API fills the rest of the script's slice with them) and are not
-        read; a second dict among them is an error (its keys would be silently lost).
-    Raises `ParamsError` listing every problem.
-    """
-    named, problems = _named_args(args)
-    named.update(overrides or {})
-    try:
-        values = validate(named)
-    except ParamsError as error:
-        raise ParamsError(problems + error.messages) from None
-    if problems:
-        raise ParamsError(problems)
-    return AEParams(**values)
-
-
-def requested_params(args: Sequence[Any], overrides: Mapping[str, Any] | None = None) -> AEParams | None:
-    """The parameters of this generation, or None when A&E is off. Raises `ParamsError`.
-
-    The one place that tells enabled from disabled: only the enable flag is looked at before deciding that A&E is
-    off, so a disabled script never complains about its other values. An invalid flag (e.g. the API's
-    `{"enabled": "yes", "subject": "cat"}`) is reported together with every other problem of the same args.
-    """
-    named, _ = _named_args(args)
-    named.update(overrides or {})
-    try:
-        enabled = parse_value("enabled", named.get("enabled", _default("enabled")))
-    except ParamsError:
-        from_script_args(args, overrides)  # raises with all the problems, the flag's included
-        raise
-    if not enabled:
-        return None
-    return from_script_args(args, overrides)
-
-
-def _named_args(args: Sequence[Any]) -> tuple[dict[Any, Any], list[str]]:
-    """The one place that tells the API's dict form from the positional form: field name -> raw value, and the
-    problems of the form itself (not a list, too many values, a second dict, keys that are not text)."""
-    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
-        raise ParamsError([f"AE: script args must be a list, got {_show(args)}"])
-    problems: list[str] = []
-    if args and isinstance(args[0], Mapping):
-        mapping = args[0]
-        problems += [
-            f"AE: dict keys must be parameter names (text), got {_show(key)}"
-            for key in mapping
-            if not isinstance(key, str)
-        ]
-        problems += [
-            f"AE: only the first dict of the args is read, but arg {index + 1} is a dict too ({_show(extra)}); "
-            "put all the parameters in one dict"
-            for index, extra in enumerate(args[1:], start=1)
-            if isinstance(extra, Mapping)
-        ]
-        return {key: value for key, value in mapping.items() if isinstance(key, str)}, problems
-    if len(args) > len(PARAMS):
-        problems.append(
-            f"AE: got {len(args)} positional args but there are only {len(PARAMS)} parameters "
-            f"({', '.join(PARAM_NAMES)})"
-        )
-    return dict(zip(PARAM_NAMES, args)), problems
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Infotext
-
-
-def to_infotext(params: AEParams) -> dict[str, str | int | float | bool]:
-    """The generation-parameter entries for `p.extra_generation_params`; empty when A&E is disabled.
-
-    "AE: v1" marks that A&E was on (see `INFOTEXT_FORMAT`); every other parameter follows under its infotext key,
-    always all of them, so an image records the complete settings even when they are defaults. Values are plain
-    str/int/float/bool; A1111 renders and quotes them (`infotext_utils.quote`).
-    """
-    if not params.enabled:
-        return {}
-    entries: dict[str, str | int | float | bool] = {PARAMS_BY_NAME["enabled"].infotext_key: INFOTEXT_FORMAT}
-    for spec in PARAMS:
-        if spec.name != "enabled":
-            entries[spec.infotext_key] = getattr(params, spec.name)
-    if params.auto_subjects:
-        entries[PARAMS_BY_NAME["subjects"].infotext_key] = AUTO_SUBJECTS_TEXT
-    return entries
-
-
-def from_infotext(fields: Mapping[str, Any], *, strict: bool = False) -> dict[str, Any]:
-    """Field name -> typed value for every A&E key in parsed infotext fields (A1111 hands over strings).
-
-    `enabled` is always in the result: True iff any A&E key is present, so pasting an infotext without A&E switches
-    the checkbox off. With A&E keys present, a parameter that is `absent_means_default` and missing takes its default
-    (the image was written before that parameter existed). A text value A1111's parser split as "number x number" (a
-    subject like "3x4") is rejoined.
-    A value that does not parse is skipped with a warning (a hand-edited infotext should not break a paste), or with
-    `strict` raises `ParamsError` listing every such value.
-    """
-    result: dict[str, Any] = {}
-    problems: list[str] = []
-    present = False
-    for spec in PARAMS:
-        raw = _infotext_value(fields, spec)
-        if raw is None:
-            continue
-        present = True
-        if spec.name == "enabled":
-            if str(raw) != INFOTEXT_FORMAT:
-                logger.warning("AE infotext format %r is not %r; reading the keys it shares", raw, INFOTEXT_FORMAT)
-            continue
-        try:
-            result[spec.name] = spec.parse(raw)
-        except _ValueProblem as problem:
-            problems.extend(str(problem).split("\n"))
-    if problems:
-        if strict:
-            raise ParamsError(problems)
-        for message in problems:
-            logger.warning("ignoring an infotext value: %s", message)
-    if present:
-        for spec in PARAMS:
-            if spec.absent_means_default and _infotext_value(fields, spec) is None:
-                result[spec.name] = spec.default
-    return {"enabled": present, **result}
-
-
-def _infotext_value(fields: Mapping[str, Any], spec: ParamSpec) -> Any:
-    key = spec.infotext_key
-    if key in fields:
-        return fields[key]
-    if spec.kind == "str" and f"{key}-1" in fields and f"{key}-2" in fields:
-        # A1111's parser turned "3x4" into "<key>-1": "3", "<key>-2": "4" (it is meant for sizes); undo it exactly.
-        return f"{fields[f'{key}-1']}x{fields[f'{key}-2']}"
-    return None
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Documentation
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Helpers
 
 
-def _unknown_name(name: object) -> str:
+def unknown_name(name: object) -> str:
     return f"AE: unknown parameter {name!r}; valid names are {', '.join(PARAM_NAMES)}"
 
 
-def _show(value: Any) -> str:
+def describe_value(value: Any) -> str:
     """`'abc' (str)`: the value, shortened, and its type, for messages (module-qualified unless built in, so that
     numpy's `bool` is not mistaken for Python's)."""
     text = repr(value)

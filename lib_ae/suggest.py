@@ -1,24 +1,11 @@
 """Subject suggestion: the head nouns of a prompt's noun phrases, and the modifiers bound to them.
 
-    suggest_subjects("a photo of a red car and a (blue:1.2) bench")  -> ["car", "bench"]
+    suggest_subjects("a photo of a red car and a blue bench")  -> ["car", "bench"]
     modifier_pairs("a big red car and a blue bench")  -> [("big", "car"), ("red", "car"), ("blue", "bench")]
 
-What is read. The text the sampler conditions on at its first step, because that is where A&E and binding do their
-work (the first half of the steps) and the text whose tokens the engine can locate (lib_ae/tokens.py):
-* `<lora:...>`, `<hypernet:...>` and any other `<name:...>` extra-network tag: removed, as A1111 removes them before
-  the prompt is encoded.
-* `AND`: only the first sub-prompt (its trailing `:weight` dropped). The other sub-prompts are separate conditioning
-  rows that A&E does not read.
-* emphasis `(word)`, `(word:1.2)`, `[word]`: the words, without brackets and weights. A bracket also separates words,
-  as in A1111, which tokenizes each emphasis segment on its own: `(red)dish` is "red" + "dish".
-* prompt editing `[from:to:when]`: the side in effect at step 1, which is `from` unless `when` ends the edit before
-  step 1 (A1111: `when` < 1 step). `[add:when]` adds its text later, so it is left out; `[remove::when]` keeps it.
-  A decimal `when` is a fraction of `steps`; without `steps` any positive fraction counts as "later than step 1".
-  Why the first step's side: the objects' layout, which A&E and binding steer, is settled in the early steps, and the
-  maps the engine reads at those steps are computed from exactly this text.
-* alternation `[a|b|c]`: the first option, the one A1111 uses at step 1 (it alternates every step after that).
-* `BREAK`: a phrase boundary (it starts a new 75-token chunk; a phrase never spans it).
-* textual-inversion embedding names, passed as `embeddings`: kept whole, each one a noun (its vectors are one subject).
+What is read: plain text, in which `SEGMENT_BREAK` separates segments no phrase spans (BREAK). A host turns its
+prompt syntax into it first (A1111's: `lib_ae.webui.prompt_syntax.first_step_text`, the text conditioned on at the
+first step); textual-inversion embedding names, passed as `embeddings`, are kept whole, each one a noun.
 
 Framing nouns that only say what kind of picture it is ("a photo of", "an oil painting of", "a close-up of",
 "an image of" ...) are left out, as are quantity and place nouns before "of" ("a group of", "a pair of",
@@ -60,107 +47,8 @@ class NounPhrase:
     modifiers: tuple[str, ...]
 
 
-# --- A1111 prompt syntax -> the plain text conditioned on at step 1 ------------------------------------------------
-
-_EXTRA_NETWORK = re.compile(r"<\w+:[^>]+>")
-_AND = re.compile(r"\bAND\b")
-_SUBPROMPT_WEIGHT = re.compile(r"\s*:\s*[-+]?(?:\d+\.?|\d*\.\d+)\s*$")
-_BREAK = re.compile(r"\s*\bBREAK\b\s*")
-_NUMBER = re.compile(r"^\s*[-+]?(?:\d+\.?\d*|\.\d+)\s*$")
-
 SEGMENT_BREAK = "\n"
-"""Separator `first_step_text` puts where BREAK was: no phrase spans it."""
-
-
-def first_step_text(prompt: str, steps: int | None = None) -> str:
-    """The text A1111 conditions on at step 1 of `prompt`, brackets and weights removed (rules in the module doc).
-    BREAK becomes `SEGMENT_BREAK`; each removed bracket becomes a space (a word boundary)."""
-    text = _EXTRA_NETWORK.sub(" ", prompt)
-    text = _AND.split(text)[0]
-    text = _SUBPROMPT_WEIGHT.sub("", text)
-    plain = _Schedule(text, steps).parse()
-    return SEGMENT_BREAK.join(part.strip() for part in _BREAK.split(plain))
-
-
-class _Schedule:
-    """A small recursive-descent reader of A1111's bracket syntax that resolves it at step 1.
-    Unbalanced brackets are read as literal characters, then dropped like the rest of the punctuation."""
-
-    def __init__(self, text: str, steps: int | None) -> None:
-        self.text = text
-        self.steps = steps
-        self.pos = 0
-
-    def parse(self) -> str:
-        out: list[str] = []
-        while self.pos < len(self.text):
-            out.append(self._item())
-        return "".join(out)
-
-    def _item(self) -> str:
-        """The step-1 text of one character, escape or bracket group starting at `pos`."""
-        char = self.text[self.pos]
-        if char == "\\" and self.pos + 1 < len(self.text):
-            self.pos += 2
-            return self.text[self.pos - 1]  # an escaped bracket is a literal character (punctuation) of the prompt
-        if char in "([":
-            start = self.pos
-            group = self._group()
-            if group is not None:
-                return " " + group + " "
-            self.pos = start + 1
-            return " "
-        self.pos += 1
-        return char
-
-    def _group(self) -> str | None:
-        """Read `( ... )` or `[ ... ]` at pos; return its step-1 text, or None if unbalanced."""
-        opening = self.text[self.pos]
-        closing = ")" if opening == "(" else "]"
-        self.pos += 1
-        parts: list[list[str]] = [[]]  # split at top-level ':' (or '|', recorded in `alternation`)
-        alternation = False
-        while self.pos < len(self.text):
-            char = self.text[self.pos]
-            if char == closing:
-                self.pos += 1
-                return self._resolve(opening, ["".join(p) for p in parts], alternation)
-            if char in ")]":
-                return None
-            if char == ":":
-                parts.append([])
-                self.pos += 1
-                continue
-            if char == "|" and opening == "[":
-                alternation = True
-                parts.append([])
-                self.pos += 1
-                continue
-            parts[-1].append(self._item())
-        return None
-
-    def _resolve(self, opening: str, parts: list[str], alternation: bool) -> str:
-        if opening == "(":
-            # (text) or (text:weight); a ':' that is not a weight is kept as text, as A1111 reads it.
-            if len(parts) > 1 and _NUMBER.match(parts[-1]):
-                parts = parts[:-1]
-            return ":".join(parts)
-        if alternation:
-            return parts[0]
-        if len(parts) in (2, 3) and _NUMBER.match(parts[-1]):
-            before = parts[0] if len(parts) == 3 else ""
-            after = parts[1] if len(parts) == 3 else parts[0]
-            return before if self._edit_later_than_first_step(parts[-1].strip()) else after
-        return ":".join(parts)
-
-    def _edit_later_than_first_step(self, when: str) -> bool:
-        """A1111 uses the 'before' side at step 1 when 1 <= when (when = int(fraction * steps) for decimals)."""
-        value = float(when)
-        if "." in when:
-            if self.steps is None:
-                return value > 0
-            return int(value * self.steps) >= 1
-        return int(value) >= 1
+"""Separates the segments of a suggestion's text (where A1111's BREAK was): no phrase spans it."""
 
 
 # --- word classes of the rule-based chunker ------------------------------------------------------------------------
@@ -299,7 +187,7 @@ def _is_boundary_word(lower: str) -> bool:
 # --- the rule-based chunker -----------------------------------------------------------------------------------------
 
 @dataclass
-class _Chunk:
+class _PhraseSpan:
     words: list[str]
     determined: bool  # an article / determiner / numeral stood right before it
     tag_start: bool  # it starts a comma-separated tag (segment start or right after a comma)
@@ -323,8 +211,8 @@ def _tokens(segment: str, embeddings: Sequence[str]) -> list[str]:
     return tokens
 
 
-def _chunks(tokens: list[str], embeddings: Collection[str]) -> list[_Chunk]:
-    chunks: list[_Chunk] = []
+def _phrase_spans(tokens: list[str], embeddings: Collection[str]) -> list[_PhraseSpan]:
+    chunks: list[_PhraseSpan] = []
     run: list[str] = []
     determined = False
     after_by = False
@@ -333,7 +221,7 @@ def _chunks(tokens: list[str], embeddings: Collection[str]) -> list[_Chunk]:
     def flush(next_word: str, tag_end: bool) -> None:
         nonlocal run, determined, pending_start
         if run:
-            chunks.append(_Chunk(run, determined, pending_start, next_word.lower(), tag_end, after_by))
+            chunks.append(_PhraseSpan(run, determined, pending_start, next_word.lower(), tag_end, after_by))
         run = []
         determined = False
         pending_start = False
@@ -394,14 +282,14 @@ def _phrases_by_rules(text: str, embeddings: Sequence[str]) -> list[NounPhrase]:
     phrases: list[NounPhrase] = []
     for segment in text.split(SEGMENT_BREAK):
         segment = _CLOSE_UP.sub("close-up", segment)
-        for chunk in _chunks(_tokens(segment, embeddings), names):
-            phrase = _phrase_of_chunk(chunk, names)
+        for chunk in _phrase_spans(_tokens(segment, embeddings), names):
+            phrase = _phrase_of_span(chunk, names)
             if phrase is not None:
                 phrases.append(phrase)
     return phrases
 
 
-def _phrase_of_chunk(chunk: _Chunk, embeddings: Collection[str]) -> NounPhrase | None:
+def _phrase_of_span(chunk: _PhraseSpan, embeddings: Collection[str]) -> NounPhrase | None:
     words = [w for w in chunk.words if not _RESOLUTION_TAG.match(w)]
     if not words:
         return None
@@ -446,11 +334,6 @@ def _spacy_pipeline() -> Any | None:
     return None
 
 
-def spacy_available() -> bool:
-    """Whether `parser="auto"` will use spaCy."""
-    return _spacy_pipeline() is not None
-
-
 def phrases_from_dependency_parse(tokens: Iterable[Any]) -> list[NounPhrase]:
     """Noun phrases from a dependency parse: tokens with spaCy's attributes `text`, `i`, `pos_`, `dep_`, `children`,
     `head`. Heads: NOUN/PROPN that are not themselves modifiers; modifiers: SynGen's subtree walk
@@ -484,15 +367,12 @@ def phrases_from_dependency_parse(tokens: Iterable[Any]) -> list[NounPhrase]:
 
 # --- public API -----------------------------------------------------------------------------------------------------
 
-def noun_phrases(
-    prompt: str, *, embeddings: Sequence[str] = (), steps: int | None = None, parser: Parser = "auto"
-) -> list[NounPhrase]:
-    """The prompt's noun phrases in prompt order (framing, quantity and style nouns left out)."""
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+def noun_phrases(text: str, *, embeddings: Sequence[str] = (), parser: Parser = "auto") -> list[NounPhrase]:
+    """The noun phrases of plain `text` in prompt order (framing, quantity and style nouns left out)."""
+    if not isinstance(text, str):
+        raise TypeError(f"prompt must be a string, got {type(text).__name__}")
     if parser not in ("auto", "rules", "spacy"):
         raise ValueError(f"parser must be 'auto', 'rules' or 'spacy', got {parser!r}")
-    text = first_step_text(prompt, steps)
     nlp = _spacy_pipeline() if parser in ("auto", "spacy") else None
     if parser == "spacy" and nlp is None:
         raise RuntimeError(
@@ -508,15 +388,12 @@ def noun_phrases(
     return phrases
 
 
-def suggest_subjects(
-    prompt: str, *, embeddings: Sequence[str] = (), steps: int | None = None, parser: Parser = "auto"
-) -> list[str]:
-    """Head nouns of the prompt's noun phrases, in prompt order, each once (case-insensitive), as spelled in the
-    prompt. `embeddings`: names of textual-inversion embeddings that may appear in the prompt. `steps`: the sampler's
-    step count, only needed to resolve `[a:b:0.05]`-style edits exactly (see the module doc)."""
+def suggest_subjects(text: str, *, embeddings: Sequence[str] = (), parser: Parser = "auto") -> list[str]:
+    """Head nouns of the noun phrases of plain `text`, in prompt order, each once (case-insensitive), as spelled in
+    the prompt. `embeddings`: names of textual-inversion embeddings that may appear in it."""
     subjects: list[str] = []
     seen: set[str] = set()
-    for phrase in noun_phrases(prompt, embeddings=embeddings, steps=steps, parser=parser):
+    for phrase in noun_phrases(text, embeddings=embeddings, parser=parser):
         key = phrase.head.lower()
         if key not in seen:
             seen.add(key)
@@ -524,14 +401,12 @@ def suggest_subjects(
     return subjects
 
 
-def modifier_pairs(
-    prompt: str, *, embeddings: Sequence[str] = (), steps: int | None = None, parser: Parser = "auto"
-) -> list[tuple[str, str]]:
+def modifier_pairs(text: str, *, embeddings: Sequence[str] = (), parser: Parser = "auto") -> list[tuple[str, str]]:
     """(modifier, noun) pairs in prompt order, one per modifier: "a big red car" -> [("big", "car"), ("red", "car")].
     A pair appears once even when the phrase repeats."""
     pairs: list[tuple[str, str]] = []
     seen: set[tuple[str, str]] = set()
-    for phrase in noun_phrases(prompt, embeddings=embeddings, steps=steps, parser=parser):
+    for phrase in noun_phrases(text, embeddings=embeddings, parser=parser):
         for modifier in phrase.modifiers:
             key = (modifier.lower(), phrase.head.lower())
             if key not in seen:

@@ -4,7 +4,7 @@ The algorithm is `lib_ae` (plain torch, no WebUI imports; docs/algorithm.md); th
 the only package that imports the WebUI (docs/host-notes.md). This file is the `Script` and its hooks, in the order
 A1111 calls them for one generation:
 
-    process                         the parameters of this generation (or an "AE error"), its infotext
+    process                         the parameters of this generation, parsed once (or an "AE error"), its infotext
     process_before_every_sampling   A&E installed for the sampler run about to start (also the hires fix pass)
     post_sample                     the passes read once, traced into the infotext, released
     postprocess_image / postprocess the heatmaps, when asked for
@@ -21,11 +21,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import gradio as gr
-
-from lib_ae.params import PARAM_NAMES, PARAMS, PARAMS_BY_NAME, AEParams, ParamsError, requested_params, to_infotext
+from lib_ae.params import PARAM_NAMES, PARAMS, PARAMS_BY_NAME, AEParams, ParamsError
 from lib_ae.webui import controls, host, sampling_pass, visuals
-from lib_ae.webui.host import Processing
+from lib_ae.webui.host import Processing, gr
 from lib_ae.webui.report import (
     AE_BINDINGS_KEY,
     AE_ERROR_KEY,
@@ -36,8 +34,9 @@ from lib_ae.webui.report import (
     clear_infotext,
     report_problem,
 )
-from lib_ae.webui.run_state import existing_state, xyz_overrides
+from lib_ae.webui.run_state import existing_state, state_of, xyz_overrides
 from lib_ae.webui.token_view import token_view_ui
+from lib_ae.webui.wire import requested_params, to_infotext
 
 INFOTEXT_KEYS: tuple[str, ...] = tuple(spec.infotext_key for spec in PARAMS) + (
     AE_ERROR_KEY,
@@ -76,17 +75,22 @@ class AttendAndExciteScript(host.Script):  # type: ignore[misc,valid-type]  # th
         return [built[name] for name in PARAM_NAMES]  # positional API order = PARAMS order
 
     def process(self, p: Processing, *args: Any) -> None:
-        params = self._params(p, args, report=True)
+        params = self._params(p, args)
         if params is not None:
+            state_of(p).params = params  # parsed once: every later hook of this generation reads it from here
             p.extra_generation_params.update(to_infotext(params))
+        elif (state := existing_state(p)) is not None:
+            state.params = None  # an X/Y/Z cell that turns A&E off, sharing an earlier cell's state
 
     def process_before_every_sampling(self, p: Processing, *args: Any, **kwargs: Any) -> None:
-        params = self._params(p, args, report=False)
-        if params is None:
+        state = existing_state(p)
+        if state is None or state.params is None:
             return
-        if getattr(p, "is_hr_pass", False) and not params.apply_to_hires:
+        if getattr(p, "is_hr_pass", False) and not state.params.apply_to_hires:
             return
-        sampling_pass.install(p, params)
+        installed = sampling_pass.install(p, state.params)
+        if installed is not None:
+            state.passes.append(installed)
 
     def post_sample(self, p: Processing, *args: Any) -> None:
         state = existing_state(p)
@@ -110,18 +114,14 @@ class AttendAndExciteScript(host.Script):  # type: ignore[misc,valid-type]  # th
         visuals.add_heatmaps_to_results(p, processed)
 
     @staticmethod
-    def _params(p: Processing, args: Sequence[Any], *, report: bool) -> AEParams | None:
-        """This generation's parameters, None when A&E is off or the args are invalid (reported once, by process)."""
+    def _params(p: Processing, args: Sequence[Any]) -> AEParams | None:
+        """This generation's parameters, None when A&E is off or the args are invalid (reported)."""
+        clear_infotext(p, INFOTEXT_KEYS)  # pops nothing unless an earlier X/Y/Z cell left keys in the shared dict
         try:
-            params = requested_params(args, xyz_overrides(p))
+            return requested_params(args, xyz_overrides(p))
         except ParamsError as error:
-            if report:
-                clear_infotext(p, INFOTEXT_KEYS)
-                report_problem(p, "invalid settings, A&E not applied: " + "; ".join(error.messages))
+            report_problem(p, "invalid settings, A&E not applied: " + "; ".join(error.messages))
             return None
-        if report:
-            clear_infotext(p, INFOTEXT_KEYS)  # pops nothing unless an earlier X/Y/Z cell left keys in the shared dict
-        return params
 
 
 host.register_callbacks(

@@ -76,7 +76,9 @@ from lib_ae import (  # noqa: E402
     TokenSelection,
     frozen_parameters,
 )
-from lib_ae.binding import BindingConfig, BindingGroup, BindingSelection  # noqa: E402
+from lib_ae.binding import BindingGroup, BindingSelection  # noqa: E402
+from lib_ae.config import BindingConfig  # noqa: E402
+from lib_ae.objectives import Bind, Excite, ExciteBind, Objective  # noqa: E402
 from lib_ae.graphs import GraphableRunner  # noqa: E402
 from support.thirdparty import import_k_diffusion  # noqa: E402
 
@@ -573,11 +575,10 @@ ROW_CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {
     "excite_bind": ({}, False),
     "excite_bind_graph": ({}, True),
 }
-ROW_METHODS: dict[str, tuple[BindingConfig | None, bool]] = {
-    name: ((BindingConfig(), not name.startswith("bind")) if name in BINDING_ROWS else (None, True))
-    for name in ROW_CONFIGS
+ROW_METHODS: dict[str, type[Objective]] = {
+    name: ((Bind if name.startswith("bind") else ExciteBind) if name in BINDING_ROWS else Excite) for name in ROW_CONFIGS
 }
-"""Per row: the engine's binding config and whether it excites (bind: SynGen alone; excite_bind: both)."""
+"""Per row: the engine's objective (bind: SynGen alone; excite_bind: both)."""
 ROW_KEYS = {"ae_norefine_graph": "norefine_graph", "ae_graph": "worst_graph", "ae_norefine": "norefine_eager", "ae": "worst_eager"}
 
 
@@ -607,10 +608,9 @@ def bench_scenario(
             finals["plain"] = k_euler(denoiser, x_t, cond, uncond, run_steps, None)
         return finals["plain"]
 
-    def make_engine(
-        config: ExciteConfig, graphs: bool, binding: BindingConfig | None = None, excite: bool = True
-    ) -> AttendAndExcite:
-        engine = AttendAndExcite(capture, config, cuda_graphs=graphs, binding=binding, excite=excite)
+    def make_engine(config: ExciteConfig, graphs: bool, kind: type[Objective] = Excite) -> AttendAndExcite:
+        objective = kind(config, BindingConfig()) if issubclass(kind, Bind) else kind(config)
+        engine = AttendAndExcite(capture, objective, cuda_graphs=graphs)
         evaluate = engine._evaluate
 
         def counted(*args: Any, **kwargs: Any) -> Any:
@@ -622,8 +622,8 @@ def bench_scenario(
 
     def ae_row(name: str, config: ExciteConfig, graphs: bool) -> Callable[[int], torch.Tensor]:
         # One engine per row, as a host keeps one per model: graphs are captured in the warm-up run and replayed after.
-        binding, excite = ROW_METHODS[name]
-        engine = engines[name] = make_engine(config, graphs, binding, excite)
+        kind = ROW_METHODS[name]
+        engine = engines[name] = make_engine(config, graphs, kind)
 
         def run(run_steps: int) -> torch.Tensor:
             excitation = InSamplerExcitation(engine, engine.plan(run_steps), "sigma", StepClock(1))
@@ -631,7 +631,7 @@ def bench_scenario(
                 sync_counts(excitation, device, syncs.setdefault(name, {}))
             with torch.no_grad():
                 out = k_euler(denoiser, x_t, cond, uncond, run_steps, excitation, graphable=graphs,
-                              binds=binding is not None)
+                              binds=kind is not Excite)
             reports[name] = excitation.reports
             finals[name] = out
             return out

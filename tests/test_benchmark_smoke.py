@@ -60,7 +60,7 @@ def test_timings_and_ratios_are_sane(report: dict[str, Any]) -> None:
 def test_unet_work_is_exactly_what_the_algorithm_prescribes(report: dict[str, Any], name: str) -> None:
     config = ExciteConfig()
     plan = config.plan(STEPS)
-    alter, refine, iterations = plan.alter_steps, len(plan.refinement_thresholds), config.max_refinement_steps
+    alter, refine, iterations = plan.alter_steps, len(plan.refinement_thresholds), config.max_refinement_iterations
     assert (alter, sorted(plan.refinement_thresholds)) == (5, [0, 2, 4])
     results = next(s for s in report["scenarios"] if s["scenario"] == name)["results"]
 

@@ -18,18 +18,16 @@ import pytest
 import torch
 
 from lib_ae.binding import (
-    BindingIndex,
-    BindingLocation,
-    locate_bindings,
-    OFFICIAL_STEP_SIZE,
-    BindingConfig,
     BindingGroup,
+    BindingIndex,
     BindingSelection,
     binding_loss,
-    binding_plan,
     spatial_distributions,
     symmetric_kl,
 )
+from lib_ae.config import OFFICIAL_BINDING_STEP_SIZE as OFFICIAL_STEP_SIZE
+from lib_ae.config import BindingConfig, binding_plan
+from lib_ae.tokens import BindingLocation, locate_bindings
 from support.models import float64_ddim_scheduler
 from support.thirdparty import ClipTokenizer, clip_tokenizer
 
@@ -205,7 +203,7 @@ OFFICIAL_PNDM_UPDATED_TIMESTEPS = (
 def test_official_schedule_at_50_steps() -> None:
     plan = binding_plan(50)
     assert plan.step_sizes == OFFICIAL_50_STEP_SIZES
-    assert plan.intervention_steps == 25  # the official num_intervention_steps, one update per step
+    assert plan.alter_steps == 25  # the official num_intervention_steps, one update per step
     assert OFFICIAL_STEP_SIZE == 20.0
     assert plan.step_size(50) == 0.0
 
@@ -217,10 +215,10 @@ def test_official_pndm_loop_of_51_iterations() -> None:
 
 
 def test_schedule_for_other_step_counts() -> None:
-    assert binding_plan(20).intervention_steps == 10
-    assert binding_plan(1).intervention_steps == 1  # round half up, as lib_ae.config does for A&E
-    assert binding_plan(30, BindingConfig(intervention_steps=25)).intervention_steps == 25  # verbatim, as officially
-    assert binding_plan(10, BindingConfig(intervention_steps=25)).intervention_steps == 10
+    assert binding_plan(20).alter_steps == 10
+    assert binding_plan(1).alter_steps == 1  # round half up, as lib_ae.config does for A&E
+    assert binding_plan(30, BindingConfig(intervention_steps=25)).alter_steps == 25  # verbatim, as officially
+    assert binding_plan(10, BindingConfig(intervention_steps=25)).alter_steps == 10
     assert binding_plan(50, BindingConfig(step_size=5.0)).step_sizes[:2] == (5.0, 5.0)
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError):
@@ -327,9 +325,10 @@ def test_embedding_names_are_words(tok: ClipTokenizer) -> None:
 
 def test_suggested_pairs_end_to_end(tok: ClipTokenizer) -> None:
     from lib_ae.suggest import modifier_pairs
+    from lib_ae.webui.prompt_syntax import first_step_text
 
     prompt = "a photo of a (red:1.2) car and a blue bench"
-    pairs = modifier_pairs(prompt, parser="rules")
+    pairs = modifier_pairs(first_step_text(prompt), parser="rules")  # the A1111 syntax resolved as the adapter does
     assert pairs == [("red", "car"), ("blue", "bench")]
     # A1111 tokenizes the emphasis segments separately; for plain words the ids are the same as the whole text's.
     location = _locate(tok, pairs, "a photo of a red car and a blue bench")
@@ -408,7 +407,7 @@ def _run_binding_vp(
     losses: list[float] = []
     norms: list[float] = []
     for i, t in enumerate(scheduler.timesteps):
-        if i < plan.intervention_steps:  # type: ignore[attr-defined]
+        if i < plan.alter_steps:  # type: ignore[attr-defined]
             with torch.enable_grad():
                 leaf = z.detach().clone().requires_grad_(True)
                 unet(leaf, t, encoder_hidden_states=cond)

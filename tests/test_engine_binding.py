@@ -19,7 +19,9 @@ import pytest
 import torch
 
 from lib_ae import AttendAndExcite, AttentionCapture, ExciteConfig, GraphableRunner, InSamplerExcitation, TokenSelection
-from lib_ae.binding import BindingConfig, BindingGroup, BindingSelection, binding_loss
+from lib_ae.binding import BindingGroup, BindingSelection, binding_loss
+from lib_ae.config import BindingConfig
+from lib_ae.objectives import Bind, ExciteBind
 from lib_ae.loss import excite_losses, smoothed_subject_maps, subject_maxima
 from support.host_reads import HostReads
 from support.models import SD1_LIKE, SD2_LIKE, LdmDenoiserModel, float64_ddim_scheduler, make_unet
@@ -71,7 +73,7 @@ def setup(request: pytest.FixtureRequest) -> tuple[str, torch.nn.Module, torch.T
 
 def bind_engine(unet: torch.nn.Module, binding: BindingConfig = BIND) -> tuple[AttentionCapture, AttendAndExcite]:
     capture = AttentionCapture(unet)
-    return capture, AttendAndExcite(capture, ExciteConfig(), binding=binding, excite=False)
+    return capture, AttendAndExcite(capture, Bind(ExciteConfig(), binding))
 
 
 def run_vp(
@@ -219,7 +221,7 @@ def test_excite_and_bind_is_one_evaluation_with_each_losss_own_step(setup: tuple
     capture = AttentionCapture(unet)
     try:
         excite = AttendAndExcite(capture, config)
-        both = AttendAndExcite(capture, config, binding=BIND)
+        both = AttendAndExcite(capture, ExciteBind(config, BIND))
         step = 1
         one_step(unet, excite, z, cond, step, [None, None])  # the capture's one probe forward (early stop) is behind
         excited, _, excite_forwards = one_step(unet, excite, z, cond, step, [BINDING, BINDING])
@@ -308,8 +310,9 @@ def test_a_binding_step_reads_nothing_on_the_host_and_graphs_agree(method: str) 
     for graphs in (False, True):
         capture = AttentionCapture(unet)
         try:
-            engine = AttendAndExcite(capture, ExciteConfig(), cuda_graphs=graphs, binding=BindingConfig(),
-                                     excite=method != "bind")
+            engine = AttendAndExcite(
+                capture, (Bind if method == "bind" else ExciteBind)(ExciteConfig(), BindingConfig()), cuda_graphs=graphs
+            )
             excitation = InSamplerExcitation(engine, engine.plan(10), "sigma")
 
             def forward(latent_rows: torch.Tensor, sigma_rows: torch.Tensor, context_rows: torch.Tensor) -> None:

@@ -100,9 +100,7 @@ def engine_with_backend(
 ) -> tuple[AttendAndExcite, ReplayingCpuBackend]:
     """An engine that evaluates eagerly, or through the stand-in graphs of the returned backend."""
     backend = ReplayingCpuBackend()
-    engine = AttendAndExcite(capture, config, cuda_graphs=use_graphs)
-    if use_graphs:
-        engine._graphs = GraphEvaluations(engine, backend)
+    engine = AttendAndExcite(capture, config, cuda_graphs=use_graphs, graph_backend=backend)
     return engine, backend
 
 
@@ -140,7 +138,7 @@ SELECTIONS = [TokenSelection.official(77, [[2], [5]]), TokenSelection.official(7
 
 @pytest.mark.parametrize("step", [0, 1], ids=["refinement-step", "plain-step"])
 def test_graph_path_equals_eager_bit_for_bit(unet: torch.nn.Module, step: int) -> None:
-    config = ExciteConfig(max_refinement_steps=3)
+    config = ExciteConfig(max_refinement_iterations=3)
     eager_latent, eager_report = run(unet, False, config, SELECTIONS, step)
     graph_latent, graph_report = run(unet, True, config, SELECTIONS, step)
     assert torch.equal(eager_latent, graph_latent)
@@ -262,7 +260,7 @@ def test_the_collector_stays_as_the_host_left_it() -> None:
 def test_a_captured_graph_that_is_not_replayed_is_caught(unet: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
     # The stand-in makes the comparison above able to fail: a replay that computes nothing leaves poisoned outputs.
     monkeypatch.setattr(ReplayedGraph, "replay", lambda self: None)
-    config = ExciteConfig(max_refinement_steps=3)
+    config = ExciteConfig(max_refinement_iterations=3)
     eager_latent, _ = run(unet, False, config, SELECTIONS, 1)
     with pytest.raises(AssertionError):
         graph_latent, _ = run(unet, True, config, SELECTIONS, 1)

@@ -88,16 +88,16 @@ def test_read_reports_reads_all_reports_in_one_transfer(unet: torch.nn.Module) -
 def test_a_refinement_step_reads_once_per_iteration(unet: torch.nn.Module, graphs: bool) -> None:
     """The stop decision needs each iteration's loss on the host: one read per iteration (plus the entry check), each
     while the next iteration's evaluation is already queued."""
-    reads, reports, _ = sampling_run(unet, graphs, ExciteConfig(max_refinement_steps=4), [0])
+    reads, reports, _ = sampling_run(unet, graphs, ExciteConfig(max_refinement_iterations=4), [0])
     iterations = reports[0].refinement_iterations
     assert iterations == [4, 4]  # random weights never reach the first threshold
     assert 1 <= reads[0] <= 1 + max(iterations)
 
 
 def test_zero_refinement_steps_means_no_refinement(unet: torch.nn.Module) -> None:
-    """`max_refinement_steps: 0` is what a user types to say "none": no iteration runs, none is reported, and the step
+    """`max_refinement_iterations: 0` is what a user types to say "none": no iteration runs, none is reported, and the step
     is exactly a step without a refinement threshold."""
-    _, reports, x = sampling_run(unet, False, ExciteConfig(max_refinement_steps=0), [0])
+    _, reports, x = sampling_run(unet, False, ExciteConfig(max_refinement_iterations=0), [0])
     _, plain_reports, plain_x = sampling_run(unet, False, ExciteConfig(thresholds={10: 0.5}), [0])
     assert reports[0].refinement_iterations == [0, 0]
     assert torch.equal(x, plain_x)

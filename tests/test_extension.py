@@ -7,6 +7,8 @@ A1111's order around a real k-diffusion sampler and CFG denoiser over a tiny ran
 
 from __future__ import annotations
 
+import importlib
+
 import re
 from types import SimpleNamespace
 from typing import Any
@@ -15,8 +17,10 @@ import pytest
 import torch
 
 from lib_ae import AttendAndExcite, AttentionCapture, InSamplerExcitation, StepClock
-from lib_ae.binding import locate_bindings
-from lib_ae.params import PARAMS, AEParams, from_infotext, from_script_args, to_infotext
+from lib_ae.objectives import objective_for
+from lib_ae.tokens import locate_bindings
+from lib_ae.params import PARAMS, AEParams
+from lib_ae.webui.wire import from_infotext, from_script_args, to_infotext
 from lib_ae.tokens import locate_subjects
 from support.webui_host import DEFAULT_FIELDS, FAST, PROMPT, ROOT, TITLE, WebUI, ae_keys, hooks_on
 
@@ -202,14 +206,14 @@ def test_api_dict_form_equals_the_positional_form(webui: WebUI) -> None:
 
 def test_batch_of_two_prompts_locates_subjects_per_image(webui: WebUI, monkeypatch: pytest.MonkeyPatch) -> None:
     located: list[tuple[str, tuple[tuple[int, ...], ...]]] = []
-    real = webui.adapter("subjects").locate_subjects
+    real = importlib.import_module("lib_ae.targeting").locate_subjects
 
     def spy(chunks: Any, subjects: Any, encode: Any, **kwargs: Any) -> Any:
         location = real(chunks, subjects, encode, **kwargs)
         located.append((",".join(location.found), location.selection.subjects if location.selection else ()))
         return location
 
-    monkeypatch.setattr(webui.adapter("subjects"), "locate_subjects", spy)
+    monkeypatch.setattr(importlib.import_module("lib_ae.targeting"), "locate_subjects", spy)
     prompts = ["a cat and a dog", "a dog on a red car"]
     reference = baseline(webui.host, prompt=prompts, batch_size=2)
     p, processed = webui.run(webui.args(enabled=True, subjects="cat, red car"), prompt=prompts, batch_size=2)
@@ -254,7 +258,7 @@ def direct_lib_ae_run(
     chunks = [c.tokens for c in encoder.process_texts([prompt])[0][0]]
     selection = locate_subjects(
         chunks,
-        params.subject_list,
+        list(params.subject_names),
         lambda s: encoder.tokenize([s])[0],
         bos_id=encoder.id_start,
         eos_id=encoder.id_end,
@@ -267,10 +271,7 @@ def direct_lib_ae_run(
             pad_id=encoder.id_pad,
         ).selection
     capture = AttentionCapture(model.model.diffusion_model)
-    engine = AttendAndExcite(
-        capture, params.to_config(), binding=params.to_binding_config() if params.binds else None,
-        excite=params.excites,
-    )
+    engine = AttendAndExcite(capture, objective_for(params))
     calls_per_step = 2 if entry.second_order else 1
     excitation = InSamplerExcitation(engine, engine.plan(steps), "sigma", StepClock(calls_per_step))
     image_cond = torch.zeros(1, 5, 1, 1)
@@ -357,7 +358,7 @@ def test_second_order_sampler_maps_calls_to_steps(webui: WebUI, monkeypatch: pyt
             seen.append((call_index, self.clock.calls_per_step, None if report is None else report.step))
             return report
 
-    monkeypatch.setattr(webui.adapter("sampling_pass"), "InSamplerExcitation", Recording)
+    monkeypatch.setattr(importlib.import_module("lib_ae.sampling_run"), "InSamplerExcitation", Recording)
     webui.run(webui.args(enabled=True, subjects="cat", alter_fraction=1.0, thresholds="none"), sampler_name="Heun")
     # Heun, 4 steps: 7 model calls; A&E runs at the first call of each step (0, 2, 4, 6), once per step.
     assert [(c, k) for c, k, _ in seen] == [(0, 2), (2, 2), (4, 2), (6, 2)]
@@ -372,7 +373,7 @@ def test_ddim_updates_the_vp_latent(webui: WebUI, monkeypatch: pytest.MonkeyPatc
             spaces.append(self.space)
             return super().before_model_call(*args, **kwargs)
 
-    monkeypatch.setattr(webui.adapter("sampling_pass"), "InSamplerExcitation", Recording)
+    monkeypatch.setattr(importlib.import_module("lib_ae.sampling_run"), "InSamplerExcitation", Recording)
     reference = baseline(webui.host, sampler_name="DDIM")
     p, processed = webui.run(webui.args(enabled=True, subjects="cat"), sampler_name="DDIM")
     assert not torch.equal(torch.stack(processed.images), reference)
@@ -515,9 +516,10 @@ def test_sdxl_conditioning_and_text_encoder(webui: WebUI) -> None:
 
 
 def test_plms_first_step_makes_two_calls(webui: WebUI) -> None:
-    sampling_pass = webui.adapter("sampling_pass").SamplingPass(None, None, None, None, None, "vp", is_hr=False, plms=True)
+    clock_index = webui.adapter("sampling_pass").clock_index
     # PLMS: calls 0 and 1 are step 0 (the second on a temporary latent), then one call per step.
-    assert [sampling_pass._clock_index(call) for call in range(5)] == [0, None, 1, 2, 3]
+    assert [clock_index(call, plms=True) for call in range(5)] == [0, None, 1, 2, 3]
+    assert [clock_index(call, plms=False) for call in range(3)] == [0, 1, 2]
 
 
 def test_wrapping_a_reused_sampler_replaces_the_wrapper(webui: WebUI) -> None:
@@ -565,14 +567,14 @@ def test_prompt_editing_uses_the_tokens_of_the_entry_in_effect(webui: WebUI, mon
 
     monkeypatch.setattr(parser, "get_learned_conditioning_prompt_schedules", schedules)
     found: list[tuple[int, list[str]]] = []
-    real_locate = webui.adapter("subjects").locate_subjects
+    real_locate = importlib.import_module("lib_ae.targeting").locate_subjects
 
     def spy(chunks: Any, subjects: Any, encode: Any, **kwargs: Any) -> Any:
         location = real_locate(chunks, subjects, encode, **kwargs)
         found.append((len(found), sorted(location.found)))
         return location
 
-    monkeypatch.setattr(webui.adapter("subjects"), "locate_subjects", spy)
+    monkeypatch.setattr(importlib.import_module("lib_ae.targeting"), "locate_subjects", spy)
     p, _ = webui.run(webui.args(enabled=True, subjects="cat, dog", alter_fraction=1.0), prompt="EDIT")
     assert [names for _, names in found] == [["cat"], ["dog"]]  # entry 0 for calls 0-1, entry 1 from call 2 on
     assert "subject 'dog' is not in the prompt" in p.extra_generation_params["AE error"]

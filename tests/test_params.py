@@ -14,10 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lib_ae.config import ExciteConfig
-from lib_ae.binding import BindingConfig
+from lib_ae.config import BindingConfig, ExciteConfig
+from lib_ae.objectives import Excite, ExciteBind, binding_config, excite_config, objective_for
 from lib_ae.params import (
-    INFOTEXT_FORMAT,
     METHODS,
     PARAM_NAMES,
     PARAMS,
@@ -26,16 +25,18 @@ from lib_ae.params import (
     ParamsError,
     ParamSpec,
     format_thresholds,
-    from_infotext,
-    from_script_args,
     parse_subjects,
     parse_thresholds,
     parse_value,
-    requested_params,
-    to_infotext,
     validate,
     xyz_params,
 )
+from lib_ae.webui.wire import INFOTEXT_FORMAT, from_infotext, from_script_args, requested_params, to_infotext
+
+
+def as_args(params: AEParams) -> list[Any]:
+    """The API's positional form of `params`, in `PARAMS` order."""
+    return [getattr(params, spec.name) for spec in PARAMS]
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Faithful copy of A1111 v1.10.1's infotext quoting and parsing, to prove the round trip without the host:
@@ -195,8 +196,8 @@ def test_spec_rejects_an_unparseable_infotext_key() -> None:
 
 
 def test_defaults_are_the_official_config() -> None:
-    assert AEParams().to_config() == ExciteConfig()
-    assert AEParams().as_args() == [s.default for s in PARAMS]
+    assert excite_config(AEParams()) == ExciteConfig()
+    assert as_args(AEParams()) == [s.default for s in PARAMS]
 
 
 def test_xyz_params() -> None:
@@ -245,8 +246,8 @@ def test_full_positional_args() -> None:
     args = [True, "cat, red car", 25.5, 0.4, "0:0.1, 5:0.9", 10, False, 1.0, 5, 16, True, True, True, True,
             "excite+bind", 12.5]
     params = from_script_args(args)
-    assert params.as_args() == args
-    assert from_script_args(params.as_args()) == params
+    assert as_args(params) == args
+    assert from_script_args(as_args(params)) == params
     assert from_script_args(tuple(args)) == params
 
 
@@ -464,7 +465,7 @@ def test_thresholds_report_every_bad_entry() -> None:
 
 
 def test_too_many_positional_args() -> None:
-    args = AEParams(**GOOD).as_args() + ["extra"]
+    args = as_args(AEParams(**GOOD)) + ["extra"]
     with pytest.raises(ParamsError) as error:
         from_script_args(args)
     assert error.value.messages == [
@@ -500,7 +501,7 @@ def test_dict_form() -> None:
 
 def test_dict_form_ignores_the_padding_a1111_adds() -> None:
     # A1111's API fills the rest of the script's arg slice with the UI defaults after `{"args": [{...}]}`.
-    defaults = AEParams().as_args()
+    defaults = as_args(AEParams())
     assert from_script_args([{"enabled": True, "subjects": "cat"}] + defaults[1:]) == AEParams(**GOOD)
 
 
@@ -538,18 +539,18 @@ def test_validate_fills_defaults_and_checks_names() -> None:
 def test_params_are_canonical_and_frozen() -> None:
     params = AEParams(enabled=True, subjects=" cat,cat ,  red  car", scale_factor=20, thresholds="20:0.8,0:0.05")
     assert params.subjects == "cat, red car"
-    assert params.subject_list == ["cat", "red car"]
+    assert list(params.subject_names) == ["cat", "red car"]
     assert params.thresholds == "0:0.05, 20:0.8"
-    assert params.threshold_map == {0: 0.05, 20: 0.8}
+    assert dict(params.threshold_steps) == {0: 0.05, 20: 0.8}
     assert type(params.scale_factor) is float
     assert params == AEParams(enabled=True, subjects="cat, red car", thresholds="0:0.05, 20:0.8")
     with pytest.raises(AttributeError):
         params.sigma = 1.0  # type: ignore[misc]
-    assert params.replace(sigma=1) == AEParams(
+    assert dataclasses.replace(params, sigma=1) == AEParams(
         enabled=True, subjects="cat, red car", thresholds="0:0.05, 20:0.8", sigma=1.0
     )
     with pytest.raises(ParamsError):
-        params.replace(sigma=-1)
+        dataclasses.replace(params, sigma=-1)
 
 
 def test_constructor_validates_everything() -> None:
@@ -571,27 +572,29 @@ def test_constructor_validates_everything() -> None:
         (
             {"scale_factor": 30, "alter_fraction": 0.25, "max_refinement_steps": 0, "smooth_attentions": False,
              "sigma": 1.5, "kernel_size": 7, "normalize_eot": True},
-            ExciteConfig(scale_factor=30.0, alter_fraction=0.25, max_refinement_steps=0, smooth_attentions=False,
+            ExciteConfig(step_size=30.0, alter_fraction=0.25, max_refinement_iterations=0, smooth_attentions=False,
                          sigma=1.5, kernel_size=7, normalize_eot=True),
         ),
         # enabled / subjects / apply_to_hires are for the host, not the engine; method and bind_step_size are read
-        # through to_binding_config
+        # through binding_config
         ({"enabled": True, "subjects": "cat", "apply_to_hires": True}, ExciteConfig()),
         ({"method": "excite+bind", "bind_step_size": 5}, ExciteConfig()),
     ],
 )
 def test_to_config(changes: dict[str, Any], expected: ExciteConfig) -> None:
-    assert AEParams(**changes).to_config() == expected
+    assert excite_config(AEParams(**changes)) == expected
 
 
 def test_to_binding_config_and_the_method_flags() -> None:
-    assert AEParams().to_binding_config() == BindingConfig()  # SynGen's official step size and 25 of 50 steps
-    assert AEParams(bind_step_size=7.5, alter_fraction=0.25).to_binding_config() == BindingConfig(
+    assert binding_config(AEParams()) == BindingConfig()  # SynGen's official step size and 25 of 50 steps
+    assert binding_config(AEParams(bind_step_size=7.5, alter_fraction=0.25)) == BindingConfig(
         step_size=7.5, intervention_fraction=0.25
     )
-    assert [(AEParams(method=m).excites, AEParams(method=m).binds) for m in METHODS] == [
+    objectives = [objective_for(AEParams(method=m)) for m in METHODS]
+    assert [(isinstance(o, (Excite, ExciteBind)), o.uses_modifier_pairs) for o in objectives] == [
         (True, False), (False, True), (True, True)
     ]
+    assert [o.method for o in objectives] == list(METHODS)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -793,7 +796,7 @@ def test_infotext_partial_keys() -> None:
 
 def test_infotext_bad_values_are_skipped_or_strict(caplog: pytest.LogCaptureFixture) -> None:
     fields = {"AE": "v1", "AE subjects": "cat", "AE sigma": "abc", "AE kernel size": "4", "AE smoothing": "False"}
-    with caplog.at_level(logging.WARNING, logger="lib_ae.params"):
+    with caplog.at_level(logging.WARNING, logger="lib_ae.webui.wire"):
         result = from_infotext(fields)
     appended = {"method": "excite", "bind_step_size": 20.0}  # absent: the defaults (written before they existed)
     assert result == {"enabled": True, "subjects": "cat", "smooth_attentions": False, **appended}
@@ -804,7 +807,7 @@ def test_infotext_bad_values_are_skipped_or_strict(caplog: pytest.LogCaptureFixt
 
 
 def test_infotext_unknown_format_version_is_read_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="lib_ae.params"):
+    with caplog.at_level(logging.WARNING, logger="lib_ae.webui.wire"):
         result = from_infotext({"AE": "v9", "AE sigma": "1.5"})
     assert result == {"enabled": True, "sigma": 1.5, "method": "excite", "bind_step_size": 20.0}
     assert "v9" in caplog.text
@@ -824,7 +827,7 @@ def test_infotext_values_as_a1111_api_casts_them() -> None:
 
 
 def test_a_second_dict_in_the_args_is_an_error_naming_it() -> None:
-    defaults = AEParams().as_args()
+    defaults = as_args(AEParams())
     with pytest.raises(ParamsError) as caught:
         from_script_args([{"enabled": True, "subjects": "cat"}, {"scale_factor": 30}] + defaults[2:])
     assert any("arg 2 is a dict too" in m and "scale_factor" in m for m in caught.value.messages)

@@ -263,9 +263,9 @@ def test_vp_space_equals_reference(setup: dict[str, Any]) -> None:
 @pytest.mark.recorded
 def test_update_without_the_sigma_factor_is_caught(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """The same sigma-space run with the naive step x - a * grad_x L (no 1 + sigma^2) must fail the comparison."""
-    import lib_ae.sampling
+    import lib_ae.in_sampler
 
-    monkeypatch.setattr(lib_ae.sampling, "sigma_space_gradient_scale", lambda sigma: [1.0] * sigma.shape[0])
+    monkeypatch.setattr(lib_ae.in_sampler, "sigma_space_gradient_scale", lambda sigma: [1.0] * sigma.shape[0])
     latents, reports = run_sigma_space(setup["ldm"], *setup["inputs"], lib_config())
     with pytest.raises(AssertionError, match="final latent differs"):
         assert_matches_reference(latents, reports, setup)

@@ -17,17 +17,28 @@ from __future__ import annotations
 
 import itertools
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from lib_ae.suggest import (
-    NounPhrase,
-    first_step_text,
-    modifier_pairs,
-    noun_phrases,
-    phrases_from_dependency_parse,
-    suggest_subjects,
-)
+from lib_ae import suggest as _suggest
+from lib_ae.suggest import NounPhrase, phrases_from_dependency_parse
+from lib_ae.webui.prompt_syntax import first_step_text
+
+
+# The suggestion reads plain text; these tests write A1111 prompts, resolved first as the adapter resolves them
+# (lib_ae/webui/subjects.py: `first_step_text`, then the suggestion).
+def noun_phrases(prompt: str, *, steps: int | None = None, **options: Any) -> list[NounPhrase]:
+    return _suggest.noun_phrases(first_step_text(prompt, steps), **options)
+
+
+def suggest_subjects(prompt: str, *, steps: int | None = None, **options: Any) -> list[str]:
+    return _suggest.suggest_subjects(first_step_text(prompt, steps), **options)
+
+
+def modifier_pairs(prompt: str, *, steps: int | None = None, **options: Any) -> list[tuple[str, str]]:
+    return _suggest.modifier_pairs(first_step_text(prompt, steps), **options)
+
 
 # The official evaluation prompts' word lists (a.e_prompts.txt).
 AE_ANIMALS = ["cat", "dog", "bird", "bear", "lion", "horse", "elephant", "monkey", "frog", "turtle", "rabbit", "mouse"]
@@ -251,7 +262,7 @@ def test_modifier_pairs(prompt: str, pairs: list[tuple[str, str]]) -> None:
 
 def test_bad_input() -> None:
     with pytest.raises(TypeError):
-        suggest_subjects(None)  # type: ignore[arg-type]
+        _suggest.suggest_subjects(None)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         suggest_subjects("a cat", parser="nltk")  # type: ignore[arg-type]
 
@@ -287,7 +298,7 @@ def test_dependency_walk_follows_syngen() -> None:
 def test_spacy_parser_request_without_spacy_is_a_clear_error() -> None:
     from lib_ae import suggest
 
-    if suggest.spacy_available():
+    if (suggest._spacy_pipeline() is not None):
         pytest.skip("spaCy with an English pipeline is installed here")
     with pytest.raises(RuntimeError, match="spaCy"):
         noun_phrases("a cat", parser="spacy")
@@ -318,7 +329,7 @@ def test_spacy_path_with_a_stand_in_pipeline(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setitem(sys.modules, "spacy", types.SimpleNamespace(load=load))
     suggest._spacy_pipeline.cache_clear()
     try:
-        assert suggest.spacy_available()
+        assert (suggest._spacy_pipeline() is not None)
         assert loaded == ["en_core_web_trf", "en_core_web_lg", "en_core_web_md", "en_core_web_sm"]
         assert suggest_subjects("a (red:1.1) car and a blue bench") == ["car", "bench"]
         assert modifier_pairs("a red car and a blue bench", parser="spacy") == [("red", "car"), ("blue", "bench")]
@@ -340,7 +351,7 @@ def test_spacy_without_an_english_pipeline_falls_back(monkeypatch: pytest.Monkey
     monkeypatch.setitem(sys.modules, "spacy", types.SimpleNamespace(load=load))
     suggest._spacy_pipeline.cache_clear()
     try:
-        assert not suggest.spacy_available()
+        assert not (suggest._spacy_pipeline() is not None)
         assert suggest_subjects("a red car and a blue bench") == ["car", "bench"]
     finally:
         suggest._spacy_pipeline.cache_clear()

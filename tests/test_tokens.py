@@ -331,7 +331,7 @@ def test_malformed_chunks(chunk: list[int], message: str) -> None:
 
 def test_with_params_and_the_loss(tok: ClipTokenizer) -> None:
     params = AEParams(enabled=True, subjects="Cat, red car, cat")
-    location = locate("a cat BREAK a red car", params.subject_list, tok)
+    location = locate("a cat BREAK a red car", list(params.subject_names), tok)
     assert location.found == {"Cat": (2,), "red car": (79, 80)}
     assert location.selection is not None
     attention = torch.softmax(torch.randn(8, 8, location.num_columns, generator=torch.Generator().manual_seed(0)), -1)

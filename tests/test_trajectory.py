@@ -1,6 +1,6 @@
 """An in-place update at the first model call of step i is "pause after step i-1, update the latent, resume".
 
-This is the claim `lib_ae.sampling.InSamplerExcitation` rests on (docs/host-notes.md §0 item 3, §3): a k-diffusion
+This is the claim `lib_ae.in_sampler.InSamplerExcitation` rests on (docs/host-notes.md §0 item 3, §3): a k-diffusion
 sampler hands its own state tensor to the first model call of every step, so writing `x + delta` into that tensor before
 the model runs makes the sampler integrate the rest of the run from the updated latent, with nothing else changed.
 Checked for every k-diffusion sampler of A1111 v1.10.1, configured as the WebUI configures it

@@ -34,7 +34,7 @@ def runs() -> dict[bool, tuple[list, int]]:
     out: dict[bool, tuple[list, int]] = {}
     for keep in (False, True):
         capture = AttentionCapture(unet)
-        engine = AttendAndExcite(capture, ExciteConfig(max_refinement_steps=2))
+        engine = AttendAndExcite(capture, ExciteConfig(max_refinement_iterations=2))
         plan = engine.plan(4)
         excitation = InSamplerExcitation(engine, plan, "vp", StepClock(1), map_steps=frozenset({0, 1}) if keep else frozenset())
         calls = [0]

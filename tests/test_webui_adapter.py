@@ -4,6 +4,8 @@ run and of the hires fix pass, a second dict in the API args) and the CUDA-graph
 
 from __future__ import annotations
 
+import importlib
+
 import ast
 import json
 import logging
@@ -185,7 +187,7 @@ def test_token_view_shows_each_bound_modifier_with_its_noun(webui: WebUI) -> Non
 
 
 def test_token_view_and_generation_share_one_subject_pipeline(webui: WebUI, monkeypatch: pytest.MonkeyPatch) -> None:
-    subjects = webui.adapter("subjects")
+    subjects = importlib.import_module("lib_ae.targeting")
     calls: list[tuple[str, ...]] = []
     real = subjects.SubjectFinder.locate
 
@@ -216,14 +218,15 @@ def test_refused_sampler_installs_nothing(webui: WebUI, monkeypatch: pytest.Monk
             _original(self, *a, **kw)
 
         monkeypatch.setattr(cls, "__init__", counting)
-    monkeypatch.setattr(webui.adapter("subjects"), "encode_schedule", lambda *a: made.append("tokens"))
+    monkeypatch.setattr(importlib.import_module("lib_ae.targeting"), "encode_schedule", lambda *a: made.append("tokens"))
     for sampler in ("DPM fast", "DPM adaptive"):  # UniPC and Restart are not in the stand-in
         p, _ = webui.run(webui.args(enabled=True, subjects="cat"), sampler_name=sampler)
         assert f"sampler {sampler} is not supported" in p.extra_generation_params["AE error"]
         assert made == []  # no capture, no engine, no tokenizing
         assert hooks_on(unet) == 0  # no hook of ours meets the refused run's model calls
         assert "forward" not in vars(p.sampler.model_wrap_cfg)
-        assert webui.adapter("run_state").existing_state(p) is None  # no pass recorded
+        state = webui.adapter("run_state").existing_state(p)  # holds the parameters, parsed once by process
+        assert state.passes == [] and state.visuals == {} and state.pictures == []  # no pass recorded
 
 
 def test_kernel_too_large_is_said_once(webui: WebUI, caplog: pytest.LogCaptureFixture) -> None:
@@ -369,13 +372,8 @@ def test_eager_evaluation_under_medvram_is_in_the_trace(webui: WebUI, monkeypatc
 
 def test_engine_fallback_reason_is_in_the_trace(webui: WebUI, monkeypatch: pytest.MonkeyPatch) -> None:
     """Once the engine reports why it fell back to eager evaluation (`graph_fallback_reason`), the trace says it."""
-    original = AttendAndExcite.__init__
-
-    def with_reason(self: AttendAndExcite, *a: Any, **kw: Any) -> None:
-        original(self, *a, **kw)
-        self.graph_fallback_reason = "a forward hook on input_blocks.4 that is not ours"  # type: ignore[attr-defined]
-
-    monkeypatch.setattr(AttendAndExcite, "__init__", with_reason)
+    reason = property(lambda self: "a forward hook on input_blocks.4 that is not ours")
+    monkeypatch.setattr(AttendAndExcite, "graph_fallback_reason", reason)
     p, processed = webui.run(webui.args(enabled=True, subjects="cat"))
     assert ae_keys(processed.infotexts[0], webui.host)["AE trace"].endswith(
         "no CUDA graph (a forward hook on input_blocks.4 that is not ours)"

@@ -39,7 +39,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lib_ae.params import PARAMS, AEParams, from_infotext, to_infotext  # noqa: E402
+from lib_ae.params import PARAMS, AEParams  # noqa: E402
+from lib_ae.webui.wire import from_infotext, to_infotext  # noqa: E402
 
 WEBUI_DIR = os.environ.get("AE_WEBUI_DIR", "")
 
@@ -69,7 +70,7 @@ BASE_REQUEST: dict[str, Any] = {
     "send_images": True,
 }
 ENABLED = AEParams(enabled=True, subjects="cat, dog", max_refinement_steps=1)
-DISABLED_ARGS = AEParams(enabled=False, subjects="cat, dog", max_refinement_steps=1).as_args()
+DISABLED_ARGS = [getattr(AEParams(enabled=False, subjects="cat, dog", max_refinement_steps=1), s.name) for s in PARAMS]
 REQUEST_TIMEOUT = 1800
 
 # A1111's infotext parameter syntax (modules/infotext_utils.py re_param), to read the last line back here.
@@ -235,7 +236,7 @@ def absent(webui: WebUI) -> Result:
 
 @pytest.fixture(scope="session")
 def enabled_list(webui: WebUI) -> Result:
-    return webui.txt2img(alwayson_scripts={TITLE: {"args": ENABLED.as_args()}})
+    return webui.txt2img(alwayson_scripts={TITLE: {"args": [getattr(ENABLED, s.name) for s in PARAMS]}})
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -7,14 +7,14 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import gradio as gr
-
-from lib_ae.params import PARAMS, ParamsError, ParamSpec, from_infotext, parse_value, xyz_params
+from lib_ae.params import PARAMS, ParamsError, ParamSpec, parse_value, xyz_params
 
 from . import host
+from .host import gr
 from .report import TITLE
 from .run_state import with_xyz_override
 from .sampling_pass import CUDA_GRAPHS_SETTING
+from .wire import from_infotext
 
 logger = logging.getLogger("lib_ae.webui")
 

@@ -1,5 +1,6 @@
 """Every call into the AUTOMATIC1111 WebUI (v1.10.1, commit 82a973c0), typed: the rest of `lib_ae.webui` goes
-through these names and never imports `modules.*` itself. Line numbers: docs/host-notes.md.
+through these names and never imports `modules.*` or gradio itself (`gr` is the WebUI's gradio). Line numbers:
+docs/host-notes.md.
 
 `shared.opts`, `shared.state` and `shared.sd_model` are read as attributes at call time, never bound at import: A1111
 replaces them (a model load, the tests' stand-in state).
@@ -13,13 +14,16 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Protocol
 
+import gradio as gr
 import torch
 from modules import devices, extra_networks, images, prompt_parser, script_callbacks, scripts, sd_hijack, shared
 from modules.ui_components import InputAccordion
 
+from lib_ae.targeting import PromptChunk, TextEncoder
+
 Script = scripts.Script
 ALWAYS_VISIBLE = scripts.AlwaysVisible
-__all__ = ["ALWAYS_VISIBLE", "InputAccordion", "Script"]
+__all__ = ["ALWAYS_VISIBLE", "InputAccordion", "PromptChunk", "Script", "TextEncoder", "gr"]
 
 
 # -- The WebUI objects read here ---------------------------------------------------------------------------------------
@@ -29,29 +33,6 @@ class SamplerConfig(Protocol):
     """sd_samplers_common.SamplerData: the sampler's name as the user picked it."""
 
     name: str
-
-
-class PromptChunk(Protocol):
-    """sd_hijack_clip.PromptChunk: 77 token ids, [BOS, 75 prompt tokens (EOS-padded), EOS], their emphasis
-    multipliers, and the textual-inversion embeddings placed in it (`fixes`, PromptChunkFix(offset, embedding))."""
-
-    tokens: list[int]
-    multipliers: list[float]
-    fixes: list[Any]
-
-
-class TextEncoder(Protocol):
-    """The CLIP wrapper that cuts prompts into chunks (sd_hijack_clip.TextConditionalModel)."""
-
-    id_start: int
-    id_end: int
-    id_pad: int
-
-    def tokenize(self, texts: list[str]) -> list[list[int]]: ...
-
-    def process_texts(self, texts: list[str]) -> tuple[list[list[PromptChunk]], int]: ...
-
-    def empty_chunk(self) -> PromptChunk: ...
 
 
 class Denoiser(Protocol):
@@ -184,6 +165,12 @@ def prompt_schedule(text: str, base_steps: int, hires_steps: int | None) -> list
 def reconstruct_multicond_batch(cond: Any, call: int) -> tuple[list[list[tuple[int, float]]], Any]:
     """(per image: (row, weight) of each AND sub-prompt, the stacked conditioning in effect at model call `call`)."""
     return prompt_parser.reconstruct_multicond_batch(cond, call)  # type: ignore[no-any-return]
+
+
+def schedule_ends(cond: Any, image: int) -> list[int]:
+    """The last model call of each prompt-editing entry of image `image`'s first AND sub-prompt, as the sampler's
+    conditioning holds it (prompt_parser.MulticondLearnedConditioning: batch[image][0].schedules)."""
+    return [int(entry.end_at_step) for entry in cond.batch[image][0].schedules]
 
 
 def open_clip_token_text(token_id: int) -> tuple[str, Any]:

@@ -8,11 +8,12 @@ from typing import Any
 
 import torch
 
+from lib_ae.sampling_run import TITLE
+
 from .host import Processing
 
 logger = logging.getLogger("lib_ae.webui")
 
-TITLE = "Attend and Excite"
 AE_ERROR_KEY = "AE error"
 """Infotext key for what went wrong (invalid args, subjects not found, unsupported sampler, a failure)."""
 AE_TRACE_KEY = "AE trace"
@@ -81,16 +82,6 @@ def failure_text(error: BaseException, where: str, attention: str | None = None)
     return f"A&E stopped at {where} ({name}: {detail}); sampling went on without it"
 
 
-def log_reports(reports: list[Any]) -> None:
-    """The per-step figures on the debug log, read once after the pass (reading a report may wait for the device)."""
-    if not logger.isEnabledFor(logging.DEBUG):
-        return
-    for report in reports:
-        logger.debug(
-            "%s step %d: loss %s, refinement iterations %s%s",
-            TITLE,
-            report.step,
-            [None if v is None else round(v, 4) for v in report.loss],
-            report.refinement_iterations,
-            " (interrupted)" if report.interrupted else "",
-        )
+def image_in_job(p: Any, b: int) -> int:
+    """0-based index over the whole job of image b of the current batch (p.iteration counts the batches)."""
+    return int(getattr(p, "iteration", 0) or 0) * int(getattr(p, "batch_size", 1) or 1) + b

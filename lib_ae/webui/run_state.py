@@ -13,15 +13,27 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lib_ae.params import AEParams
+from lib_ae.visualize import ImageTrace, SubjectMap
+
 if TYPE_CHECKING:
     from .sampling_pass import SamplingPass
-    from .visuals import BatchVisual
 
 RUN_STATE_ATTRIBUTE = "_ae_run"
 
 
+@dataclass(frozen=True)
+class BatchVisual:
+    """What to draw for one image: rows of subject maps (last step A&E ran first) and its trace."""
+
+    rows: list[list[SubjectMap]]
+    trace: ImageTrace
+
+
 @dataclass
 class RunState:
+    params: AEParams | None = None
+    """This generation's parameters, parsed once by `process` (None: A&E is off or its settings are invalid)."""
     xyz_overrides: Mapping[str, Any] = field(default_factory=dict)
     """Parameter name -> raw value set by our X/Y/Z axes for this cell."""
     passes: list[SamplingPass] = field(default_factory=list)
@@ -56,8 +68,3 @@ def with_xyz_override(p: Any, name: str, value: Any) -> None:
 def xyz_overrides(p: Any) -> Mapping[str, Any]:
     state = existing_state(p)
     return state.xyz_overrides if state is not None else {}
-
-
-def image_in_job(p: Any, b: int) -> int:
-    """0-based index over the whole job of image b of the current batch (p.iteration counts the batches)."""
-    return int(getattr(p, "iteration", 0) or 0) * int(getattr(p, "batch_size", 1) or 1) + b

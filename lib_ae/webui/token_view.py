@@ -2,8 +2,8 @@
 and A1111's prompt parsing (emphasis, BREAK, 75-token chunks, prompt editing, textual-inversion embeddings), with
 each subject's conditioning columns and the subjects that are not found: the same pipeline as generation
 (subjects.py), so the view shows what A&E will use. With an empty subject box (automatic subjects) the subjects found
-in the prompt are shown marked as suggested (a click on one fixes it: it is written into the box); with a `bind`
-method each bound modifier is shown in its noun's colour, with the noun's name.
+in the prompt are shown marked as suggested (a click on one fixes it: it is written into the box); with a method
+that binds modifiers, each bound modifier is shown in its noun's colour, with the noun's name.
 
 javascript/attend_and_excite.js writes {prompt, subjects, steps, method} as JSON into a hidden textbox and clicks a
 hidden button (the pattern of A1111's token counter, ui.py `create_ui`); the reply is the HTML. None of these
@@ -18,14 +18,14 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import gradio as gr
-
+from lib_ae.objectives import objective_for
 from lib_ae.params import AEParams, ParamsError
+from lib_ae.targeting import PromptChunk, PromptTokens, TextEncoder
 from lib_ae.tokens import prompt_tokens
 
 from . import host
-from .host import PromptChunk, TextEncoder
-from .subjects import PromptTokens, SubjectFinder, straddling_notes, text_encoder, unbound_note
+from .host import gr
+from .subjects import subject_finder, text_encoder
 
 logger = logging.getLogger("lib_ae.webui")
 
@@ -101,15 +101,15 @@ def _token_view_html(prompt: str, subjects_text: str, steps: int, method: str) -
     else:
         subjects_valid = False  # the problem is in the subjects: show the tokens without any
     first, others = host.first_subprompt(host.strip_extra_networks(prompt or ""))
-    finder = SubjectFinder(encoder, params.subject_names)
+    finder = subject_finder(encoder, params.subject_names)
+    uses_pairs = objective_for(params).uses_modifier_pairs
     schedule_steps = max(1, int(steps or 20))
-    tokens = finder.prompt_tokens(first, schedule_steps)
+    tokens = finder.schedule_tokens(first, schedule_steps)
     suggested = finder.automatic and subjects_valid
     subjects = finder.subjects_for(first, tokens, schedule_steps) if suggested else params.subject_names
     parts: list[str] = [f"<div class='ae-tokens-problem'>{_escape(problem)}</div>" for problem in problems]
     if others:
         parts.append("<div class='ae-tokens-note'>AND: A&amp;E uses the first sub-prompt only.</div>")
-    pairs, every = finder.pairs_for(first, tokens, schedule_steps) if params.binds else ((), ())
     found_in: dict[str, list[tuple[str, tuple[int, ...]]]] = {}  # subject -> (steps, columns) of the entries with it
     missing: dict[str, str] = {}
     notes: dict[str, None] = {}
@@ -128,13 +128,10 @@ def _token_view_html(prompt: str, subjects_text: str, steps: int, method: str) -
             missing.setdefault(subject, reason.removeprefix("AE: "))
         owner = {column: subject for subject, columns in location.found.items() for column in columns}
         modifiers: dict[int, str] = {}  # modifier column -> its noun
-        if params.binds:
-            note = unbound_note(pairs, every, subjects)
-            if note is not None:
-                notes[note] = None
-            else:
-                binding = finder.locate_bindings(tokens, entry, pairs)
-                notes.update(dict.fromkeys([*binding.messages, *straddling_notes(binding)]))
+        if uses_pairs:
+            binding, messages = finder.bindings_in(first, tokens, entry, subjects, schedule_steps)
+            notes.update(dict.fromkeys(messages))
+            if binding is not None:
                 for _, noun, modifier_columns, noun_columns in binding.bound:
                     noun_owner = owner.get(noun_columns[0], noun)
                     modifiers.update({column: noun_owner for column in modifier_columns})

@@ -3,12 +3,10 @@ strip and trace plot (drawn by `lib_ae.visualize`), appended to the results afte
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from lib_ae.visualize import (
     ImageTrace,
-    SubjectMap,
     bind_loss_summary,
     binding_maps_at,
     heatmap_strip,
@@ -20,17 +18,9 @@ from lib_ae.visualize import (
 
 from . import host
 from .host import Processing
-from .report import AE_BINDINGS_KEY, AE_HIRES_TRACE_KEY, AE_SUBJECTS_USED_KEY, AE_TRACE_KEY, NOTHING_USED
-from .run_state import existing_state, image_in_job, state_of
+from .report import AE_BINDINGS_KEY, AE_HIRES_TRACE_KEY, AE_SUBJECTS_USED_KEY, AE_TRACE_KEY, NOTHING_USED, image_in_job
+from .run_state import BatchVisual, existing_state, state_of
 from .sampling_pass import SamplingPass
-
-
-@dataclass(frozen=True)
-class BatchVisual:
-    """What to draw for one image: rows of subject maps (last step A&E ran first) and its trace."""
-
-    rows: list[list[SubjectMap]]
-    trace: ImageTrace
 
 
 def record_batch_traces(p: Processing) -> None:
@@ -39,7 +29,7 @@ def record_batch_traces(p: Processing) -> None:
     state = state_of(p)
     state.visuals = {}
     record_subjects_used(p, state.passes)
-    ran = [sp for sp in state.passes if sp.excitation is not None and sp.excitation.reports]
+    ran = [sp for sp in state.passes if sp.run.reports]
     if not ran:
         return
     interrupted = host.interrupted()
@@ -60,19 +50,20 @@ def record_batch_traces(p: Processing) -> None:
 
 def record_subjects_used(p: Processing, passes: list[SamplingPass]) -> None:
     """Per image of the batch, from the first pass: with automatic subjects "AE subjects used" (what was found in its
-    prompt), with a `bind` method "AE bindings" (the pairs bound). Written even when A&E found nothing to do, so the
-    infotext says what it looked at."""
+    prompt), with a method that binds modifiers "AE bindings" (the pairs bound). Written even when A&E found nothing
+    to do, so the infotext says what it looked at."""
     first = next((sp for sp in passes if not sp.is_hr), None)
     if first is None:
         return
-    if first.params.auto_subjects and first.subjects_used:
-        used = {b: ", ".join(subjects) or NOTHING_USED for b, subjects in first.subjects_used.items()}
+    found = first.targeting
+    if first.params.auto_subjects and found.subjects_used:
+        used = {b: ", ".join(subjects) or NOTHING_USED for b, subjects in found.subjects_used.items()}
         per_image = lambda index=0, _used=used, **_: _used.get(index)  # noqa: E731  # evaluated per image by A1111
         _put_after(p.extra_generation_params, "AE subjects", AE_SUBJECTS_USED_KEY, per_image)
-    if first.params.binds and first.subjects_used:
+    if found.uses_modifier_pairs and found.subjects_used:
         bound = {
-            b: ", ".join(f"{modifier}->{noun}" for modifier, noun in first.bound.get(b, {})) or NOTHING_USED
-            for b in first.subjects_used
+            b: ", ".join(f"{modifier}->{noun}" for modifier, noun in found.bound.get(b, {})) or NOTHING_USED
+            for b in found.subjects_used
         }
         p.extra_generation_params[AE_BINDINGS_KEY] = lambda index=0, _bound=bound, **_: _bound.get(index)
 
@@ -92,10 +83,10 @@ def _put_after(entries: dict[str, Any], anchor: str, key: str, value: Any) -> No
 
 
 def _traces(sampling_pass: SamplingPass) -> dict[int, ImageTrace]:
-    assert sampling_pass.excitation is not None
-    excitation = sampling_pass.excitation
+    excitation = sampling_pass.run.excitation
+    assert excitation is not None
     traces = {}
-    for b, labels in sampling_pass.labels.items():
+    for b, labels in sampling_pass.targeting.labels.items():
         if labels:
             trace = image_trace(excitation.reports, b, labels, sorted(excitation.plan.refinement_thresholds))
             if trace.steps:
@@ -104,23 +95,25 @@ def _traces(sampling_pass: SamplingPass) -> dict[int, ImageTrace]:
 
 
 def _summaries(sampling_pass: SamplingPass, interrupted: bool) -> dict[int, str]:
-    assert sampling_pass.excitation is not None
-    cut = interrupted or any(r.interrupted for r in sampling_pass.excitation.reports)
-    eager = f", no CUDA graph ({sampling_pass.eager_reason})" if sampling_pass.eager_reason else ""
+    reports = sampling_pass.run.reports
+    cut = interrupted or any(r.interrupted for r in reports)
+    eager_reason = sampling_pass.run.eager_reason
+    eager = f", no CUDA graph ({eager_reason})" if eager_reason else ""
     summaries = {}
     for b, trace in _traces(sampling_pass).items():
-        bind = bind_loss_summary(sampling_pass.excitation.reports, b) if sampling_pass.params.binds else None
+        binds = sampling_pass.targeting.uses_modifier_pairs
+        bind = bind_loss_summary(reports, b) if binds else None
         summaries[b] = trace_summary(trace, interrupted=cut) + (f", {bind}" if bind else "") + eager
     return summaries
 
 
 def _visuals(sampling_pass: SamplingPass) -> dict[int, BatchVisual]:
-    excitation = sampling_pass.excitation
+    excitation = sampling_pass.run.excitation
     assert excitation is not None
     visuals = {}
     for b, trace in _traces(sampling_pass).items():
-        labels = sampling_pass.labels[b]
-        bind_labels = sampling_pass.binding_labels.get(b, [])
+        labels = sampling_pass.targeting.labels[b]
+        bind_labels = sampling_pass.targeting.binding_labels.get(b, [])
         by_step = {
             r.step: subject_maps_at(r, b, labels) + binding_maps_at(r, b, bind_labels)  # the modifier beside its noun
             for r in excitation.reports

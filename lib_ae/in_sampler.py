@@ -1,4 +1,5 @@
-"""Driving the engine from inside a sampler: which model call starts a step, and the update in the sampler's space.
+"""The engine driven from inside a sampler (no sampler here): which model call starts a step, and the update in the
+sampler's space.
 
 A sampler (k-diffusion's, or A1111's DDIM/PLMS) hands its own state tensor to the first model call of every step
 (docs/host-notes.md §0 item 3, verified by tests/test_trajectory.py for every k-diffusion sampler of A1111). Updating

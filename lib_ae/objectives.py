@@ -1,0 +1,235 @@
+"""The methods, one objective each: its plan over the sampler's steps and its loss on the captured maps.
+
+An objective is all that differs between methods. The engine (`lib_ae.engine`) evaluates it, refines, updates, replays
+graphs and reports the same way for every one. `objective_for(params)` is the only reader of the user's method option;
+elsewhere code asks an objective what it needs (`uses_modifier_pairs`), never which method it is.
+
+In the papers' symbols, per image at step i with the aggregated maps A (h, w, T) of the cond-only forward:
+
+    Excite      L = max_s (1 - a_s), a_s = max over pixels of smooth(softmax_100(A)[..., s])
+                (Chefer et al. 2023, Algorithm 1; `lib_ae.loss`), plan: alpha_i = 20 sqrt(linspace(1, 0.5)[i]) for
+                the first half of the steps, iterative refinement at steps 0/10/20.
+    Bind        L_bind of SynGen (Rassin et al. 2023, eq. 3-5; `lib_ae.binding`), plan: beta_i = 20 for the first half
+                of the steps, no refinement.
+    ExciteBind  L = L_excite + (beta_i / alpha_i) w L_bind, one backward and the update z - alpha_i grad L, so each
+                loss moves the latent by its own step; A&E's plan and refinement (which reads L_excite alone).
+
+Every objective also reports A&E's maxima a_s of the subjects it has (the trace and heatmaps show them).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .binding import BindingSelection, binding_loss, spatial_distributions
+from .config import BindingConfig, ExciteConfig, StepPlan
+from .evaluation import LossGroup
+from .loss import TokenSelection, excite_losses, smoothed_subject_maps, subject_maxima
+from .params import METHODS, AEParams
+
+__all__ = ["METHODS", "Bind", "Excite", "ExciteBind", "Objective", "Terms", "objective_for"]
+
+
+@dataclass
+class Terms:
+    """An objective's terms for the rows of one loss group, on the device (maps on the CPU, with keep_maps)."""
+
+    losses: torch.Tensor  # (R,) A&E's L, the refinement criterion; 0 where the maxima are not finite
+    maxima: torch.Tensor  # (R, S) a_s
+    maxima_finite: torch.Tensor  # (R,) bool
+    bind_losses: torch.Tensor  # (R,) SynGen's L_bind; 0 without binding groups
+    objective: torch.Tensor  # (R,) what is differentiated
+    maps: list[torch.Tensor]  # keep_maps: per row, (S, h, w) smoothed subject maps
+    bind_maps: list[torch.Tensor | None]  # keep_maps: per row, (K, h, w) binding maps, or None
+
+
+class Objective(ABC):
+    """One method. `config` holds what every objective reads the maps with (map size, smoothing, early stop) and A&E's
+    schedule."""
+
+    method: ClassVar[str]
+    """The method option's value that selects this objective (the infotext's "AE method")."""
+    uses_modifier_pairs: ClassVar[bool] = False
+    """Whether the loss reads the subjects' (modifier, noun) groups, which the host then locates for each image."""
+
+    def __init__(self, config: ExciteConfig | None = None) -> None:
+        self.config = config or ExciteConfig()
+
+    @abstractmethod
+    def plan(self, steps: int) -> StepPlan:
+        """What happens at each of `steps` sampler steps."""
+
+    @abstractmethod
+    def takes_part(self, selection: TokenSelection | None, binding: BindingSelection | None) -> bool:
+        """Whether an image with these targets is evaluated at all."""
+
+    def start_step(self, plan: StepPlan, step: int, device: torch.device) -> None:  # noqa: B027 - optional hook
+        """Before a step's evaluations: set the step's device scalars (a captured graph reads them, never bakes one
+        in)."""
+
+    @abstractmethod
+    def terms(self, group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool) -> Terms:
+        """The terms of one group's rows from their aggregated maps `attention` (R, h, w, T)."""
+
+    def excite_terms(
+        self, group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """A&E's (L, a_s, a_s finite, kept maps) for the group's subjects; zero-width for a group without any."""
+        count = attention.shape[0]
+        if group.selection is None:
+            maxima = attention.new_zeros(count, 0)
+            finite = torch.ones(count, dtype=torch.bool, device=attention.device)
+            kept = list(attention.new_zeros(count, 0, *size).float().cpu().unbind(0)) if keep_maps else []
+            return attention.new_zeros(count), maxima, finite, kept
+        cfg = self.config
+        maps = smoothed_subject_maps(
+            attention, group.selection, smooth_attentions=cfg.smooth_attentions, kernel_size=cfg.kernel_size,
+            sigma=cfg.sigma, temperature=cfg.softmax_temperature, index=group.index,
+        )
+        maxima = subject_maxima(maps)
+        kept = list(maps.detach().float().cpu().unbind(0)) if keep_maps else []
+        finite = torch.isfinite(maxima).all(dim=-1)
+        # A non-finite image contributes a zero loss, which is all it can change.
+        losses = torch.where(finite, excite_losses(maxima), torch.zeros_like(maxima[..., 0]))
+        return losses, maxima, finite, kept
+
+    @staticmethod
+    def binding_terms(
+        group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+        """SynGen's L_bind per row (None for a group without binding groups) and, with keep_maps, per row the (K, h, w)
+        spatial distributions of each group's noun then its modifiers (first word piece each), as the loss sees
+        them."""
+        count = attention.shape[0]
+        if group.binding is None or not group.binding.groups:
+            return None, [None] * count if keep_maps else []
+        bind = binding_loss(attention, group.binding, group.binding_index)
+        if not keep_maps:
+            return bind, []
+        columns = [c for g in group.binding.groups for c in (g.noun[0], *(m[0] for m in g.modifiers))]
+        distributions = spatial_distributions(attention.detach().float(), columns)  # (R, K, h*w)
+        return bind, list(distributions.reshape(count, len(columns), *size).cpu().unbind(0))
+
+
+def _no_binding(losses: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(losses.shape, dtype=torch.promote_types(losses.dtype, torch.float32), device=losses.device)
+
+
+class Excite(Objective):
+    """Attend-and-Excite: every subject must receive a strong attention peak."""
+
+    method = "excite"
+
+    def plan(self, steps: int) -> StepPlan:
+        return self.config.plan(steps)
+
+    def takes_part(self, selection: TokenSelection | None, binding: BindingSelection | None) -> bool:
+        return selection is not None and bool(selection.subjects)
+
+    def terms(self, group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool) -> Terms:
+        losses, maxima, finite, maps = self.excite_terms(group, attention, size, keep_maps)
+        return Terms(losses, maxima, finite, _no_binding(losses), losses, maps,
+                     [None] * attention.shape[0] if keep_maps else [])
+
+
+class Bind(Objective):
+    """SynGen's binding alone: each modifier's attention pulled onto its noun's, away from the other words."""
+
+    method = "bind"
+    uses_modifier_pairs = True
+
+    def __init__(self, config: ExciteConfig | None = None, binding: BindingConfig | None = None) -> None:
+        super().__init__(config)
+        self.binding = binding or BindingConfig()
+
+    def plan(self, steps: int) -> StepPlan:
+        return self.binding.plan(steps)
+
+    def takes_part(self, selection: TokenSelection | None, binding: BindingSelection | None) -> bool:
+        return binding is not None and bool(binding.groups)
+
+    def terms(self, group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool) -> Terms:
+        losses, maxima, finite, maps = self.excite_terms(group, attention, size, keep_maps)
+        bind, bind_maps = self.binding_terms(group, attention, size, keep_maps)
+        bind = _no_binding(losses) if bind is None else bind
+        return Terms(losses, maxima, finite, bind, bind, maps, bind_maps)
+
+
+class ExciteBind(Bind):
+    """Both losses in one update, each moving the latent by its own step size."""
+
+    method = "excite+bind"
+
+    def __init__(self, config: ExciteConfig | None = None, binding: BindingConfig | None = None) -> None:
+        super().__init__(config, binding)
+        self._binding_plans: dict[int, StepPlan] = {}
+        self._ratios: dict[torch.device, torch.Tensor] = {}
+        """Per device, beta_i / alpha_i * w of the current step."""
+
+    def plan(self, steps: int) -> StepPlan:
+        return self.config.plan(steps)
+
+    def takes_part(self, selection: TokenSelection | None, binding: BindingSelection | None) -> bool:
+        return (selection is not None and bool(selection.subjects)) or (binding is not None and bool(binding.groups))
+
+    def start_step(self, plan: StepPlan, step: int, device: torch.device) -> None:
+        """L = L_excite + (beta_i / alpha_i) w L_bind, so that z - alpha_i grad L moves the latent by alpha_i along
+        A&E's gradient and by beta_i w along SynGen's. alpha_i = 0 (scale factor 0) moves nothing at all."""
+        if plan.steps not in self._binding_plans:
+            self._binding_plans[plan.steps] = self.binding.plan(plan.steps)
+        alpha = plan.step_sizes[step]
+        beta = self._binding_plans[plan.steps].step_size(step)
+        self._ratio(device).fill_(beta * self.binding.weight / alpha if alpha > 0 else 0.0)
+
+    def _ratio(self, device: torch.device) -> torch.Tensor:
+        if device not in self._ratios:
+            self._ratios[device] = torch.zeros((), dtype=torch.float64, device=device)
+        return self._ratios[device]
+
+    def terms(self, group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool) -> Terms:
+        losses, maxima, finite, maps = self.excite_terms(group, attention, size, keep_maps)
+        bind, bind_maps = self.binding_terms(group, attention, size, keep_maps)
+        if bind is None:
+            return Terms(losses, maxima, finite, _no_binding(losses), losses, maps, bind_maps)
+        return Terms(losses, maxima, finite, bind, losses + self._ratio(attention.device) * bind, maps, bind_maps)
+
+
+OBJECTIVES: Mapping[str, type[Objective]] = {kind.method: kind for kind in (Excite, Bind, ExciteBind)}
+"""The method option's value -> its objective, in the order the UI lists them (`lib_ae.params.METHODS`)."""
+if tuple(OBJECTIVES) != METHODS:
+    raise AssertionError(f"the method choices {METHODS} are not the objectives {tuple(OBJECTIVES)}")
+
+
+def excite_config(params: AEParams) -> ExciteConfig:
+    """The maps' and A&E's configuration from the user's parameters (the defaults give exactly `ExciteConfig()`)."""
+    side = params.attention_res
+    return ExciteConfig(
+        step_size=params.scale_factor,
+        alter_fraction=params.alter_fraction,
+        thresholds=dict(params.threshold_steps),
+        max_refinement_iterations=params.max_refinement_steps,
+        smooth_attentions=params.smooth_attentions,
+        sigma=params.sigma,
+        kernel_size=params.kernel_size,
+        attention_res=None if side == 0 else (side, side),
+        normalize_eot=params.normalize_eot,
+    )
+
+
+def binding_config(params: AEParams) -> BindingConfig:
+    """SynGen's schedule: the binding step size, over the same fraction of the steps as A&E's updates (the official
+    25 of 50 is the default 0.5)."""
+    return BindingConfig(step_size=params.bind_step_size, intervention_fraction=params.alter_fraction)
+
+
+def objective_for(params: AEParams) -> Objective:
+    """The objective of the user's method option, configured from their parameters."""
+    kind = OBJECTIVES[params.method]
+    if issubclass(kind, Bind):
+        return kind(excite_config(params), binding_config(params))
+    return kind(excite_config(params))
