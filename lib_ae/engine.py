@@ -32,7 +32,7 @@ import torch
 from .binding import BindingSelection
 from .capture import AttentionCapture
 from .config import ExciteConfig, StepPlan
-from .evaluation import Evaluation, HostRead, Target, exact_rows, rows_of
+from .evaluation import CarryStore, Evaluation, HostRead, Target, exact_rows, rows_of
 from .evaluator import Evaluator, frozen_parameters
 from .graphs import GraphableRunner, GraphBackend, GraphEvaluations, GraphGuard
 from .loss import TokenSelection
@@ -73,6 +73,7 @@ class AttendAndExcite:
         self.capture.early_stop = self.config.early_stop
         self.evaluator = Evaluator(capture, self.objective)
         self._graphs = GraphEvaluations(self.evaluator, graph_backend, graph_guard) if cuda_graphs else None
+        self._carries = CarryStore()
 
     @property
     def graph_fallback_reason(self) -> str | None:
@@ -134,7 +135,9 @@ class AttendAndExcite:
         z = latent.detach().clone()
         coefficient = self._coefficients(plan.step_sizes[step], gradient_scale, z)
         self.objective.start_step(plan, step, z.device)
-        context = _StepContext(targets, size, run_unet, coefficient)
+        carry_shape = (max(self.objective.carry_width(*targets[b]) for b in rows), size[0] * size[1])
+        carried = self._carries.for_step(step, batch, *carry_shape, z) if self.objective.carries else None
+        context = _StepContext(targets, size, run_unet, coefficient, carried)
 
         first = self._evaluate(z, rows, context, keep_maps)
         maxima_from: list[tuple[list[int], Evaluation]] = [(rows, first)]
@@ -144,7 +147,7 @@ class AttendAndExcite:
 
         threshold = plan.refinement_thresholds.get(step)
         if threshold is not None and self.config.max_refinement_iterations > 0:
-            target = max(0.0, 1.0 - threshold)
+            target = self.objective.refinement_target(threshold)
             refined = self._refine(z, rows, first, target, context, report, should_stop, on_iteration)
             z, skipped = refined.latent, refined.skipped
             skipped_from = []  # the first evaluation's finiteness was read: it is in `skipped`
@@ -171,22 +174,29 @@ class AttendAndExcite:
                 if evaluation.bind_maps is not None:
                     for b, bind_maps in zip(map_rows, evaluation.bind_maps):
                         report.bind_maps[b] = bind_maps
-        bound = frozenset(b for b in rows if bindings[b] is not None and bindings[b].groups)  # type: ignore[union-attr]
-        report._pending = _DeviceValues(
-            batch, rows, first, exact_rows(maxima_from, self.evaluator.index), skipped_from, skipped, binding_rows=bound
+        reported = exact_rows(maxima_from, self.evaluator.index)  # each row's final evaluation
+        if self.objective.carries:
+            self._carries.keep(step, batch, *carry_shape, reported, self.evaluator.index)
+        bound = frozenset(
+            b for b in rows if self.objective.computes_binding_loss and bindings[b] is not None and bindings[b].groups  # type: ignore[union-attr]
         )
+        report._pending = _DeviceValues(batch, rows, first, reported, skipped_from, skipped, binding_rows=bound)
         return z, report
 
     def _evaluate(self, z: torch.Tensor, rows: list[int], context: _StepContext, keep_maps: bool = False) -> Evaluation:
         """L and its gradient at the latent `z` for batch rows `rows` (the paper's forward pass with attention)."""
         loss_plan = self.evaluator.loss_plan([context.targets[b] for b in rows], z.device)
         run_unet = context.run_unet
+        carried = None
+        if context.carried is not None:
+            index = self.evaluator.index(rows, z.device)
+            carried = (context.carried[0].index_select(0, index), context.carried[1].index_select(0, index))
         if (
             self._graphs is not None and isinstance(run_unet, GraphableRunner) and not keep_maps
             and self._graphs.allowed()
         ):
-            return self._graphs.evaluate(z, rows, loss_plan, context.size, run_unet)
-        return self.evaluator.evaluate(z, rows, loss_plan, context.size, run_unet, keep_maps)
+            return self._graphs.evaluate(z, rows, loss_plan, context.size, run_unet, carried=carried)
+        return self.evaluator.evaluate(z, rows, loss_plan, context.size, run_unet, keep_maps, carried)
 
     def _refine(
         self,
@@ -278,6 +288,7 @@ class _StepContext:
     size: tuple[int, int]
     run_unet: UNetRunner
     coefficient: torch.Tensor
+    carried: tuple[torch.Tensor, torch.Tensor] | None = None  # the objective's carry from the previous step, all rows
 
 
 @dataclass

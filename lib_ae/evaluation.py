@@ -36,6 +36,7 @@ class Evaluation:
     objective: torch.Tensor  # (R,) the loss differentiated: L_excite, L_bind, or L_excite + ratio * L_bind
     maps: list[torch.Tensor] | None = None  # with keep_maps: per row, (S, h, w) smoothed maps, float32, CPU
     bind_maps: list[torch.Tensor | None] | None = None  # with keep_maps: per row, (K, h, w) binding maps, CPU
+    carry: torch.Tensor | None = None  # (R, W, D): what the objective carries to the next step (`Objective.carries`)
 
     @property
     def moves(self) -> torch.Tensor:
@@ -47,6 +48,7 @@ class Evaluation:
         return Evaluation(
             self.losses.clone(), self.maxima.clone(), self.values_finite.clone(), self.finite.clone(),
             self.grads.clone(), self.bind_losses.clone(), self.objective.clone(),
+            carry=None if self.carry is None else self.carry.clone(),
         )
 
     def select(self, positions: list[int], index: torch.Tensor) -> Evaluation:
@@ -55,7 +57,8 @@ class Evaluation:
         maps = None if self.maps is None else [self.maps[j] for j in positions]
         bind_maps = None if self.bind_maps is None else [self.bind_maps[j] for j in positions]
         return Evaluation(pick(self.losses), pick(self.maxima), pick(self.values_finite), pick(self.finite),
-                          pick(self.grads), pick(self.bind_losses), pick(self.objective), maps, bind_maps)
+                          pick(self.grads), pick(self.bind_losses), pick(self.objective), maps, bind_maps,
+                          None if self.carry is None else pick(self.carry))
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,6 +68,8 @@ class LossGroup:
     positions: torch.Tensor | None  # rows of the evaluation in this group; None: all of them, in order
     binding: BindingSelection | None = None
     binding_index: BindingIndex | None = None  # built outside any CUDA-graph capture, with the plan
+    objective_index: Any = None  # what the objective prepared for this group's targets (`Objective.index_for`)
+    carry_width: int = 0  # rows of the objective's carry for this group's targets
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,6 +82,7 @@ class LossPlan:
     order: torch.Tensor | None  # positions that restore row order after concatenating the groups; None: identity
     order_list: tuple[int, ...]
     width: int  # most subjects of any row
+    carry_width: int = 0  # widest carry of any group
 
 
 RowIndex = Callable[[list[int], torch.device], torch.Tensor]
@@ -129,3 +135,40 @@ class HostRead:
             out.append(flat[offset : offset + size])
             offset += size
         return out
+
+
+class CarryStore:
+    """What an objective that `carries` hands from one step to the next: per batch row, the carry of the evaluation
+    behind the row's last update of step i (the official CONFORM's `attention_maps_t_plus_one`), read at step i + 1
+    only. Everything stays on the device."""
+
+    def __init__(self) -> None:
+        self._kept: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (step, (B, W, D), (B,) has one)
+
+    def for_step(
+        self, step: int, batch: int, width: int, depth: int, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(carry (B, width, depth), has one (B,)) for `step`: the previous step's, or none (zeros, all False)."""
+        kept = self._kept
+        if kept is not None and kept[0] == step - 1 and kept[1].shape == (batch, width, depth):
+            return kept[1], kept[2]
+        carry = like.new_zeros(batch, width, depth)
+        return carry, torch.zeros(batch, dtype=torch.bool, device=like.device)
+
+    def keep(self, step: int, batch: int, width: int, depth: int, sources: list[tuple[list[int], Evaluation]],
+             index: RowIndex) -> None:
+        """Keep the carry of each row's final evaluation of `step` (rows without one have none)."""
+        carry: torch.Tensor | None = None
+        has = None
+        for rows, evaluation in sources:
+            if evaluation.carry is None:
+                continue
+            if carry is None:
+                carry = evaluation.carry.new_zeros(batch, width, depth)
+                has = torch.zeros(batch, dtype=torch.bool, device=carry.device)
+            rows_index = index(rows, carry.device)
+            values = evaluation.carry[..., :width, :]
+            values = torch.nn.functional.pad(values, (0, 0, 0, width - values.shape[-2]))
+            carry = carry.index_copy(0, rows_index, values.to(carry.dtype))
+            has = has.index_fill(0, rows_index, True)  # type: ignore[union-attr]
+        self._kept = None if carry is None else (step, carry, has)  # type: ignore[assignment]

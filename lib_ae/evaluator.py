@@ -19,7 +19,7 @@ from .binding import BindingIndex, BindingSelection
 from .capture import AttentionCapture
 from .evaluation import Evaluation, LossGroup, LossPlan, Target
 from .loss import SelectionIndex, TokenSelection
-from .objectives import Objective
+from .objectives import Objective, Terms
 
 __all__ = ["Evaluator", "Target", "frozen_parameters"]
 
@@ -68,11 +68,12 @@ class Evaluator:
         size: tuple[int, int],
         run_unet: Callable[[torch.Tensor, torch.Tensor], object],
         keep_maps: bool = False,
+        carried: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Evaluation:
-        """The eager evaluation of batch rows `rows` of `z`."""
+        """The eager evaluation of batch rows `rows` of `z` (`carried`: those rows' carry, see `forward_backward`)."""
         index = self.index(rows, z.device)
         latent = z if self.row_index(rows, z) is None else z.index_select(0, index)
-        return self.forward_backward(latent, lambda leaf: run_unet(leaf, index), loss_plan, size, keep_maps)
+        return self.forward_backward(latent, lambda leaf: run_unet(leaf, index), loss_plan, size, keep_maps, carried)
 
     def forward_backward(
         self,
@@ -81,8 +82,11 @@ class Evaluator:
         loss_plan: LossPlan,
         size: tuple[int, int],
         keep_maps: bool = False,
+        carried: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Evaluation:
-        """The whole evaluation on the device, with no host synchronisation (also what a CUDA graph captures)."""
+        """The whole evaluation on the device, with no host synchronisation (also what a CUDA graph captures).
+        `carried`: for an objective that `carries`, each row's carry from the previous step (R, W, D) and whether it
+        has one (R,)."""
         self._probe_last_layer(size, lambda: run(latent.detach()))
         with torch.enable_grad(), frozen_parameters(self.parameters()):
             leaf = latent.detach().requires_grad_(True)
@@ -92,7 +96,11 @@ class Evaluator:
             parts = []
             for group in loss_plan.groups:
                 group_attention = attention if group.positions is None else attention.index_select(0, group.positions)
-                parts.append(self.objective.terms(group, group_attention, size, keep_maps))
+                group_carried = carried
+                if carried is not None and group.positions is not None:
+                    group_carried = (carried[0].index_select(0, group.positions),
+                                     carried[1].index_select(0, group.positions))
+                parts.append(self.objective.terms(group, group_attention, size, keep_maps, group_carried))
             losses, maxima, maxima_finite, bind_losses, objective = (
                 torch.cat(t) if len(parts) > 1 else t[0]
                 for t in zip(*((p.losses, _padded(p.maxima, loss_plan.width), p.maxima_finite, p.bind_losses,
@@ -100,10 +108,12 @@ class Evaluator:
             )
             kept = [m for p in parts for m in p.maps]
             kept_binding = [m for p in parts for m in p.bind_maps]
+            carry = _carry_of(parts, loss_plan.carry_width)
             if loss_plan.order is not None:
                 losses, maxima, maxima_finite, bind_losses, objective = (
                     t.index_select(0, loss_plan.order) for t in (losses, maxima, maxima_finite, bind_losses, objective)
                 )
+                carry = None if carry is None else carry.index_select(0, loss_plan.order)
                 if keep_maps:
                     kept = [kept[j] for j in loss_plan.order_list]
                     kept_binding = [kept_binding[j] for j in loss_plan.order_list]
@@ -115,7 +125,7 @@ class Evaluator:
         finite = maxima_finite & objective_finite & torch.isfinite(grads.flatten(1)).all(dim=1)
         return Evaluation(losses.detach(), maxima.detach(), maxima_finite, finite, grads.detach(),
                           bind_losses.detach(), safe_objective.detach(), kept if keep_maps else None,
-                          kept_binding if keep_maps else None)
+                          kept_binding if keep_maps else None, carry)
 
     def _probe_last_layer(self, size: tuple[int, int], forward: Callable[[], object]) -> None:
         """Before the first gradient forward at this map size: one no-grad forward to learn where it may stop."""
@@ -148,6 +158,8 @@ class Evaluator:
                     None if len(distinct) == 1 else torch.as_tensor(positions, device=device),
                     groups_of_pairs,
                     self._binding_index(groups_of_pairs, device) if groups_of_pairs is not None else None,
+                    self.objective.index_for(subjects, groups_of_pairs, device),
+                    self.objective.carry_width(subjects, groups_of_pairs) if self.objective.carries else 0,
                 )
             )
         order, inverse = None, list(range(len(targets)))
@@ -157,7 +169,8 @@ class Evaluator:
                 inverse[row] = concatenated
             order = torch.as_tensor(inverse, device=device)
         width = max((len(g.selection.subjects) for g in groups if g.selection is not None), default=0)
-        return LossPlan(tuple(targets), tuple(groups), order, tuple(inverse), width)
+        carry_width = max((g.carry_width for g in groups), default=0)
+        return LossPlan(tuple(targets), tuple(groups), order, tuple(inverse), width, carry_width)
 
     def _binding_index(self, binding: BindingSelection, device: torch.device) -> BindingIndex:
         key = (binding, device)
@@ -170,6 +183,15 @@ class Evaluator:
         if key not in self._selections:
             self._selections[key] = SelectionIndex.build(selection, device)
         return self._selections[key]
+
+
+def _carry_of(parts: Sequence[Terms], width: int) -> torch.Tensor | None:
+    """The groups' carries, padded with zeros to `width` rows each and concatenated (None: nothing carried)."""
+    carries = [p.carry for p in parts]
+    if width == 0 or any(c is None for c in carries):
+        return None
+    padded = [torch.nn.functional.pad(c, (0, 0, 0, width - c.shape[-2])) for c in carries if c is not None]
+    return torch.cat(padded) if len(padded) > 1 else padded[0]
 
 
 def _padded(maxima: torch.Tensor, width: int) -> torch.Tensor:

@@ -255,12 +255,25 @@ class GraphEvaluations:
         plan: LossPlan,
         size: tuple[int, int],
         runner: GraphableRunner,
+        carried: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Evaluation:
+        """`Evaluator.forward_backward` of batch rows `rows`, replayed; `carried` (the rows' carry from the previous
+        step) is an input like the runner's, copied into the graph's static buffers."""
         index = self.evaluator.row_index(rows, z)
         latent = z if index is None else z.index_select(0, index)
         inputs = runner.inputs if index is None else tuple(t.index_select(0, index) for t in runner.inputs)
+        count = len(inputs)
+        inputs = inputs + (carried or ())
+
+        def compute(static_latent: torch.Tensor, static_inputs: tuple[torch.Tensor, ...]) -> Evaluation:
+            own, carry = static_inputs[:count], static_inputs[count:]
+            return self.evaluator.forward_backward(
+                static_latent, lambda leaf: runner.fn(leaf, *own), plan, size,
+                carried=(carry[0], carry[1]) if carry else None,
+            )
+
         if not self.backend.usable(z):
-            return self.evaluator.forward_backward(latent, lambda leaf: runner.fn(leaf, *inputs), plan, size)
+            return compute(latent, inputs)
         key = (
             tuple(rows), size, runner.key, plan.key, _signature(latent), tuple(_signature(t) for t in inputs),
             torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
@@ -272,7 +285,8 @@ class GraphEvaluations:
         entry = self.graphs.get(key)
         if entry is None and key not in self.failed:
             try:
-                entry = self._capture(latent, inputs, runner, plan, size)
+                entry, self.pool = self.backend.capture(latent, inputs, compute, self.pool)
+                logger.info("captured the A&E evaluation of %d image(s) as a graph", latent.shape[0])
                 self.graphs[key] = entry
             except Exception as error:  # noqa: BLE001 - any capture failure falls back to the eager computation
                 self.failed.add(key)
@@ -280,7 +294,7 @@ class GraphEvaluations:
                 if self.fallback_reason is None:  # the host says it once, in the console and the trace
                     self.fallback_reason = f"graph capture failed: {error}"
         if entry is None:
-            return self.evaluator.forward_backward(latent, lambda leaf: runner.fn(leaf, *inputs), plan, size)
+            return compute(latent, inputs)
         with torch.no_grad():
             entry.latent.copy_(latent)
             for static, value in zip(entry.inputs, inputs):
@@ -288,23 +302,6 @@ class GraphEvaluations:
         entry.graph.replay()
         # Copies: another graph sharing the pool, or the next replay, must not change what the caller holds.
         return entry.outputs.clone()
-
-    def _capture(
-        self,
-        latent: torch.Tensor,
-        inputs: tuple[torch.Tensor, ...],
-        runner: GraphableRunner,
-        plan: LossPlan,
-        size: tuple[int, int],
-    ) -> _Graph:
-        def compute(static_latent: torch.Tensor, static_inputs: tuple[torch.Tensor, ...]) -> Evaluation:
-            return self.evaluator.forward_backward(
-                static_latent, lambda leaf: runner.fn(leaf, *static_inputs), plan, size
-            )
-
-        entry, self.pool = self.backend.capture(latent, inputs, compute, self.pool)
-        logger.info("captured the A&E evaluation of %d image(s) as a graph", latent.shape[0])
-        return entry
 
 
 CAPTURE_ERROR_MODE = "thread_local"

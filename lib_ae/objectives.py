@@ -9,6 +9,8 @@ In the papers' symbols, per image at step i with the aggregated maps A (h, w, T)
     Excite      L = max_s (1 - a_s), a_s = max over pixels of smooth(softmax_100(A)[..., s])
                 (Chefer et al. 2023, Algorithm 1; `lib_ae.loss`), plan: alpha_i = 20 sqrt(linspace(1, 0.5)[i]) for
                 the first half of the steps, iterative refinement at steps 0/10/20.
+    Conform     L = NT-Xent over the subjects' and their modifiers' smoothed maps, this step's and the previous
+                step's (Meral et al. 2024, eq. 4; `lib_ae.conform`), plan: A&E's, every refinement iteration run.
     Bind        L_bind of SynGen (Rassin et al. 2023, eq. 3-5; `lib_ae.binding`), plan: beta_i = 20 for the first half
                 of the steps, no refinement.
     ExciteBind  L = L_excite + (beta_i / alpha_i) w L_bind, one backward and the update z - alpha_i grad L, so each
@@ -19,6 +21,7 @@ Every objective also reports A&E's maxima a_s of the subjects it has (the trace 
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,12 +30,13 @@ from typing import ClassVar
 import torch
 
 from .binding import BindingSelection, binding_loss, spatial_distributions
-from .config import BindingConfig, ExciteConfig, StepPlan
+from .config import BindingConfig, ConfigError, ExciteConfig, StepPlan
+from .conform import OFFICIAL_TEMPERATURE, ConformGroups, ConformIndex, conform_embeddings, ntxent_loss
 from .evaluation import LossGroup
 from .loss import TokenSelection, excite_losses, smoothed_subject_maps, subject_maxima
 from .params import METHODS, AEParams
 
-__all__ = ["METHODS", "Bind", "Excite", "ExciteBind", "Objective", "Terms", "objective_for"]
+__all__ = ["METHODS", "Bind", "Conform", "Excite", "ExciteBind", "Objective", "Terms", "objective_for"]
 
 
 @dataclass
@@ -46,6 +50,7 @@ class Terms:
     objective: torch.Tensor  # (R,) what is differentiated
     maps: list[torch.Tensor]  # keep_maps: per row, (S, h, w) smoothed subject maps
     bind_maps: list[torch.Tensor | None]  # keep_maps: per row, (K, h, w) binding maps, or None
+    carry: torch.Tensor | None = None  # (R, carry_width, D): what the next step reads (`Objective.carries`)
 
 
 class Objective(ABC):
@@ -56,6 +61,13 @@ class Objective(ABC):
     """The method option's value that selects this objective (the infotext's "AE method")."""
     uses_modifier_pairs: ClassVar[bool] = False
     """Whether the loss reads the subjects' (modifier, noun) groups, which the host then locates for each image."""
+    computes_binding_loss: ClassVar[bool] = False
+    """Whether `Terms.bind_losses` is SynGen's loss (reported per image as `StepReport.bind_loss`); the user is then
+    also told why a modifier was not bound (with CONFORM, a subject without a modifier is simply its own group)."""
+    carries: ClassVar[bool] = False
+    """Whether the loss at step i reads what the evaluation behind step i-1's last update carried (`Terms.carry`)."""
+    loss_label: ClassVar[str | None] = None
+    """How the trace names `Terms.losses` when it shows them (None: A&E's maxima already say it)."""
 
     def __init__(self, config: ExciteConfig | None = None) -> None:
         self.config = config or ExciteConfig()
@@ -72,9 +84,32 @@ class Objective(ABC):
         """Before a step's evaluations: set the step's device scalars (a captured graph reads them, never bakes one
         in)."""
 
+    def refinement_target(self, threshold: float) -> float:
+        """The value of `Terms.losses` below which refinement stops, for a plan's threshold: A&E's 1 - threshold."""
+        return max(0.0, 1.0 - threshold)
+
+    def why_idle(self, selection: TokenSelection | None, binding: BindingSelection | None) -> str | None:
+        """Why an image with these targets (found in its prompt) is left alone, for the user; None when it is not."""
+        return None
+
+    def index_for(
+        self, selection: TokenSelection | None, binding: BindingSelection | None, device: torch.device
+    ) -> object:
+        """What `terms` needs of one group's targets as device tensors, built once, before any graph capture."""
+        return None
+
+    def carry_width(self, selection: TokenSelection | None, binding: BindingSelection | None) -> int:
+        """Rows of `Terms.carry` for these targets (0: nothing carried)."""
+        return 0
+
     @abstractmethod
-    def terms(self, group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool) -> Terms:
-        """The terms of one group's rows from their aggregated maps `attention` (R, h, w, T)."""
+    def terms(
+        self, group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool,
+        carried: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Terms:
+        """The terms of one group's rows from their aggregated maps `attention` (R, h, w, T); `carried`: the rows'
+        carry from the previous step (R, carry_width, D) and whether each row has one (R,), for an objective that
+        `carries`."""
 
     def excite_terms(
         self, group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool
@@ -131,7 +166,10 @@ class Excite(Objective):
     def takes_part(self, selection: TokenSelection | None, binding: BindingSelection | None) -> bool:
         return selection is not None and bool(selection.subjects)
 
-    def terms(self, group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool) -> Terms:
+    def terms(
+        self, group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool,
+        carried: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Terms:
         losses, maxima, finite, maps = self.excite_terms(group, attention, size, keep_maps)
         return Terms(losses, maxima, finite, _no_binding(losses), losses, maps,
                      [None] * attention.shape[0] if keep_maps else [])
@@ -142,6 +180,7 @@ class Bind(Objective):
 
     method = "bind"
     uses_modifier_pairs = True
+    computes_binding_loss = True
 
     def __init__(self, config: ExciteConfig | None = None, binding: BindingConfig | None = None) -> None:
         super().__init__(config)
@@ -153,7 +192,10 @@ class Bind(Objective):
     def takes_part(self, selection: TokenSelection | None, binding: BindingSelection | None) -> bool:
         return binding is not None and bool(binding.groups)
 
-    def terms(self, group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool) -> Terms:
+    def terms(
+        self, group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool,
+        carried: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Terms:
         losses, maxima, finite, maps = self.excite_terms(group, attention, size, keep_maps)
         bind, bind_maps = self.binding_terms(group, attention, size, keep_maps)
         bind = _no_binding(losses) if bind is None else bind
@@ -191,7 +233,10 @@ class ExciteBind(Bind):
             self._ratios[device] = torch.zeros((), dtype=torch.float64, device=device)
         return self._ratios[device]
 
-    def terms(self, group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool) -> Terms:
+    def terms(
+        self, group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool,
+        carried: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Terms:
         losses, maxima, finite, maps = self.excite_terms(group, attention, size, keep_maps)
         bind, bind_maps = self.binding_terms(group, attention, size, keep_maps)
         if bind is None:
@@ -199,7 +244,88 @@ class ExciteBind(Bind):
         return Terms(losses, maxima, finite, bind, losses + self._ratio(attention.device) * bind, maps, bind_maps)
 
 
-OBJECTIVES: Mapping[str, type[Objective]] = {kind.method: kind for kind in (Excite, Bind, ExciteBind)}
+class Conform(Objective):
+    """CONFORM: each subject's attention contrasted against the others', its modifiers' attention kept with it
+    (NT-Xent over the smoothed token maps, `lib_ae.conform`). A&E's schedule; refinement runs every iteration at the
+    plan's refinement steps (the official code has no threshold), and each step also contrasts against the maps the
+    previous step's last evaluation saw."""
+
+    method = "conform"
+    uses_modifier_pairs = True
+    carries = True
+    loss_label = "conform loss"
+
+    def __init__(self, config: ExciteConfig | None = None, temperature: float = OFFICIAL_TEMPERATURE) -> None:
+        super().__init__(config)
+        if not (isinstance(temperature, (int, float)) and 1e-3 <= temperature <= 1e3):
+            raise ConfigError(f"the CONFORM temperature must be a number in [0.001, 1000] (got {temperature!r})")
+        self.temperature = float(temperature)
+
+    def plan(self, steps: int) -> StepPlan:
+        return self.config.plan(steps)
+
+    def takes_part(self, selection: TokenSelection | None, binding: BindingSelection | None) -> bool:
+        # One group has no negatives: its loss is 0 and nothing would move (the official NT-Xent gives 0).
+        return ConformGroups.build(selection, binding).groups >= 2
+
+    def refinement_target(self, threshold: float) -> float:
+        return -math.inf
+
+    def why_idle(self, selection: TokenSelection | None, binding: BindingSelection | None) -> str | None:
+        if selection is None or self.takes_part(selection, binding):
+            return None
+        return "CONFORM contrasts two subjects or more, and this prompt gives one; the image was made without it"
+
+    def index_for(
+        self, selection: TokenSelection | None, binding: BindingSelection | None, device: torch.device
+    ) -> ConformIndex | None:
+        if selection is None:
+            return None
+        return ConformIndex.build(selection, ConformGroups.build(selection, binding), device)
+
+    def carry_width(self, selection: TokenSelection | None, binding: BindingSelection | None) -> int:
+        return len(ConformGroups.build(selection, binding).columns)
+
+    def terms(
+        self, group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool,
+        carried: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Terms:
+        _, maxima, finite, maps = self.excite_terms(group, attention, size, keep_maps)
+        count = attention.shape[0]
+        index = group.objective_index
+        if index is None:  # no subjects: nothing to contrast
+            zero = attention.new_zeros(count)
+            return Terms(zero, maxima, finite, _no_binding(zero), zero, maps, [None] * count if keep_maps else [])
+        cfg = self.config
+        embeddings = conform_embeddings(
+            attention, index, smooth_maps=cfg.smooth_attentions, kernel_size=cfg.kernel_size, sigma=cfg.sigma
+        )  # (R, N, D)
+        tokens = embeddings.shape[-2]
+        classes, valid = index.classes, None
+        everything = embeddings
+        if carried is not None:
+            previous, has_previous = carried
+            # Each token, then its previous step's map (the official order), the latter only where there is one.
+            everything = torch.stack([embeddings, previous[:, :tokens].to(embeddings.dtype)], dim=-2).flatten(-3, -2)
+            classes = classes.repeat_interleave(2)
+            valid = torch.stack(
+                [torch.ones_like(has_previous[:, None].expand(count, tokens)),
+                 has_previous[:, None].expand(count, tokens)], dim=-1,
+            ).flatten(-2)
+        losses = ntxent_loss(everything, classes, valid, self.temperature)
+        bind_maps: list[torch.Tensor | None] = [None] * count if keep_maps else []
+        if keep_maps and group.binding is not None and group.binding.groups:
+            columns = [c for g in group.binding.groups for c in (g.noun[0], *(m[0] for m in g.modifiers))]
+            tokens_of = ConformGroups.build(group.selection, group.binding).columns
+            position = {column: k for k, column in enumerate(tokens_of)}
+            shown = [position[c] for c in columns if c in position]
+            if len(shown) == len(columns):
+                picked = embeddings.detach().float()[:, shown].reshape(count, len(shown), *size).cpu()
+                bind_maps = list(picked.unbind(0))
+        return Terms(losses, maxima, finite, _no_binding(losses), losses, maps, bind_maps, embeddings.detach())
+
+
+OBJECTIVES: Mapping[str, type[Objective]] = {kind.method: kind for kind in (Excite, Bind, ExciteBind, Conform)}
 """The method option's value -> its objective, in the order the UI lists them (`lib_ae.params.METHODS`)."""
 if tuple(OBJECTIVES) != METHODS:
     raise AssertionError(f"the method choices {METHODS} are not the objectives {tuple(OBJECTIVES)}")
@@ -232,4 +358,6 @@ def objective_for(params: AEParams) -> Objective:
     kind = OBJECTIVES[params.method]
     if issubclass(kind, Bind):
         return kind(excite_config(params), binding_config(params))
+    if issubclass(kind, Conform):
+        return kind(excite_config(params), params.conform_temperature)
     return kind(excite_config(params))

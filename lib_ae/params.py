@@ -65,9 +65,10 @@ OFFICIAL_THRESHOLDS_TEXT = "0:0.05, 10:0.5, 20:0.8"
 EMPTY_THRESHOLDS_TEXT = "none"
 """Canonical spelling of "no iterative refinement": a non-empty word, because A1111 drops empty infotext values."""
 
-METHODS: tuple[str, ...] = ("excite", "bind", "excite+bind")
+METHODS: tuple[str, ...] = ("excite", "bind", "excite+bind", "conform")
 """`method`'s choices, one per objective of `lib_ae.objectives` (which checks that they match): Attend-and-Excite
-alone (the default, the behaviour before the parameter existed), SynGen's binding alone, or both in one update."""
+alone (the default, the behaviour before the parameter existed), SynGen's binding alone, both in one update, or
+CONFORM's contrastive objective."""
 
 AUTO_SUBJECTS_TEXT = "auto"
 """How automatic subjects are written in the infotext and may be typed: the subjects are found in the prompt."""
@@ -534,7 +535,8 @@ class AEParams:
         infotext_key="AE method",
         help="excite: Attend-and-Excite, every subject must appear. bind: SynGen's binding, each modifier's attention "
             "is pulled onto its noun's ('a red car and a blue bench': red goes to the car), on the modifiers of the "
-            "subjects. excite+bind: both, each loss with its own step size.",
+            "subjects. excite+bind: both, each loss with its own step size. conform: CONFORM, the subjects' attention "
+            "pushed apart and each kept with its modifiers (needs two subjects).",
         canonical=_canonical_method,
         choices=METHODS,
         absent_means_default=True,
@@ -548,6 +550,16 @@ class AEParams:
         infotext_key="AE bind step size",
         help="Step size of the binding update (SynGen: 20, the same at every updated step). With excite+bind the "
             "binding loss moves the latent by this step and the excite loss by the scale factor.",
+        absent_means_default=True,
+    )
+    conform_temperature: float = param(
+        0.5,
+        label="CONFORM temperature",
+        minimum=0.05,
+        maximum=2.0,
+        step=0.05,
+        infotext_key="AE conform temperature",
+        help="Temperature of CONFORM's contrastive loss (official: 0.5); lower contrasts the subjects more sharply.",
         absent_means_default=True,
     )
 

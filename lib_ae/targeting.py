@@ -21,7 +21,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .binding import BindingSelection
 from .evaluation import Target
+from .loss import TokenSelection
 from .suggest import modifier_pairs, suggest_subjects
 from .tokens import CHUNK_LENGTH, BindingLocation, EmbeddingSpan, SubjectLocation, locate_bindings, locate_subjects
 
@@ -274,6 +276,18 @@ def binding_labels(location: BindingLocation) -> list[str]:
 
 
 
+class TargetReader(Protocol):
+    """What `ImageTargeting` asks of the objective (`lib_ae.objectives.Objective`)."""
+
+    @property
+    def uses_modifier_pairs(self) -> bool: ...
+
+    @property
+    def computes_binding_loss(self) -> bool: ...
+
+    def why_idle(self, selection: TokenSelection | None, binding: BindingSelection | None) -> str | None: ...
+
+
 @dataclass(frozen=True)
 class PassSteps:
     """The step counts of one sampling pass, as the host built its prompt schedules (`base`, and `hires` for a hires
@@ -293,11 +307,10 @@ class ImageTargeting:
     order of its maps), `subjects_used` (typed or suggested), `bound` (the (modifier, noun) pairs bound at some step,
     in order), `binding_labels` (the captions of its binding maps: each noun, then "red→car")."""
 
-    def __init__(
-        self, finder: SubjectFinder, uses_modifier_pairs: bool, report: Callable[[int, str], None]
-    ) -> None:
+    def __init__(self, finder: SubjectFinder, objective: TargetReader, report: Callable[[int, str], None]) -> None:
         self.finder = finder
-        self.uses_modifier_pairs = uses_modifier_pairs
+        self.objective = objective
+        self.uses_modifier_pairs = objective.uses_modifier_pairs
         self.report = report
         self._locations: dict[tuple[str, int], tuple[tuple[str, ...], SubjectLocation, BindingLocation | None]] = {}
         self.labels: dict[int, list[str]] = {}
@@ -328,6 +341,9 @@ class ImageTargeting:
             binding = (
                 self._locate_binding(b, text, tokens, target, subjects, steps) if self.uses_modifier_pairs else None
             )
+            idle = self.objective.why_idle(location.selection, binding.selection if binding is not None else None)
+            if idle is not None:
+                self.report(b, idle + entry_span(tokens, target, steps))
             self._locations[key] = (subjects, location, binding)
         subjects, location, binding = self._locations[key]
         self.labels[b] = list(location.found)
@@ -344,7 +360,7 @@ class ImageTargeting:
         modifier not in the entry, a word split between chunks, nothing to bind, a pair across a chunk boundary)."""
         binding, messages = self.finder.bindings_in(text, tokens, target, subjects, steps.base)
         where = entry_span(tokens, target, steps)
-        for message in messages:
+        for message in messages if self.objective.computes_binding_loss else ():
             self.report(b, message.removeprefix("AE ") + where)
         return binding
 

@@ -93,6 +93,16 @@ def bind_loss_summary(reports: Sequence[StepReport], image: int) -> str | None:
     return f"bind loss {values[0]:.3g} -> {values[-1]:.3g}"
 
 
+def loss_summary(reports: Sequence[StepReport], image: int, label: str) -> str | None:
+    """"conform loss 1.08 -> 1.52": an objective's loss of one image at the first and the last step it was evaluated;
+    None when the image was not."""
+    values = [r.loss[image] for r in reports if r.active and image < len(r.loss)]
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return f"{label} {values[0]:.3g} -> {values[-1]:.3g}"
+
+
 def image_trace(
     reports: Sequence[StepReport], image: int, labels: Sequence[str], refinement_steps: Sequence[int]
 ) -> ImageTrace:

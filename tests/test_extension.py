@@ -615,7 +615,7 @@ def test_xyz_axes_override_the_ui_values(host: SimpleNamespace) -> None:
             plot("[AE] Scale factor", "20, 1000", enabled=True, subjects="cat")
         # Method axis: a dropdown of the three methods; each cell records its own.
         method = xyz.axis_options[labels.index("[AE] Method")]
-        assert method.choices is not None and method.choices() == ["excite", "bind", "excite+bind"]
+        assert method.choices is not None and method.choices() == ["excite", "bind", "excite+bind", "conform"]
         processed = plot("[AE] Method", "excite, excite+bind", enabled=True, subjects="")
         assert [ae_keys(t, host)["AE method"] for t in processed.infotexts] == ["excite", "excite+bind"]
         assert "[AE] Binding step size" in labels
@@ -639,7 +639,9 @@ def test_cuda_graph_runner_gives_the_same_images(webui: WebUI, monkeypatch: pyte
         original(self, *a, **kw)
         assert self._graphs is not None
         evaluate = self._graphs.evaluate
-        self._graphs.evaluate = lambda *e: evaluations.append(e[-1]) or evaluate(*e)  # type: ignore[method-assign]
+        self._graphs.evaluate = (  # type: ignore[method-assign]
+            lambda *e, **k: evaluations.append(e[4]) or evaluate(*e, **k)  # e[4]: the runner
+        )
 
     monkeypatch.setattr(AttendAndExcite, "__init__", spy)
     p, graphed = webui.run(args)

@@ -123,6 +123,7 @@ def test_positional_order_is_frozen() -> None:
         "heatmaps_first_step",
         "method",
         "bind_step_size",
+        "conform_temperature",
     )
 
 
@@ -145,6 +146,7 @@ def test_infotext_keys_and_labels_are_frozen() -> None:
         "heatmaps_first_step": ("AE heatmaps first step", "Heatmaps also at the first step"),
         "method": ("AE method", "Method"),
         "bind_step_size": ("AE bind step size", "Binding step size"),
+        "conform_temperature": ("AE conform temperature", "CONFORM temperature"),
     }
 
 
@@ -167,6 +169,7 @@ def test_infotext_keys_and_labels_are_frozen() -> None:
         ("heatmaps_first_step", "bool", False, None, None, None),
         ("method", "str", "excite", None, None, None),
         ("bind_step_size", "float", 20.0, 0, 100, 0.5),
+        ("conform_temperature", "float", 0.5, 0.05, 2, 0.05),
     ],
 )
 def test_spec_table(name: str, kind: str, default: Any, minimum: Any, maximum: Any, step: Any) -> None:
@@ -244,7 +247,7 @@ def test_too_few_positional_args_keep_the_remaining_defaults() -> None:
 
 def test_full_positional_args() -> None:
     args = [True, "cat, red car", 25.5, 0.4, "0:0.1, 5:0.9", 10, False, 1.0, 5, 16, True, True, True, True,
-            "excite+bind", 12.5]
+            "excite+bind", 12.5, 0.25]
     params = from_script_args(args)
     assert as_args(params) == args
     assert from_script_args(as_args(params)) == params
@@ -364,6 +367,7 @@ BAD = {
     "heatmaps_first_step": BAD_BOOL,
     "method": BAD_TEXT + ["", "syngen", "excite bind", "excite,bind", ["bind"], "auto"],
     "bind_step_size": BAD_NUMBER + [100.5, -0.5],
+    "conform_temperature": BAD_NUMBER + [0, 0.04, 2.01],
 }
 BAD_CASES = [(name, value) for name, values in BAD.items() for value in values]
 
@@ -419,8 +423,8 @@ def test_bad_values_are_errors_naming_the_field(name: str, raw: Any) -> None:
         ("thresholds", ["0:0.05"], "AE thresholds: expected text, got ['0:0.05'] (list)"),
         ("thresholds", "0:0.1, 0:0.2", "AE thresholds: step 0 is given more than once"),
         ("thresholds", "0:1.5", "AE thresholds: in '0:1.5' the threshold must be a number between 0 and 1"),
-        ("method", "syngen", "AE method: expected one of excite, bind, excite+bind, got 'syngen' (str)"),
-        ("method", 1, "AE method: expected one of excite, bind, excite+bind, got 1 (int)"),
+        ("method", "syngen", "AE method: expected one of excite, bind, excite+bind, conform, got 'syngen' (str)"),
+        ("method", 1, "AE method: expected one of excite, bind, excite+bind, conform, got 1 (int)"),
         ("bind_step_size", -1, "AE bind step size: expected a number between 0 and 100, got -1 (int)"),
     ],
 )
@@ -449,7 +453,7 @@ def test_thresholds_step_message_explains_the_reference_steps() -> None:
 
 
 def test_all_problems_are_reported_at_once() -> None:
-    args = [1, 5, "abc", None, 7, 1.5, "maybe", math.inf, 4, -1, [], {}, "no", 0, "both", "x"]
+    args = [1, 5, "abc", None, 7, 1.5, "maybe", math.inf, 4, -1, [], {}, "no", 0, "both", "x", -3]
     with pytest.raises(ParamsError) as error:
         from_script_args(args)
     keys = [m.split(":")[0] for m in error.value.messages]
@@ -558,7 +562,7 @@ def test_constructor_validates_everything() -> None:
         AEParams(enabled=True, subjects="", sigma=0, method="both")  # type: ignore[arg-type]
     assert error.value.messages == [
         "AE sigma: expected a number between 0.05 and 5, got 0 (int)",
-        "AE method: expected one of excite, bind, excite+bind, got 'both' (str)",
+        "AE method: expected one of excite, bind, excite+bind, conform, got 'both' (str)",
     ]
 
 
@@ -592,7 +596,7 @@ def test_to_binding_config_and_the_method_flags() -> None:
     )
     objectives = [objective_for(AEParams(method=m)) for m in METHODS]
     assert [(isinstance(o, (Excite, ExciteBind)), o.uses_modifier_pairs) for o in objectives] == [
-        (True, False), (False, True), (True, True)
+        (True, False), (False, True), (True, True), (False, True)
     ]
     assert [o.method for o in objectives] == list(METHODS)
 
@@ -753,7 +757,8 @@ def test_an_image_from_before_the_method_existed_reads_as_excite() -> None:
     # Its infotext has A&E keys but no "AE method": it was made by Attend-and-Excite alone, whatever the UI shows now.
     fields = {"AE": "v1", "AE subjects": "cat", "AE sigma": "1.5"}
     assert from_infotext(fields) == {
-        "enabled": True, "subjects": "cat", "sigma": 1.5, "method": "excite", "bind_step_size": 20.0
+        "enabled": True, "subjects": "cat", "sigma": 1.5, "method": "excite", "bind_step_size": 20.0,
+        "conform_temperature": 0.5,
     }
 
 
@@ -784,9 +789,9 @@ def test_infotext_without_ae_switches_it_off() -> None:
 
 
 def test_infotext_partial_keys() -> None:
-    # The parameters appended for issue 13 (method, bind_step_size) take their defaults when absent: see
-    # test_an_image_from_before_the_method_existed_reads_as_excite.
-    appended = {"method": "excite", "bind_step_size": 20.0}
+    # The parameters appended for issues 13 and 20 (method, bind_step_size, conform_temperature) take their defaults
+    # when absent: see test_an_image_from_before_the_method_existed_reads_as_excite.
+    appended = {"method": "excite", "bind_step_size": 20.0, "conform_temperature": 0.5}
     assert from_infotext({"AE": "v1"}) == {"enabled": True, **appended}
     assert from_infotext({"AE sigma": "2"}) == {"enabled": True, "sigma": 2.0, **appended}
     assert from_infotext({"AE subjects-1": "3", "AE subjects-2": "4"}) == {
@@ -798,7 +803,7 @@ def test_infotext_bad_values_are_skipped_or_strict(caplog: pytest.LogCaptureFixt
     fields = {"AE": "v1", "AE subjects": "cat", "AE sigma": "abc", "AE kernel size": "4", "AE smoothing": "False"}
     with caplog.at_level(logging.WARNING, logger="lib_ae.webui.wire"):
         result = from_infotext(fields)
-    appended = {"method": "excite", "bind_step_size": 20.0}  # absent: the defaults (written before they existed)
+    appended = {"method": "excite", "bind_step_size": 20.0, "conform_temperature": 0.5}  # absent: the defaults
     assert result == {"enabled": True, "subjects": "cat", "smooth_attentions": False, **appended}
     assert "AE sigma: expected a number between 0.05 and 5, got 'abc' (str)" in caplog.text
     with pytest.raises(ParamsError) as error:
@@ -809,7 +814,8 @@ def test_infotext_bad_values_are_skipped_or_strict(caplog: pytest.LogCaptureFixt
 def test_infotext_unknown_format_version_is_read_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="lib_ae.webui.wire"):
         result = from_infotext({"AE": "v9", "AE sigma": "1.5"})
-    assert result == {"enabled": True, "sigma": 1.5, "method": "excite", "bind_step_size": 20.0}
+    assert result == {"enabled": True, "sigma": 1.5, "method": "excite", "bind_step_size": 20.0,
+                      "conform_temperature": 0.5}
     assert "v9" in caplog.text
 
 
@@ -818,7 +824,7 @@ def test_infotext_values_as_a1111_api_casts_them() -> None:
     assert from_infotext({"AE": "v1", "AE kernel size": 5, "AE smoothing": False, "AE sigma": 1, "AE method": "bind",
                           "AE bind step size": 10}) == {
         "enabled": True, "kernel_size": 5, "smooth_attentions": False, "sigma": 1.0, "method": "bind",
-        "bind_step_size": 10.0,
+        "bind_step_size": 10.0, "conform_temperature": 0.5,
     }
 
 

@@ -174,7 +174,7 @@ class SamplingPass:
         self.plms = plms
         self.targeting = ImageTargeting(
             subject_finder(encoder, params.subject_names, params.normalize_eot),
-            engine.objective.uses_modifier_pairs,
+            engine.objective,
             self._report_once,
         )
         """Per image: its targets, and what was found for the infotext, the trace and the heatmaps."""

@@ -102,7 +102,8 @@ def _token_view_html(prompt: str, subjects_text: str, steps: int, method: str) -
         subjects_valid = False  # the problem is in the subjects: show the tokens without any
     first, others = host.first_subprompt(host.strip_extra_networks(prompt or ""))
     finder = subject_finder(encoder, params.subject_names)
-    uses_pairs = objective_for(params).uses_modifier_pairs
+    objective = objective_for(params)
+    uses_pairs = objective.uses_modifier_pairs
     schedule_steps = max(1, int(steps or 20))
     tokens = finder.schedule_tokens(first, schedule_steps)
     suggested = finder.automatic and subjects_valid
@@ -130,7 +131,7 @@ def _token_view_html(prompt: str, subjects_text: str, steps: int, method: str) -
         modifiers: dict[int, str] = {}  # modifier column -> its noun
         if uses_pairs:
             binding, messages = finder.bindings_in(first, tokens, entry, subjects, schedule_steps)
-            notes.update(dict.fromkeys(messages))
+            notes.update(dict.fromkeys(messages if objective.computes_binding_loss else ()))
             if binding is not None:
                 for _, noun, modifier_columns, noun_columns in binding.bound:
                     noun_owner = owner.get(noun_columns[0], noun)

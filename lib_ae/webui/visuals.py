@@ -11,6 +11,7 @@ from lib_ae.visualize import (
     binding_maps_at,
     heatmap_strip,
     image_trace,
+    loss_summary,
     subject_maps_at,
     trace_plot,
     trace_summary,
@@ -101,9 +102,12 @@ def _summaries(sampling_pass: SamplingPass, interrupted: bool) -> dict[int, str]
     eager = f", no CUDA graph ({eager_reason})" if eager_reason else ""
     summaries = {}
     for b, trace in _traces(sampling_pass).items():
-        binds = sampling_pass.targeting.uses_modifier_pairs
-        bind = bind_loss_summary(reports, b) if binds else None
-        summaries[b] = trace_summary(trace, interrupted=cut) + (f", {bind}" if bind else "") + eager
+        objective = sampling_pass.run.engine.objective
+        extra = [
+            bind_loss_summary(reports, b) if objective.computes_binding_loss else None,
+            loss_summary(reports, b, objective.loss_label) if objective.loss_label else None,
+        ]
+        summaries[b] = trace_summary(trace, interrupted=cut) + "".join(f", {e}" for e in extra if e) + eager
     return summaries
 
 
