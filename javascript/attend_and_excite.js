@@ -14,7 +14,7 @@
         var button = app.getElementById(id + "tokens_refresh");
         var subjects = app.querySelector("#" + id + "subjects textarea");
         var prompt = app.querySelector("#" + tab + "_prompt textarea");
-        var methods = app.getElementById(id + "method"); // a radio group: excite | bind | excite+bind
+        var methods = app.getElementById(id + "method"); // a radio group: one choice per method (lib_ae.params.METHODS)
         if (!view || !request || !button || !subjects || !prompt) {
             return null;
         }

@@ -78,3 +78,13 @@ def test_disabled_conform_changes_nothing(webui: WebUI) -> None:
     _, processed = webui.run(webui.args(enabled=False, subjects="car, bench", method="conform"), prompt=PROMPT)
     assert torch.equal(torch.stack(processed.images), baseline(webui.host, prompt=PROMPT))
     assert processed.infotexts[0] == webui.run(webui.args(enabled=False), prompt=PROMPT)[1].infotexts[0]
+
+
+def test_heatmaps_show_each_modifier_beside_its_subject(webui: WebUI) -> None:
+    """The strip shows each subject's map and, per group, the maps CONFORM contrasted: the noun, then "red→car"."""
+    p, processed = webui.run(webui.args(enabled=True, subjects="", method="conform", heatmaps=True), prompt=PROMPT)
+    visual = webui.adapter("run_state").existing_state(p).visuals[0]
+    assert [[m.label for m in row] for row in visual.rows] == [
+        ["car", "bench", "car", "red\u2192car", "bench", "blue\u2192bench"]
+    ]
+    assert len(processed.images) == 3  # the image, its strip, its trace plot
