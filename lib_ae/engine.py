@@ -135,8 +135,9 @@ class AttendAndExcite:
         z = latent.detach().clone()
         coefficient = self._coefficients(plan.step_sizes[step], gradient_scale, z)
         self.objective.start_step(plan, step, z.device)
-        carry_shape = (max(self.objective.carry_width(*targets[b]) for b in rows), size[0] * size[1])
-        carried = self._carries.for_step(step, batch, *carry_shape, z) if self.objective.carries else None
+        carries = self.objective.carries
+        carry_shape = (max(self.objective.carry_width(*targets[b]) for b in rows) if carries else 0, size[0] * size[1])
+        carried = self._carries.for_step(step, batch, *carry_shape, z) if carries else None
         context = _StepContext(targets, size, run_unet, coefficient, carried)
 
         first = self._evaluate(z, rows, context, keep_maps)
@@ -175,7 +176,7 @@ class AttendAndExcite:
                     for b, bind_maps in zip(map_rows, evaluation.bind_maps):
                         report.bind_maps[b] = bind_maps
         reported = exact_rows(maxima_from, self.evaluator.index)  # each row's final evaluation
-        if self.objective.carries:
+        if carries:
             self._carries.keep(step, batch, *carry_shape, reported, self.evaluator.index)
         bound = frozenset(
             b for b in rows if self.objective.computes_binding_loss and bindings[b] is not None and bindings[b].groups  # type: ignore[union-attr]
