@@ -11,6 +11,10 @@ One process, one run, same weights / latent / prompt embedding / sampler for eve
   excite_bind_norefine, excite_bind
                (with --binding) `excite+bind`: the ae_norefine / ae rows with SynGen's loss added to the same evaluation
                (no extra UNet call); ratios `ours_excite_bind*_over_ae*` over the matching excite row (target <= 1.02)
+  conform_norefine, conform
+               (with --conform) `conform`: CONFORM's contrastive loss on the same maps of the same evaluation, with the
+               subjects' modifier groups of `bind`; ratios `ours_conform*_over_ae*` over the matching excite row
+               (target <= 1.03). With refinement CONFORM runs every iteration, like A&E's worst case here
   ref_plain    diffusers StableDiffusionPipeline (DDIM, same steps and CFG) on the same UNet converted to diffusers
   ref_ae       diffusers StableDiffusionAttendAndExcitePipeline (DDIM, its defaults) on that converted UNet
 Each lib_ae row exists with CUDA-graph evaluation (`_graph`) and eager. The reference rows run for SD1.5 at batch 1
@@ -78,7 +82,7 @@ from lib_ae import (  # noqa: E402
 )
 from lib_ae.binding import BindingGroup, BindingSelection  # noqa: E402
 from lib_ae.config import BindingConfig  # noqa: E402
-from lib_ae.objectives import Bind, Excite, ExciteBind, Objective  # noqa: E402
+from lib_ae.objectives import Bind, Conform, Excite, ExciteBind, Objective  # noqa: E402
 from lib_ae.graphs import GraphableRunner  # noqa: E402
 from support.thirdparty import import_k_diffusion  # noqa: E402
 
@@ -90,6 +94,8 @@ AE_ROWS = ("ae_norefine", "ae_norefine_graph", "ae", "ae_graph")
 BINDING_ROWS = ("bind", "bind_graph", "excite_bind_norefine", "excite_bind_norefine_graph", "excite_bind",
                 "excite_bind_graph")
 """Rows of the binding methods: with --binding (or named in --rows)."""
+CONFORM_ROWS = ("conform_norefine", "conform_norefine_graph", "conform", "conform_graph")
+"""Rows of CONFORM: with --conform (or named in --rows)."""
 BINDING = BindingSelection.official(7, [BindingGroup(2, (1,)), BindingGroup(5, (4,))])
 """Two modifier-noun groups whose nouns are the subjects of SUBJECT_COLUMNS (2 and 5), among 7 word pieces."""
 TOKENS = 77
@@ -574,9 +580,17 @@ ROW_CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {
     "excite_bind_norefine_graph": ({"thresholds": {}}, True),
     "excite_bind": ({}, False),
     "excite_bind_graph": ({}, True),
+    "conform_norefine": ({"thresholds": {}}, False),
+    "conform_norefine_graph": ({"thresholds": {}}, True),
+    "conform": ({}, False),
+    "conform_graph": ({}, True),
 }
 ROW_METHODS: dict[str, type[Objective]] = {
-    name: ((Bind if name.startswith("bind") else ExciteBind) if name in BINDING_ROWS else Excite) for name in ROW_CONFIGS
+    name: (
+        (Bind if name.startswith("bind") else ExciteBind) if name in BINDING_ROWS
+        else Conform if name in CONFORM_ROWS else Excite
+    )
+    for name in ROW_CONFIGS
 }
 """Per row: the engine's objective (bind: SynGen alone; excite_bind: both)."""
 ROW_KEYS = {"ae_norefine_graph": "norefine_graph", "ae_graph": "worst_graph", "ae_norefine": "norefine_eager", "ae": "worst_eager"}
@@ -639,7 +653,7 @@ def bench_scenario(
         return run
 
     fns: dict[str, Callable[[int], Any]] = {"plain": plain}
-    for name in ("ae_norefine_graph", "ae_graph", "ae_norefine", "ae", *BINDING_ROWS):
+    for name in ("ae_norefine_graph", "ae_graph", "ae_norefine", "ae", *BINDING_ROWS, *CONFORM_ROWS):
         if name in rows:
             overrides, graphs = ROW_CONFIGS[name]
             fns[name] = ae_row(name, ExciteConfig(**overrides), graphs)
@@ -712,7 +726,7 @@ def bench_scenario(
     empty_cache(device)
 
     base = results["plain"]
-    ours = [name for name in results if name.startswith(("ae", "bind", "excite_bind"))]
+    ours = [name for name in results if name.startswith(("ae", "bind", "excite_bind", "conform"))]
     ratios = {f"ours_{name}_over_plain": results[name]["seconds_per_image"] / base["seconds_per_image"] for name in ours}
     paired = {f"ours_{name}_over_plain": paired_ratio(runs, name, "plain") for name in ours}
     memory = {f"ours_{name}_minus_plain_gib": results[name]["peak_over_resident_gib"] - base["peak_over_resident_gib"] for name in ours}
@@ -720,9 +734,10 @@ def bench_scenario(
         f"ours_{name}_minus_plain_reserved_gib": results[name]["peak_reserved_growth_gib"] - base["peak_reserved_growth_gib"]
         for name in ours
     })
-    for name in ours:  # issue 13's target: excite+bind at most 2% over excite alone at the same settings
-        excite_row = "ae" + name.removeprefix("excite_bind")
-        if name.startswith("excite_bind") and excite_row in results:
+    for name in ours:  # excite+bind at most 2% over excite alone at the same settings (issue 13), conform 3% (issue 20)
+        prefix = "excite_bind" if name.startswith("excite_bind") else "conform" if name.startswith("conform") else None
+        excite_row = "ae" + name.removeprefix(prefix) if prefix else ""
+        if prefix and excite_row in results:
             key = f"ours_{name}_over_{excite_row}"
             ratios[key] = results[name]["seconds_per_image"] / results[excite_row]["seconds_per_image"]
             paired[key] = paired_ratio(runs, name, excite_row)
@@ -1154,6 +1169,7 @@ def rows_for(scenario: Scenario, batch: int, args: argparse.Namespace) -> set[st
     """The A&E rows of one configuration. By default: everything at batch 1 except the scenario's skipped rows (SDXL's
     eager rows), only the graph rows at batch > 1 and for SDXL only batch 1, to fit one device call."""
     rows = set(AE_ROWS) | (set(BINDING_ROWS) if args.binding or args.rows else set())
+    rows |= set(CONFORM_ROWS) if args.conform or args.rows else set()
     if not args.all_rows:
         rows -= set(scenario.skip_by_default)
         if batch > 1:
@@ -1211,7 +1227,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (1 4; tiny: 1)")
     parser.add_argument("--only", choices=("sd15", "sdxl"), default=None)
     parser.add_argument("--rows", type=lambda v: [r for r in v.split(",") if r], default=None,
-                        help=f"comma-separated A&E rows to keep, of {','.join(AE_ROWS + BINDING_ROWS)} (plain always runs)")
+                        help=f"comma-separated A&E rows to keep, of {','.join(AE_ROWS + BINDING_ROWS + CONFORM_ROWS)} "
+                        "(plain always runs)")
+    parser.add_argument("--conform", action="store_true", help=f"add the CONFORM rows ({', '.join(CONFORM_ROWS)})")
     parser.add_argument("--binding", action="store_true",
                         help=f"add the binding rows ({', '.join(BINDING_ROWS)}) beside the excite rows")
     parser.add_argument("--no-reference", action="store_true", help="skip the diffusers rows")

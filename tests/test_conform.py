@@ -324,3 +324,45 @@ def test_conform_replays_as_a_graph_with_the_carried_maps_and_reads_nothing_on_t
     assert replays >= 3
     assert torch.equal(eager, graph) and eager_losses == graph_losses
     assert not torch.equal(eager, x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the graph is only captured there)")
+def test_conform_cuda_graphs_equal_eager_on_cuda() -> None:
+    """With real CUDA graphs (fp32 weights, fp16 autocast as the host runs them): the carried maps are read from the
+    graph's static inputs, and graph == eager bit for bit over steps with and without previous maps."""
+    from support.models import SD1_LIKE
+
+    from lib_ae import GraphableRunner
+
+    device = torch.device("cuda")
+    unet = make_unet(SD1_LIKE, seed=3).to(device)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 4, 64, 64, generator=g).to(device)
+    sigma = torch.tensor([7.0, 3.5], device=device)
+    context = torch.randn(2, 77, SD1_LIKE.context_dim, generator=g).to(device)
+    results = []
+    for graphs in (False, True):
+        capture = AttentionCapture(unet)
+        try:
+            engine = AttendAndExcite(capture, Conform(ExciteConfig(thresholds={})), cuda_graphs=graphs)
+            excitation = InSamplerExcitation(engine, engine.plan(10), "sigma")
+
+            def forward(latent_rows: torch.Tensor, sigma_rows: torch.Tensor, context_rows: torch.Tensor) -> None:
+                unet(latent_rows / (1 + sigma_rows[:, None, None, None] ** 2) ** 0.5, sigma_rows * 50,
+                     context=context_rows)
+
+            runner = GraphableRunner(forward, (sigma, context), key="conform-cuda")
+            latent = x.clone()
+            with torch.autocast("cuda", dtype=torch.float16):
+                for step in range(4):
+                    excitation.before_model_call(step, latent, sigma, [s for s, _ in TARGETS], runner,
+                                                 bindings=[b for _, b in TARGETS])
+            if graphs:
+                assert engine._graphs is not None and engine._graphs.graphs and engine.graph_fallback_reason is None
+            results.append((latent, [r.loss for r in excitation.reports]))
+            engine.release_graphs()
+        finally:
+            capture.remove()
+    (eager, eager_losses), (graph, graph_losses) = results
+    assert torch.equal(eager, graph) and eager_losses == graph_losses
+    assert not torch.equal(eager, x)
