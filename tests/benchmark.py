@@ -785,25 +785,30 @@ def profile_numbers_for(
     def run_unet(latent_rows: torch.Tensor, index: torch.Tensor) -> None:
         denoiser(latent_rows, sigma.index_select(0, index), cond=select_rows(cond, index))
 
-    def ae_step(graphs: bool) -> Callable[[], None]:
-        engine = AttendAndExcite(capture, ExciteConfig(thresholds={}), cuda_graphs=graphs)
+    def ae_step(graphs: bool, kind: type[Objective] = Excite) -> Callable[[], None]:
+        engine = AttendAndExcite(capture, kind(ExciteConfig(thresholds={})), cuda_graphs=graphs)
         plan = engine.plan(50)
         runner = graphable_runner(denoiser, sigma, cond) if graphs else run_unet
+        bindings = [BINDING if kind is not Excite else None] * batch
 
         def fn() -> None:
             with torch.no_grad():
-                engine.step(x, 1, plan, selections, runner)
+                engine.step(x, 1, plan, selections, runner, bindings=bindings)
 
         fn.engine = engine  # type: ignore[attr-defined]
         return fn
 
     numbers: dict[str, Any] = {"plain_cfg_step_busy_ms": busy_ms(cfg_step, device)}
-    eager = ae_step(False)
-    numbers["ae_evaluation_busy_ms"] = busy_ms(eager, device)
-    if any(r.endswith("_graph") for r in rows):
-        graph = ae_step(True)
-        numbers["ae_evaluation_graph_busy_ms"] = busy_ms(graph, device)
-        graph.engine.release_graphs()  # type: ignore[attr-defined]
+    kinds: list[tuple[str, type[Objective]]] = [("ae", Excite)]
+    if any(r.startswith("conform") for r in rows):  # CONFORM beside A&E: the same evaluation plus its loss
+        kinds.append(("conform", Conform))
+    for prefix, kind in kinds:
+        eager = ae_step(False, kind)
+        numbers[f"{prefix}_evaluation_busy_ms"] = busy_ms(eager, device)
+        if any(r.endswith("_graph") for r in rows):
+            graph = ae_step(True, kind)
+            numbers[f"{prefix}_evaluation_graph_busy_ms"] = busy_ms(graph, device)
+            graph.engine.release_graphs()  # type: ignore[attr-defined]
     return numbers
 
 

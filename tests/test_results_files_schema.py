@@ -46,3 +46,11 @@ def test_binding_cost_rows_are_recorded() -> None:
     counts = binding["same_work"]
     assert counts["excite_bind_norefine_graph"]["ae_evaluations"] == counts["ae_norefine_graph"]["ae_evaluations"]
     assert binding["added_operations"]["excite_bind_minus_excite"] > 0
+
+
+def test_conform_cost_rows_are_recorded() -> None:
+    conform = json.loads((HERE / "benchmark-h200.json").read_text())["conform"]
+    assert set(conform["conform_over_excite_median_of_per_round"]) == {"draw_a", "draw_b", "draw_c"}
+    assert set(conform["gpu_busy_conform_over_excite"]) == {"eager", "graph"}
+    assert all(isinstance(v, float) and v > 0.5 for v in conform["gpu_busy_conform_over_excite"].values())
+    assert isinstance(conform["verdict"], str) and conform["verdict"]
