@@ -21,8 +21,9 @@ Two parsers, same output format:
   head and the words before it are its modifiers ("big red car" -> head car, modifiers big, red); adjectives joined by
   "and", "or" or a comma stay in one phrase ("a red and blue table"); a participle after a noun starts a
   verb phrase ("a dog running", "a car parked"), before one it is a modifier ("a running dog"); a colour or material
-  word alone after an article is a noun ("an orange"). It does not follow modifiers across a verb ("the car is red"
-  binds nothing).
+  word alone after an article is a noun ("an orange"); a relative clause's adjectives modify its noun ("a dog that
+  is brown"), but a main clause's do not ("the car is red" binds nothing). Photography and rendering phrases ("depth of
+  field", "golden hour", "soft lighting", "concept art by ...") name nothing in the picture and are left out.
 """
 
 from __future__ import annotations
@@ -157,6 +158,12 @@ _RESOLUTION_TAG = re.compile(r"^\d+(?:k|p|px|mm|fps|x\d+)?$", re.IGNORECASE)
 
 _TOKEN = re.compile(r"[A-Za-z0-9]+(?:['’\-_][A-Za-z0-9]+)*|[^\sA-Za-z0-9]")
 _CLOSE_UP = re.compile(r"\bclose[\s-]+up\b", re.IGNORECASE)
+_STYLE_PHRASES = re.compile(
+    r"\b(?:depth of field|golden hour|blue hour|award[\s-]+winning|film grain|ray[\s-]+tracing|wide[\s-]+angle|"
+    r"colou?r grading)\b",
+    re.IGNORECASE,
+)
+"""Photography and rendering phrases that name no thing in the picture; each becomes a tag boundary."""
 
 
 def _is_adjective(word: str) -> bool:
@@ -177,7 +184,7 @@ def _is_lexicon_adjective(word: str) -> bool:
 
 def _is_participle(word: str) -> bool:
     lower = word.lower()
-    return len(lower) > 4 and lower.endswith("ing") and lower not in NOUNS_ENDING_IN_ING
+    return len(lower) > 4 and lower.endswith("ing") and lower not in NOUNS_ENDING_IN_ING and lower not in STYLE_NOUNS
 
 
 def _is_boundary_word(lower: str) -> bool:
@@ -194,6 +201,7 @@ class _PhraseSpan:
     next_word: str = ""  # the word right after it ("of" marks framing and quantity nouns)
     tag_end: bool = False
     after_by: bool = False
+    last: int = -1  # index of its last token in the segment's tokens
 
 
 def _tokens(segment: str, embeddings: Sequence[str]) -> list[str]:
@@ -214,6 +222,7 @@ def _tokens(segment: str, embeddings: Sequence[str]) -> list[str]:
 def _phrase_spans(tokens: list[str], embeddings: Collection[str]) -> list[_PhraseSpan]:
     chunks: list[_PhraseSpan] = []
     run: list[str] = []
+    last = -1
     determined = False
     after_by = False
     pending_start = True  # the next run starts a tag
@@ -221,7 +230,7 @@ def _phrase_spans(tokens: list[str], embeddings: Collection[str]) -> list[_Phras
     def flush(next_word: str, tag_end: bool) -> None:
         nonlocal run, determined, pending_start
         if run:
-            chunks.append(_PhraseSpan(run, determined, pending_start, next_word.lower(), tag_end, after_by))
+            chunks.append(_PhraseSpan(run, determined, pending_start, next_word.lower(), tag_end, after_by, last))
         run = []
         determined = False
         pending_start = False
@@ -231,6 +240,7 @@ def _phrase_spans(tokens: list[str], embeddings: Collection[str]) -> list[_Phras
         following = tokens[index + 1] if index + 1 < len(tokens) else ""
         if token in embeddings:
             run.append(token)
+            last = index
             continue
         if not (token[0].isalnum()):
             if token in ",;" and run and all(_is_adjective(w) for w in run) and _starts_content(following):
@@ -241,6 +251,7 @@ def _phrase_spans(tokens: list[str], embeddings: Collection[str]) -> list[_Phras
             continue
         if lower.endswith(("'s", "’s")):
             run.append(token[:-2])
+            last = index
             flush(following, tag_end=False)
             determined = True  # "a cat's hat": the possessor acts as the determiner of what follows
             continue
@@ -268,8 +279,32 @@ def _phrase_spans(tokens: list[str], embeddings: Collection[str]) -> list[_Phras
         if lower in VERBS and not run and not determined and lower.endswith("ing"):
             continue  # "..., sitting on a bench": a verb phrase without its subject
         run.append(token)
+        last = index
     flush("", tag_end=True)
     return chunks
+
+
+RELATIVE_PRONOUNS = _words("that which who")
+COPULAS = _words("is are was were")
+
+
+def _predicative_modifiers(tokens: list[str]) -> dict[int, list[str]]:
+    """Token index of a noun -> the modifiers a relative clause gives it ("a dog that is brown", "a car which is
+    bright red"): the adjectives right after "that/which/who is/are"."""
+    found: dict[int, list[str]] = {}
+    for index in range(1, len(tokens) - 2):
+        if tokens[index].lower() not in RELATIVE_PRONOUNS or tokens[index + 1].lower() not in COPULAS:
+            continue
+        if not tokens[index - 1][0].isalnum():
+            continue
+        adjectives: list[str] = []
+        for word in tokens[index + 2 :]:
+            if not word[0].isalnum() or not _is_adjective(word):
+                break
+            adjectives.append(word)
+        if adjectives:
+            found[index - 1] = adjectives
+    return found
 
 
 def _starts_content(token: str) -> bool:
@@ -281,11 +316,14 @@ def _phrases_by_rules(text: str, embeddings: Sequence[str]) -> list[NounPhrase]:
     names = frozenset(embeddings)
     phrases: list[NounPhrase] = []
     for segment in text.split(SEGMENT_BREAK):
-        segment = _CLOSE_UP.sub("close-up", segment)
-        for chunk in _phrase_spans(_tokens(segment, embeddings), names):
+        segment = _STYLE_PHRASES.sub(",", _CLOSE_UP.sub("close-up", segment))
+        tokens = _tokens(segment, embeddings)
+        predicative = _predicative_modifiers(tokens)
+        for chunk in _phrase_spans(tokens, names):
             phrase = _phrase_of_span(chunk, names)
             if phrase is not None:
-                phrases.append(phrase)
+                extra = tuple(w for w in predicative.get(chunk.last, ()) if w not in phrase.modifiers)
+                phrases.append(NounPhrase(phrase.head, phrase.modifiers + extra))
     return phrases
 
 
@@ -302,8 +340,10 @@ def _phrase_of_span(chunk: _PhraseSpan, embeddings: Collection[str]) -> NounPhra
             return None  # a tag like "highly detailed", "8k", or a predicate adjective ("the car is red")
         if chunk.next_word == "of" and (lower in FRAMING_NOUNS or lower in QUANTITY_NOUNS or lower in RELATION_NOUNS):
             return None  # "a photo of", "a group of", "in front of"
-        if lower in FRAMING_NOUNS and chunk.tag_start and chunk.tag_end and not chunk.determined:
-            return None  # a standalone style tag: ", oil painting,"
+        if lower in FRAMING_NOUNS and chunk.tag_start and not chunk.determined and (
+            chunk.tag_end or chunk.next_word == "by"
+        ):
+            return None  # a standalone style tag: ", oil painting,", ", concept art by ..."
         if chunk.after_by and not chunk.determined:
             return None  # "by greg rutkowski": an artist, not a thing in the picture
     modifiers = tuple(w for w in words[:-1] if w.lower() not in STYLE_NOUNS)
@@ -315,6 +355,9 @@ def _phrase_of_span(chunk: _PhraseSpan, embeddings: Collection[str]) -> NounPhra
 SPACY_MODELS = ("en_core_web_trf", "en_core_web_lg", "en_core_web_md", "en_core_web_sm")
 MODIFIER_DEPENDENCIES = frozenset({"amod", "nmod", "compound", "npadvmod", "advmod", "acomp"})
 """SynGen's modifier dependencies (compute_loss.py `extract_attribution_indices`)."""
+TRAVERSED_DEPENDENCIES = MODIFIER_DEPENDENCIES | {"relcl"}
+"""With a relative clause's verb walked through but not kept, as SynGen's `extract_attribution_indices_with_verbs`
+binds "a dog that is red"."""
 
 
 @lru_cache(maxsize=1)
@@ -337,7 +380,8 @@ def _spacy_pipeline() -> Any | None:
 def phrases_from_dependency_parse(tokens: Iterable[Any]) -> list[NounPhrase]:
     """Noun phrases from a dependency parse: tokens with spaCy's attributes `text`, `i`, `pos_`, `dep_`, `children`,
     `head`. Heads: NOUN/PROPN that are not themselves modifiers; modifiers: SynGen's subtree walk
-    (compute_loss.py `extract_attribution_indices`), in prompt order. Framing and quantity nouns with an "of" child are
+    (compute_loss.py `extract_attribution_indices_with_verbs`: relative clauses too, their verbs left out), in prompt
+    order. Framing and quantity nouns with an "of" child are
     left out."""
     phrases: list[NounPhrase] = []
     for word in tokens:
@@ -352,13 +396,15 @@ def phrases_from_dependency_parse(tokens: Iterable[Any]) -> list[NounPhrase]:
         found = []
         stack = []
         for child in word.children:
-            if child.dep_ in MODIFIER_DEPENDENCIES:
-                found.append(child)
+            if child.dep_ in TRAVERSED_DEPENDENCIES:
+                if child.pos_ not in ("AUX", "VERB"):
+                    found.append(child)
                 stack.extend(child.children)
         while stack:
             node = stack.pop()
-            if node.dep_ in MODIFIER_DEPENDENCIES or node.dep_ == "conj":
-                found.append(node)
+            if node.dep_ in TRAVERSED_DEPENDENCIES or node.dep_ == "conj":
+                if node.pos_ not in ("AUX", "VERB"):  # "a dog that is red": not "is", but what it says of the dog
+                    found.append(node)
                 stack.extend(node.children)
         found.sort(key=lambda token: token.i)
         phrases.append(NounPhrase(word.text, tuple(token.text for token in found)))

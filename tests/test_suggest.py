@@ -376,3 +376,22 @@ def test_spacy_without_an_english_pipeline_falls_back(monkeypatch: pytest.Monkey
 )
 def test_everyday_prompts(prompt: str, subjects: list[str], pairs: list[tuple[str, str]]) -> None:
     _check(prompt, subjects, pairs)
+
+
+def test_dependency_walk_binds_a_relative_clause_as_syngen_does() -> None:
+    # spaCy's parse of "a dog that is brown": "is" is a relcl of "dog" and "brown" its acomp; SynGen's
+    # extract_attribution_indices_with_verbs walks through the verb and keeps "brown", not "is" or "that".
+    doc = _parse([
+        ("a", "DET", "det", 1), ("dog", "NOUN", "ROOT", 1), ("that", "PRON", "nsubj", 3), ("is", "AUX", "relcl", 1),
+        ("brown", "ADJ", "acomp", 3),
+    ])
+    assert phrases_from_dependency_parse(doc) == [NounPhrase("dog", ("brown",))]
+
+
+def test_rules_bind_a_relative_clause_but_not_a_main_clause() -> None:
+    assert modifier_pairs("a dog that is brown and a cat", parser="rules") == [("brown", "dog")]
+    assert modifier_pairs("a car which is bright red", parser="rules") == [("bright", "car"), ("red", "car")]
+    assert modifier_pairs("the car is red", parser="rules") == []
+    assert suggest_subjects("a cat and a dog, soft lighting, depth of field, concept art by x", parser="rules") == [
+        "cat", "dog"
+    ]
