@@ -343,7 +343,7 @@ def excite_config(params: AEParams) -> ExciteConfig:
         sigma=params.sigma,
         kernel_size=params.kernel_size,
         attention_res=None if side == 0 else (side, side),
-        normalize_eot=params.normalize_eot,
+        normalize_eot=params.normalize_eot == "on",  # 'auto' is resolved by the host (unresolved: off)
     )
 
 

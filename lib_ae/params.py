@@ -225,6 +225,21 @@ def _canonical_method(value: str, key: str) -> str:
     return method
 
 
+PROMPT_ONLY_SOFTMAX: tuple[str, ...] = ("auto", "on", "off")
+"""`normalize_eot`: the official SD 2.1 mode on for SD2-family checkpoints (OpenCLIP), off for the others (auto, the
+default); or on / off for every model. The booleans of the earlier parameter read as on / off."""
+
+
+def _canonical_switch(value: str | bool, key: str) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return "on" if value else "off"
+    word = value.strip().lower()
+    word = {"true": "on", "false": "off"}.get(word, word)
+    if word not in PROMPT_ONLY_SOFTMAX:
+        raise _ValueProblem(f"{key}: expected one of {', '.join(PROMPT_ONLY_SOFTMAX)}, got {describe_value(value)}")
+    return word
+
+
 def _canonical_thresholds(value: str, key: str) -> str:
     thresholds, problems = _parse_thresholds(value, key)
     if problems:
@@ -249,6 +264,7 @@ class ParamSpec:
     `canonical`: for text parameters, validates the text and returns its canonical spelling.
     `accepts_list`: a text parameter that may also be given as a list of strings (subjects).
     `choices`: a text parameter that takes one of these values (shown as a radio group and an X/Y/Z dropdown).
+    `accepts_bool`: a text parameter that also takes true / false (it was a bool parameter once).
     `absent_means_default`: an infotext with A&E keys but without this one was written before the parameter existed,
     so the image was made with the default: reading it gives the default (appended parameters that change the result).
     """
@@ -266,6 +282,7 @@ class ParamSpec:
     canonical: Callable[[Any, str], str] | None = field(default=None, compare=False, repr=False)
     accepts_list: bool = False
     choices: tuple[str, ...] | None = None
+    accepts_bool: bool = False
     absent_means_default: bool = False
 
     def __post_init__(self) -> None:
@@ -353,6 +370,8 @@ class ParamSpec:
             text = raw
         elif self.accepts_list and isinstance(raw, (list, tuple)):
             text = raw  # type: ignore[assignment]  # the canonicaliser checks the items
+        elif self.accepts_bool and isinstance(raw, (bool, np.bool_)):
+            text = raw  # type: ignore[assignment]  # the canonicaliser turns it into its word
         else:
             raise self._problem(raw)
         return self.canonical(text, self.infotext_key) if self.canonical is not None else text
@@ -500,12 +519,15 @@ class AEParams:
         infotext_key="AE attention size",
         help="Side of the square cross-attention maps the loss reads; 0 = 1/32 of the image (16 at 512x512).",
     )
-    normalize_eot: bool = param(
-        False,
-        label="Prompt-only softmax (SD2.1 mode)",
+    normalize_eot: str = param(
+        "auto",
+        label="Prompt-only softmax",
         infotext_key="AE prompt-only softmax",
-        help="Re-softmax over the prompt's own tokens only, without the end-of-text padding "
-            "(the official SD 2.1 mode).",
+        help="Re-softmax over the prompt's own tokens only, without the end-of-text padding (the official SD 2.1 "
+            "mode, as the authors run SD 2.1). auto: on for SD2-family checkpoints, off for the others.",
+        canonical=_canonical_switch,
+        choices=PROMPT_ONLY_SOFTMAX,
+        accepts_bool=True,
     )
     apply_to_hires: bool = param(
         False,

@@ -77,6 +77,7 @@ class AttendAndExciteScript(host.Script):  # type: ignore[misc,valid-type]  # th
     def process(self, p: Processing, *args: Any) -> None:
         params = self._params(p, args)
         if params is not None:
+            params = sampling_pass.for_model(params, p.sd_model)
             state_of(p).params = params  # parsed once: every later hook of this generation reads it from here
             p.extra_generation_params.update(to_infotext(params))
         elif (state := existing_state(p)) is not None:

@@ -110,7 +110,8 @@ def test_enabled_run_changes_the_latent_and_writes_infotext(webui: WebUI) -> Non
     assert not torch.equal(torch.stack(processed.images), reference)
     keys = ae_keys(processed.infotexts[0], webui.host)
     assert "AE error" not in keys
-    assert from_infotext(keys) == from_script_args(webui.args(enabled=True, subjects="cat, dog")[1:]).as_dict()
+    requested = from_script_args(webui.args(enabled=True, subjects="cat, dog")[1:]).as_dict()
+    assert from_infotext(keys) == requested | {"normalize_eot": "off"}  # auto, as resolved for this SD1 model
     assert hooks_on(webui.host.model.model.diffusion_model) > 0  # the capture stays on the UNet, idle
 
 
@@ -166,7 +167,8 @@ def test_empty_subjects_are_found_in_the_prompt(webui: WebUI, subjects: str) -> 
     assert "AE subjects used" not in ae_keys(typed.infotexts[0], webui.host)  # only beside "auto"
     text = automatic.infotexts[0]
     assert text.index("AE subjects: auto") < text.index("AE subjects used") < text.index("AE scale factor")
-    assert from_infotext(keys) == from_script_args([True, ""]).as_dict() | {"max_refinement_steps": 2}
+    assert from_infotext(keys) == from_script_args([True, ""]).as_dict() | {"max_refinement_steps": 2,
+                                                                            "normalize_eot": "off"}
 
 
 def test_automatic_subjects_per_image_of_a_batch(webui: WebUI) -> None:

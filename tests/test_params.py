@@ -140,7 +140,9 @@ def test_infotext_keys_and_labels_are_frozen() -> None:
         "sigma": ("AE sigma", "Smoothing sigma"),
         "kernel_size": ("AE kernel size", "Smoothing kernel size"),
         "attention_res": ("AE attention size", "Attention map size (0 = auto)"),
-        "normalize_eot": ("AE prompt-only softmax", "Prompt-only softmax (SD2.1 mode)"),
+        # Once the checkbox "Prompt-only softmax (SD2.1 mode)"; a radio now (auto/on/off), under a new label so that a
+        # checkbox value kept in ui-config.json under the old one is not handed to it.
+        "normalize_eot": ("AE prompt-only softmax", "Prompt-only softmax"),
         "apply_to_hires": ("AE hires", "Also on the hires fix pass"),
         "heatmaps": ("AE heatmaps", "Show attention heatmaps"),
         "heatmaps_first_step": ("AE heatmaps first step", "Heatmaps also at the first step"),
@@ -163,7 +165,7 @@ def test_infotext_keys_and_labels_are_frozen() -> None:
         ("sigma", "float", 0.5, 0.05, 5, 0.05),
         ("kernel_size", "int", 3, 1, 15, 2),
         ("attention_res", "int", 0, 0, 128, 1),
-        ("normalize_eot", "bool", False, None, None, None),
+        ("normalize_eot", "str", "auto", None, None, None),
         ("apply_to_hires", "bool", False, None, None, None),
         ("heatmaps", "bool", False, None, None, None),
         ("heatmaps_first_step", "bool", False, None, None, None),
@@ -246,10 +248,11 @@ def test_too_few_positional_args_keep_the_remaining_defaults() -> None:
 
 
 def test_full_positional_args() -> None:
-    args = [True, "cat, red car", 25.5, 0.4, "0:0.1, 5:0.9", 10, False, 1.0, 5, 16, True, True, True, True,
+    args = [True, "cat, red car", 25.5, 0.4, "0:0.1, 5:0.9", 10, False, 1.0, 5, 16, "on", True, True, True,
             "excite+bind", 12.5, 0.25]
     params = from_script_args(args)
     assert as_args(params) == args
+    assert from_script_args([*args[:10], True, *args[11:]]) == params  # the bool it was before reads as on
     assert from_script_args(as_args(params)) == params
     assert from_script_args(tuple(args)) == params
 
@@ -860,3 +863,26 @@ def test_typed_subjects_and_thresholds_are_parsed_once() -> None:
     with pytest.raises(TypeError):
         params.threshold_steps[5] = 0.5  # type: ignore[index]  # read-only
     assert [f.name for f in dataclasses.fields(AEParams)] == list(PARAM_NAMES)  # generated from PARAMS
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [("auto", "auto"), ("ON", "on"), (" off ", "off"), (True, "on"), (False, "off"), ("True", "on"), ("false", "off"),
+     (np.bool_(True), "on")],
+)
+def test_prompt_only_softmax_reads_its_words_and_the_bools_it_was(raw: Any, expected: str) -> None:
+    assert parse_value("normalize_eot", raw) == expected
+
+
+def test_prompt_only_softmax_infotext_of_an_older_image_reads_as_it_was_made() -> None:
+    # Images written while the parameter was a checkbox carry "AE prompt-only softmax: False" (or True).
+    assert from_infotext({"AE": "v1", "AE prompt-only softmax": "False"})["normalize_eot"] == "off"
+    assert from_infotext({"AE": "v1", "AE prompt-only softmax": "True"})["normalize_eot"] == "on"
+    with pytest.raises(ParamsError, match="expected one of auto, on, off"):
+        parse_value("normalize_eot", "sometimes")
+
+
+def test_excite_config_turns_on_the_sd21_mode_only_when_resolved_on() -> None:
+    assert excite_config(AEParams(normalize_eot="on")).normalize_eot is True
+    assert excite_config(AEParams(normalize_eot="off")).normalize_eot is False
+    assert excite_config(AEParams()).normalize_eot is False  # unresolved auto: the host resolves it per model

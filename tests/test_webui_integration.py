@@ -278,7 +278,8 @@ def test_list_form_writes_every_parameter_into_the_infotext(enabled_list: Result
     assert "AE error" not in fields, fields.get("AE error")
     params = {key: value for key, value in fields.items() if key in PARAM_KEYS}
     assert params == {key: str(value) for key, value in to_infotext(ENABLED).items()}
-    assert from_infotext(fields, strict=True) == ENABLED.as_dict()  # report keys such as "AE trace" are ignored
+    # Report keys such as "AE trace" are ignored; "auto" is written as what the (SD1.5) model was run with.
+    assert from_infotext(fields, strict=True) == ENABLED.as_dict() | {"normalize_eot": "off"}
     # The A&E keys are the only difference in the infotext.
     assert {k: v for k, v in enabled_list.fields.items() if not is_ae_key(k)} == absent.fields
 

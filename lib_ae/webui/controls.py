@@ -77,7 +77,7 @@ def infotext_fields(controls: dict[str, Any]) -> list[tuple[Any, Any]]:
     parameters by key (A1111 casts to the control's type); through a reader the enable flag and the booleans, because
     the API casts with bool(), which would read "False" as True, and the parameters whose absence from an infotext
     with A&E means their default (a key-only field would leave the current value: an old image made with `excite`
-    must not paste as `bind`)."""
+    must not paste as `bind`), and a parameter that was a bool once (its older images say True/False)."""
     return [
         (controls[spec.name], pasted_value(spec.name) if _read_by_reader(spec) else spec.infotext_key)
         for spec in PARAMS
@@ -85,7 +85,8 @@ def infotext_fields(controls: dict[str, Any]) -> list[tuple[Any, Any]]:
 
 
 def _read_by_reader(spec: ParamSpec) -> bool:
-    return spec.kind == "bool" or spec.absent_means_default
+    # A text parameter that was a bool once: an older image's "True"/"False" must become its word, not the radio's.
+    return spec.kind == "bool" or spec.absent_means_default or spec.accepts_bool
 
 
 def paste_field_names() -> list[str]:

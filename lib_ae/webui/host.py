@@ -133,6 +133,11 @@ def unet_output_dtype(timesteps: torch.Tensor) -> torch.dtype:
     return getattr(devices, "dtype_unet", torch.float32)  # type: ignore[no-any-return]
 
 
+def is_sd2(sd_model: Any) -> bool:
+    """An SD2-family checkpoint (its text encoder is OpenCLIP ViT-H): sd_models.py `set_model_type` sets `is_sd2`."""
+    return bool(getattr(sd_model, "is_sd2", False))
+
+
 def loaded_model() -> Any:
     return getattr(shared, "sd_model", None)
 

@@ -7,6 +7,7 @@ Also here: the registry of attention captures (one per UNet) and the UNet runner
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from collections.abc import Callable, Mapping
@@ -173,7 +174,7 @@ class SamplingPass:
         self.is_hr = is_hr
         self.plms = plms
         self.targeting = ImageTargeting(
-            subject_finder(encoder, params.subject_names, params.normalize_eot),
+            subject_finder(encoder, params.subject_names, params.normalize_eot == "on"),
             engine.objective,
             self._report_once,
         )
@@ -303,6 +304,15 @@ class SamplingPass:
 
 
 # -- Install and release -----------------------------------------------------------------------------------------------
+
+
+def for_model(params: AEParams, sd_model: Any) -> AEParams:
+    """`params` with "auto" settings resolved for the loaded model: the prompt-only softmax (the official SD 2.1 mode)
+    on for an SD2-family checkpoint, whose OpenCLIP text encoder the authors ran it with, off for the others. The
+    infotext then records what the image was made with."""
+    if params.normalize_eot != "auto":
+        return params
+    return dataclasses.replace(params, normalize_eot="on" if host.is_sd2(sd_model) else "off")
 
 
 def install(p: Processing, params: AEParams) -> SamplingPass | None:
