@@ -32,8 +32,8 @@ from lib_ae import AttendAndExcite, AttentionCapture, ExciteConfig, InSamplerExc
 from lib_ae.binding import BindingGroup, BindingSelection
 from lib_ae.conform import ConformGroups, ConformIndex, conform_embeddings, ntxent_loss
 from lib_ae.objectives import Conform
-from support.models import LdmDenoiserModel, float64_ddim_scheduler, make_unet
-from support.thirdparty import import_k_diffusion
+from support.models import make_unet
+from support.official_loops import ddim_sigma_euler, ddim_vp
 from test_reference import SD1_SMALL, SD2_SMALL, make_inputs
 
 
@@ -177,26 +177,9 @@ def conform_engine(unet: torch.nn.Module) -> tuple[AttentionCapture, AttendAndEx
 
 def run_vp(unet: torch.nn.Module, z: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor
            ) -> tuple[list[list[float]], list[list[float]], torch.Tensor]:
-    sched = float64_ddim_scheduler()
-    sched.set_timesteps(STEPS)
     capture, engine = conform_engine(unet)
-    excitation = InSamplerExcitation(engine, engine.plan(STEPS), "vp")
-    norms: list[list[float]] = [[], []]
     try:
-        with torch.no_grad():
-            for i, t in enumerate(sched.timesteps):
-                timestep = torch.full((z.shape[0],), float(t), dtype=z.dtype)
-
-                def run_unet(latent_rows: torch.Tensor, rows: torch.Tensor) -> None:
-                    unet(latent_rows, timestep[rows], context=cond[rows])
-
-                excitation.before_model_call(i, z, timestep, [s for s, _ in TARGETS], run_unet,
-                                             bindings=[b for _, b in TARGETS])
-                eps_u, eps_c = unet(torch.cat([z, z]), torch.cat([timestep, timestep]),
-                                    context=torch.cat([uncond, cond])).chunk(2)
-                z = sched.step(eps_u + CFG * (eps_c - eps_u), t, z).prev_sample
-                for b in range(2):
-                    norms[b].append(float(z[b].norm()))
+        excitation, norms, z = ddim_vp(unet, engine, z, cond, uncond, STEPS, CFG, *zip(*TARGETS))
     finally:
         capture.remove()
     losses = [[r.loss[b] for r in excitation.reports if r.active] for b in range(2)]
@@ -206,39 +189,13 @@ def run_vp(unet: torch.nn.Module, z: torch.Tensor, cond: torch.Tensor, uncond: t
 
 def run_sigma(unet: torch.nn.Module, z: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor
               ) -> tuple[list[list[float]], torch.Tensor]:
-    sampling, external = import_k_diffusion()
-    model = LdmDenoiserModel(unet)
-    denoiser = external.CompVisDenoiser(model, quantize=False)
-    sched = float64_ddim_scheduler()
-    sched.set_timesteps(STEPS)
-    sigmas = denoiser.sigmas[sched.timesteps.long()]
-    final = ((1 - model.alphas_cumprod[0]) / model.alphas_cumprod[0]) ** 0.5
-    sigmas = torch.cat([sigmas, final[None]])
     capture, engine = conform_engine(unet)
-    excitation = InSamplerExcitation(engine, engine.plan(STEPS), "sigma")
-    calls = 0
-
-    def cfg_model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        nonlocal calls
-
-        def run_unet(latent_rows: torch.Tensor, rows: torch.Tensor) -> None:
-            denoiser(latent_rows, sigma[rows], cond=cond[rows])
-
-        excitation.before_model_call(calls, x, sigma, [s for s, _ in TARGETS], run_unet,
-                                     bindings=[b for _, b in TARGETS])
-        calls += 1
-        uncond_out, cond_out = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),
-                                        cond=torch.cat([uncond, cond])).chunk(2)
-        return uncond_out + CFG * (cond_out - uncond_out)
-
     try:
-        x = z * (1 + sigmas[0] ** 2) ** 0.5
-        with torch.no_grad():
-            x = sampling.sample_euler(cfg_model, x, sigmas, disable=True)
+        excitation, final = ddim_sigma_euler(unet, engine, z, cond, uncond, STEPS, CFG, *zip(*TARGETS))
     finally:
         capture.remove()
     losses = [[r.loss[b] for r in excitation.reports if r.active] for b in range(2)]
-    return losses, x / (1 + sigmas[-1] ** 2) ** 0.5  # type: ignore[return-value]
+    return losses, final  # type: ignore[return-value]
 
 
 def assert_official(name: str, losses: list[list[float]], final: torch.Tensor, norms: list[list[float]] | None,

@@ -24,8 +24,8 @@ from lib_ae.config import BindingConfig
 from lib_ae.objectives import Bind, ExciteBind
 from lib_ae.loss import excite_losses, smoothed_subject_maps, subject_maxima
 from support.host_reads import HostReads
-from support.models import SD1_LIKE, SD2_LIKE, LdmDenoiserModel, float64_ddim_scheduler, make_unet
-from support.thirdparty import import_k_diffusion
+from support.models import SD1_LIKE, SD2_LIKE, make_unet
+from support.official_loops import ddim_sigma_euler, ddim_vp
 from test_binding import (
     OFFICIAL_TRAJECTORY,
     TRAJECTORY_CFG,
@@ -43,10 +43,6 @@ SMALL = {
 """tests/test_binding.py's (and tests/test_reference.py's) tiny UNets: one block per level, widths 32, 32, 64, 64."""
 BINDING = BindingSelection.official(TRAJECTORY_PIECES, TRAJECTORY_GROUPS)
 BIND = BindingConfig(intervention_steps=4)
-
-
-def scheduler() -> Any:
-    return float64_ddim_scheduler()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -81,25 +77,10 @@ def run_vp(
 ) -> tuple[list[list[float]], list[list[float]], torch.Tensor]:
     """The official loop (update, then the step's CFG evaluation; DDIM) with the engine's `bind`, both images in one
     batch. Returns per image the bind losses of the active steps, the latent's norm after each step, the final z."""
-    sched = scheduler()
-    sched.set_timesteps(TRAJECTORY_STEPS)
     capture, engine = bind_engine(unet, binding)
-    excitation = InSamplerExcitation(engine, engine.plan(TRAJECTORY_STEPS), "vp")
-    norms: list[list[float]] = [[], []]
     try:
-        with torch.no_grad():
-            for i, t in enumerate(sched.timesteps):
-                timestep = torch.full((z.shape[0],), float(t), dtype=z.dtype)
-
-                def run_unet(latent_rows: torch.Tensor, rows: torch.Tensor) -> None:
-                    unet(latent_rows, timestep[rows], context=cond[rows])
-
-                excitation.before_model_call(i, z, timestep, [None, None], run_unet, bindings=[BINDING, BINDING])
-                both = torch.cat([timestep, timestep])
-                eps_u, eps_c = unet(torch.cat([z, z]), both, context=torch.cat([uncond, cond])).chunk(2)
-                z = sched.step(eps_u + TRAJECTORY_CFG * (eps_c - eps_u), t, z).prev_sample
-                for b in range(2):
-                    norms[b].append(float(z[b].norm()))
+        excitation, norms, z = ddim_vp(unet, engine, z, cond, uncond, TRAJECTORY_STEPS, TRAJECTORY_CFG, [None, None],
+                                       [BINDING, BINDING])
     finally:
         capture.remove()
     losses = [[r.bind_loss[b] for r in excitation.reports if r.active] for b in range(2)]
@@ -110,38 +91,14 @@ def run_sigma(
     unet: torch.nn.Module, z: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor
 ) -> tuple[list[list[float]], torch.Tensor]:
     """The same through k-diffusion's `sample_euler` over DDIM's sigmas (DDIM with eta 0 is Euler in sigma space)."""
-    sampling, external = import_k_diffusion()
-    model = LdmDenoiserModel(unet)
-    denoiser = external.CompVisDenoiser(model, quantize=False)
-    sched = scheduler()
-    sched.set_timesteps(TRAJECTORY_STEPS)
-    sigmas = denoiser.sigmas[sched.timesteps.long()]
-    final = ((1 - model.alphas_cumprod[0]) / model.alphas_cumprod[0]) ** 0.5
-    sigmas = torch.cat([sigmas, final[None]])
     capture, engine = bind_engine(unet)
-    excitation = InSamplerExcitation(engine, engine.plan(TRAJECTORY_STEPS), "sigma")
-    calls = 0
-
-    def cfg_model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        nonlocal calls
-
-        def run_unet(latent_rows: torch.Tensor, rows: torch.Tensor) -> None:
-            denoiser(latent_rows, sigma[rows], cond=cond[rows])
-
-        excitation.before_model_call(calls, x, sigma, [None, None], run_unet, bindings=[BINDING, BINDING])
-        calls += 1
-        both = torch.cat([sigma, sigma])
-        uncond_out, cond_out = denoiser(torch.cat([x, x]), both, cond=torch.cat([uncond, cond])).chunk(2)
-        return uncond_out + TRAJECTORY_CFG * (cond_out - uncond_out)
-
     try:
-        x = z * (1 + sigmas[0] ** 2) ** 0.5
-        with torch.no_grad():
-            x = sampling.sample_euler(cfg_model, x, sigmas, disable=True)
+        excitation, final = ddim_sigma_euler(unet, engine, z, cond, uncond, TRAJECTORY_STEPS, TRAJECTORY_CFG,
+                                             [None, None], [BINDING, BINDING])
     finally:
         capture.remove()
     losses = [[r.bind_loss[b] for r in excitation.reports if r.active] for b in range(2)]
-    return losses, x / (1 + sigmas[-1] ** 2) ** 0.5  # type: ignore[return-value]
+    return losses, final  # type: ignore[return-value]
 
 
 def assert_official(name: str, losses: list[list[float]], final: torch.Tensor, norms: list[list[float]] | None,
