@@ -198,8 +198,12 @@ class Bind(Objective):
     ) -> Terms:
         losses, maxima, finite, maps = self.excite_terms(group, attention, size, keep_maps)
         bind, bind_maps = self.binding_terms(group, attention, size, keep_maps)
-        bind = _no_binding(losses) if bind is None else bind
-        return Terms(losses, maxima, finite, bind, bind, maps, bind_maps)
+        objective = self.combined(losses, bind, attention.device)
+        return Terms(losses, maxima, finite, _no_binding(losses) if bind is None else bind, objective, maps, bind_maps)
+
+    def combined(self, losses: torch.Tensor, bind: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """What is differentiated, from A&E's loss and SynGen's (None: a group without binding groups): L_bind."""
+        return _no_binding(losses) if bind is None else bind
 
 
 class ExciteBind(Bind):
@@ -233,15 +237,9 @@ class ExciteBind(Bind):
             self._ratios[device] = torch.zeros((), dtype=torch.float64, device=device)
         return self._ratios[device]
 
-    def terms(
-        self, group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool,
-        carried: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> Terms:
-        losses, maxima, finite, maps = self.excite_terms(group, attention, size, keep_maps)
-        bind, bind_maps = self.binding_terms(group, attention, size, keep_maps)
-        if bind is None:
-            return Terms(losses, maxima, finite, _no_binding(losses), losses, maps, bind_maps)
-        return Terms(losses, maxima, finite, bind, losses + self._ratio(attention.device) * bind, maps, bind_maps)
+    def combined(self, losses: torch.Tensor, bind: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """L_excite + ratio * L_bind; L_excite alone for a group without binding groups."""
+        return losses if bind is None else losses + self._ratio(device) * bind
 
 
 class Conform(Objective):
