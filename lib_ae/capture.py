@@ -8,6 +8,12 @@ leave them in place; the layer's own output is untouched, whatever attention ker
 
 Only layers whose query length equals the requested map size are captured; for them the probabilities
 softmax(q k^T * scale) are recomputed per head in float32 (float64 if the model runs in float64) on the autograd graph.
+
+Self-attention (`attn1`, no context) is recorded only when asked (`record(..., self_attention=True)`, for InitNO and
+Self-Cross guidance): its layers' queries and keys are kept, and `Recording.self_attention_rows(weights)` forms only
+the weighted sums of rows the loss reads, one layer at a time under activation checkpointing, so the (N, N)
+probabilities of a layer never stay alive for the backward (at SDXL's 32x32 maps they would be 4 MiB per head and
+layer).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
 
 logger = logging.getLogger(__name__)
@@ -50,6 +57,11 @@ def cross_attention_modules(unet: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in unet.named_modules() if is_attention_module(m) and not name.endswith("attn1")]
 
 
+def self_attention_modules(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The self-attention modules (`attn1` of every transformer block), in execution order."""
+    return [(name, m) for name, m in unet.named_modules() if is_attention_module(m) and name.endswith("attn1")]
+
+
 @dataclass
 class _Accumulator:
     height: int
@@ -59,6 +71,8 @@ class _Accumulator:
     layers: list[str] | None = None
     names_only: bool = False  # a probe: note which layers match, compute nothing
     seen: set[int] | None = None  # query lengths of the cross-attention layers that ran (for the error message)
+    self_attention: bool = False  # also keep the self-attention layers' (q, k) at this size
+    self_layers: list[tuple[torch.Tensor, torch.Tensor, float]] | None = None  # (q, k, scale) per layer
 
 
 class AttentionCapture:
@@ -86,6 +100,7 @@ class AttentionCapture:
             self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
         if not self._handles:
             raise CaptureError("no attention modules with to_q/to_k/heads found in this UNet")
+        self._self_hooked = False
         logger.debug("attention capture attached to %d modules", len(self._handles))
 
     @property
@@ -101,6 +116,7 @@ class AttentionCapture:
             handle.remove()
         self._handles.clear()
         self._names.clear()
+        self._self_hooked = False
         self._active = None
 
     def knows_last_layer(self, height: int, width: int) -> bool:
@@ -124,11 +140,19 @@ class AttentionCapture:
             self._last_layer[(height, width)] = accumulator.layers[-1]
 
     @contextlib.contextmanager
-    def record(self, height: int, width: int) -> Iterator[Recording]:
-        """Capture the maps of size height x width during the forward run inside this block."""
+    def record(self, height: int, width: int, self_attention: bool = False) -> Iterator[Recording]:
+        """Capture the maps of size height x width during the forward run inside this block (`self_attention`: the
+        self-attention layers' too, read through `Recording.self_attention_rows`)."""
         if not self._handles:
             raise CaptureError("attention capture was removed")
-        accumulator = _Accumulator(height, width, layers=[], seen=set())
+        if self_attention and not self._self_hooked:
+            # Attached on first use only, so that a UNet whose objective never reads self-attention carries no hook
+            # on it (and the idle cost stays one flag test per cross-attention call).
+            for _name, module in self_attention_modules(self.unet):
+                self._handles.append(module.register_forward_hook(self._on_self_forward, with_kwargs=True))
+            self._self_hooked = True
+        accumulator = _Accumulator(height, width, layers=[], seen=set(), self_attention=self_attention,
+                                   self_layers=[] if self_attention else None)
         self._active = accumulator
         recording = Recording(accumulator)
         try:
@@ -174,6 +198,44 @@ class AttentionCapture:
             raise _ForwardComplete()
 
 
+    def _on_self_forward(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        acc = self._active
+        if acc is None or not acc.self_attention or acc.self_layers is None:
+            return
+        hidden = args[0] if args else kwargs.get("x", kwargs.get("hidden_states"))
+        context = kwargs.get("context", kwargs.get("encoder_hidden_states"))
+        if context is None and len(args) > 1:
+            context = args[1]
+        # An attn1 given a context (ldm's `disable_self_attn`) is not self-attention.
+        if hidden is None or context is not None or hidden.shape[1] != acc.height * acc.width:
+            return
+        acc.self_layers.append(_queries_and_keys(module, hidden))
+
+
+def _queries_and_keys(module: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(q, k) of a self-attention layer per head, (B, heads, N, d), in float32 at least, and its scale."""
+    heads = int(module.heads)  # type: ignore[arg-type]
+    to_q: Callable[[torch.Tensor], torch.Tensor] = module.to_q  # type: ignore[assignment]
+    to_k: Callable[[torch.Tensor], torch.Tensor] = module.to_k  # type: ignore[assignment]
+    q, k = to_q(hidden), to_k(hidden)
+    dim_head = q.shape[-1] // heads
+    scale = float(getattr(module, "scale", dim_head**-0.5))
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    batch = q.shape[0]
+    q = q.to(dtype).reshape(batch, -1, heads, dim_head).transpose(1, 2)
+    k = k.to(dtype).reshape(batch, -1, heads, dim_head).transpose(1, 2)
+    return q, k, scale
+
+
+def _weighted_self_attention(weights: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, K, N): sum over heads of weights (B, K, N) @ softmax(q k^T * scale) (B, heads, N, N)."""
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        probabilities = (torch.matmul(q, k.transpose(-1, -2)) * scale).softmax(dim=-1)
+        return torch.matmul(weights.to(probabilities.dtype)[:, None], probabilities).sum(dim=1)
+
+
 def _available_sizes(seen: set[int]) -> str:
     """What a user can choose instead: the map sizes that did run, largest first ("8x8, 4x4"), or their lengths."""
     if not seen:
@@ -198,6 +260,30 @@ class Recording:
             raise CaptureError("nothing was captured")
         mean = acc.total / acc.maps_count
         return mean.reshape(mean.shape[0], acc.height, acc.width, mean.shape[-1])
+
+    def self_attention_rows(self, weights: torch.Tensor) -> torch.Tensor:
+        """(B, K, N): for each of the K weight vectors (B, K, N) over the query patches, the weighted sum of the rows
+        of the self-attention probabilities averaged over layers and heads (the official `aggregate_attention(
+        is_cross=False)`, (h, w, N), read at those rows). A one-hot weight reads one patch's row. Differentiable with
+        respect to the weights and the UNet's activations; each layer's probabilities are recomputed in the backward
+        instead of being kept."""
+        acc = self._acc
+        if not acc.self_layers:
+            raise CaptureError(
+                f"no self-attention layer with {acc.height}x{acc.width} maps was recorded (record with "
+                "self_attention=True)"
+            )
+        total: torch.Tensor | None = None
+        heads = 0
+        for q, k, scale in acc.self_layers:
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or weights.requires_grad):
+                part = checkpoint(_weighted_self_attention, weights, q, k, scale, use_reentrant=False)
+            else:
+                part = _weighted_self_attention(weights, q, k, scale)
+            total = part if total is None else total + part
+            heads += q.shape[1]
+        assert total is not None
+        return total / heads
 
 
 def attention_probabilities(module: nn.Module, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ while the next iteration already runs (`_refine`), so the GPU never idles waitin
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -32,11 +33,12 @@ import torch
 from .binding import BindingSelection
 from .capture import AttentionCapture
 from .config import ExciteConfig, StepPlan
-from .evaluation import CarryStore, Evaluation, HostRead, Target, exact_rows, rows_of
+from .evaluation import CarryStore, Evaluation, HostRead, LossPlan, Target, exact_rows, rows_of
 from .evaluator import Evaluator, frozen_parameters
 from .graphs import GraphableRunner, GraphBackend, GraphEvaluations, GraphGuard
+from .initno import NoiseOptimisation, optimise_initial_noise
 from .loss import TokenSelection
-from .objectives import Excite, Objective
+from .objectives import Excite, Initno, Objective, Purpose
 from .step_report import StepReport, _DeviceValues
 
 logger = logging.getLogger(__name__)
@@ -78,7 +80,9 @@ class AttendAndExcite:
     @property
     def graph_fallback_reason(self) -> str | None:
         """Why this sampling pass evaluates eagerly although graphs were asked for (None: graphs are used)."""
-        return self._graphs.fallback_reason if self._graphs is not None else None
+        if self._graphs is None:
+            return None
+        return self.objective.graph_unsafe or self._graphs.fallback_reason
 
     def release_graphs(self) -> None:
         """Free the captured CUDA graphs and their memory pool (they are captured again when next needed); the next
@@ -147,7 +151,23 @@ class AttendAndExcite:
         updates: list[tuple[list[int], Evaluation]] = [(rows, first)]
 
         threshold = plan.refinement_thresholds.get(step)
-        if threshold is not None and self.config.max_refinement_iterations > 0:
+        refines = threshold is not None and self.config.max_refinement_iterations > 0
+        if refines and self.objective.refines_in_official_order:
+            assert threshold is not None
+            target = self.objective.refinement_target(threshold)
+            refined = self._refine_in_order(z, rows, first, target, context, report, should_stop, on_iteration)
+            z, skipped = refined.latent, refined.skipped
+            skipped_from = []
+            updates = []
+            plain_rows = [b for b in rows if b not in refined.rows and b not in skipped]
+            if plain_rows:
+                updates.append((plain_rows, rows_of(first, rows, plain_rows, self.evaluator.index)))
+            if refined.final is not None:
+                updates.append((refined.rows, refined.final))
+                maxima_from.append((refined.rows, refined.final))
+                skipped_from = [(refined.rows, refined.final)]
+        elif refines:
+            assert threshold is not None
             target = self.objective.refinement_target(threshold)
             refined = self._refine(z, rows, first, target, context, report, should_stop, on_iteration)
             z, skipped = refined.latent, refined.skipped
@@ -176,7 +196,9 @@ class AttendAndExcite:
                     for b, bind_maps in zip(map_rows, evaluation.bind_maps):
                         report.bind_maps[b] = bind_maps
         reported = exact_rows(maxima_from, self.evaluator.index)  # each row's final evaluation
-        if carries:
+        if carries and self.objective.chains_carry and context.carried is not None:
+            self._carries.keep_all(step, *context.carried)
+        elif carries:
             self._carries.keep(step, batch, *carry_shape, reported, self.evaluator.index)
         bound = frozenset(
             b for b in rows if self.objective.computes_binding_loss and bindings[b] is not None and bindings[b].groups  # type: ignore[union-attr]
@@ -184,20 +206,141 @@ class AttendAndExcite:
         report._pending = _DeviceValues(batch, rows, first, reported, skipped_from, skipped, binding_rows=bound)
         return z, report
 
-    def _evaluate(self, z: torch.Tensor, rows: list[int], context: _StepContext, keep_maps: bool = False) -> Evaluation:
-        """L and its gradient at the latent `z` for batch rows `rows` (the paper's forward pass with attention)."""
+    def optimise_initial_noise(
+        self,
+        latent: torch.Tensor,
+        selections: Sequence[TokenSelection | None],
+        run_unet: UNetRunner,
+        latent_scale: torch.Tensor,
+        fresh_noise: Callable[[int, int], torch.Tensor],
+        should_stop: Callable[[], bool] | None = None,
+    ) -> tuple[torch.Tensor, list[NoiseOptimisation | None]]:
+        """Before the first step, for an objective that `optimises_initial_noise` (InitNO): each taking-part image's
+        noise optimised on its own, as the official pipeline does for one image (`lib_ae.initno`). Returns the new
+        latent (a new tensor) and per image what was done (None: left alone).
+
+        `latent` is the sampler's first latent; `latent_scale` (B,) maps it to the UNet's input, the VP latent InitNO
+        optimises (1 / sqrt(1 + sigma^2) in sigma space, 1 in VP space). `fresh_noise(b, r)`: image b's starting
+        latent for round r >= 1 in the sampler's space (the host draws it as it drew the first)."""
+        objective = self.objective
+        if not isinstance(objective, Initno):
+            raise TypeError(f"{type(objective).__name__} does not optimise the initial noise")
+        batch = latent.shape[0]
+        size = self.config.attention_size(latent.shape[-2], latent.shape[-1])
+        self.config.check_map_size(*size)
+        result = latent.detach().clone()
+        reports: list[NoiseOptimisation | None] = [None] * batch
+        scales = latent_scale.detach().to(device=latent.device, dtype=torch.float64).flatten().tolist()
+        names = len(objective.aux_names)
+        for b in range(batch):
+            if not objective.takes_part(selections[b], None):
+                continue
+            index = self.evaluator.index([b], latent.device)
+            loss_plan = self.evaluator.loss_plan([(selections[b], None)], latent.device)
+            scale = scales[b]
+
+            def loss(v: torch.Tensor, index: torch.Tensor = index, loss_plan: LossPlan = loss_plan,
+                     scale: float = scale) -> tuple[torch.Tensor, float, float]:
+                x = v / scale
+                evaluation = self.evaluator.forward_backward(
+                    x, lambda leaf: run_unet(leaf, index), loss_plan, size, purpose="initial"
+                )
+                _, finite, aux = _host_terms(evaluation, names)
+                if not finite[0]:
+                    return x.sum() * 0, math.nan, math.nan
+                # A tensor whose gradient with respect to v is the loss's: the evaluation's gradient, chained.
+                return (x * evaluation.grads.to(x.dtype)).sum(), aux[0][0], aux[0][3]
+
+            v = result[b : b + 1] * scale
+
+            def fresh(r: int, b: int = b) -> torch.Tensor:
+                return fresh_noise(b, r) * scales[b]
+
+            optimised, reports[b] = optimise_initial_noise(v, loss, fresh, objective.initno, should_stop)
+            result[b : b + 1] = (optimised / scale).to(result.dtype)
+            noise = reports[b]
+            assert noise is not None
+            logger.info(
+                "InitNO, image %d: round %d of %d chosen (%s), %d optimisation steps, %.2f s", b,
+                noise.chosen_round + 1, len(noise.rounds), "targets met" if noise.succeeded else "targets not met",
+                noise.evaluations, noise.seconds,
+            )
+        return result, reports
+
+    def _evaluate(
+        self, z: torch.Tensor, rows: list[int], context: _StepContext, keep_maps: bool = False,
+        purpose: Purpose = "update",
+    ) -> Evaluation:
+        """L and its gradient at the latent `z` for batch rows `rows` (the paper's forward pass with attention). For
+        an objective that `chains_carry`, the rows' carry is then this evaluation's."""
         loss_plan = self.evaluator.loss_plan([context.targets[b] for b in rows], z.device)
         run_unet = context.run_unet
         carried = None
+        index = self.evaluator.index(rows, z.device)
         if context.carried is not None:
-            index = self.evaluator.index(rows, z.device)
             carried = (context.carried[0].index_select(0, index), context.carried[1].index_select(0, index))
         if (
             self._graphs is not None and isinstance(run_unet, GraphableRunner) and not keep_maps
-            and self._graphs.allowed()
+            and self.objective.graph_unsafe is None and self._graphs.allowed()
         ):
-            return self._graphs.evaluate(z, rows, loss_plan, context.size, run_unet, carried=carried)
-        return self.evaluator.evaluate(z, rows, loss_plan, context.size, run_unet, keep_maps, carried)
+            evaluation = self._graphs.evaluate(z, rows, loss_plan, context.size, run_unet, carried=carried)
+        else:
+            evaluation = self.evaluator.evaluate(z, rows, loss_plan, context.size, run_unet, keep_maps, carried,
+                                                 purpose)
+        if self.objective.chains_carry and context.carried is not None and evaluation.carry is not None:
+            carry, has = context.carried
+            width = carry.shape[1]
+            values = evaluation.carry[:, :width]
+            values = torch.nn.functional.pad(values, (0, 0, 0, width - values.shape[1]))
+            context.carried = (carry.index_copy(0, index, values.to(carry.dtype)), has.index_fill(0, index, True))
+        return evaluation
+
+    def _refine_in_order(
+        self,
+        z: torch.Tensor,
+        rows: list[int],
+        first: Evaluation,
+        target: float,
+        context: _StepContext,
+        report: StepReport,
+        should_stop: Callable[[], bool] | None,
+        on_iteration: Callable[[int, int], None] | None,
+    ) -> _Refinement:
+        """Refinement as InitNO's `_perform_iterative_refinement_step` runs it: while a row's last evaluation leaves
+        its target unmet, evaluate again (the first time at the step's latent), differentiate the `refine` loss and
+        update, at most `max_refinement_iterations` times; then one `update` evaluation at the refined latent, whose
+        gradient the step's update follows. Every evaluation reads the carry of the one before, so none is skipped
+        or run ahead; the loop reads each iteration's terms on the host (the objective already does)."""
+        stop = should_stop or (lambda: False)
+        limit = self.config.max_refinement_iterations
+        names = self.objective.aux_names
+        losses, finite, aux = _host_terms(first, len(names))
+        skipped = {b for b, ok in zip(rows, finite) if not ok}
+        refining = [b for b, value, ok, terms in zip(rows, losses, finite, aux)
+                    if ok and self.objective.refinement_unmet(value, terms, target)]
+        active = list(refining)
+        while active:
+            if stop():
+                report.interrupted = True
+                break
+            evaluation = self._evaluate(z, active, context, purpose="refine")
+            for b in active:
+                report.refinement_iterations[b] += 1
+                if on_iteration is not None:
+                    on_iteration(report.step, report.refinement_iterations[b])
+            z = self._update(z, active, evaluation, context.coefficient)
+            losses, finite, aux = _host_terms(evaluation, len(names))
+            skipped.update(b for b, ok in zip(active, finite) if not ok)
+            active = [
+                b for b, value, ok, terms in zip(active, losses, finite, aux)
+                if ok and report.refinement_iterations[b] < limit
+                and self.objective.refinement_unmet(value, terms, target)
+            ]
+        refined_rows = [b for b in refining if b not in skipped]
+        final = None
+        if refined_rows and not report.interrupted:
+            final = self._evaluate(z, refined_rows, context)
+        return _Refinement(z, refined_rows, final, skipped)
 
     def _refine(
         self,
@@ -281,6 +424,17 @@ class AttendAndExcite:
         # a_i * scale_b in float64, as the reference's Python floats, then rounded once.
         return (scale * step_size).to(dtype)
 
+
+
+def _host_terms(evaluation: Evaluation, width: int) -> tuple[list[float], list[bool], list[list[float]]]:
+    """An evaluation's losses, finiteness and further terms, read on the host (waits for it)."""
+    tensors = [evaluation.losses, evaluation.finite]
+    if evaluation.aux is not None and width:
+        tensors.append(evaluation.aux)
+    values = HostRead(*tensors).values()
+    rows = len(values[0])
+    aux = [values[2][r * width:(r + 1) * width] for r in range(rows)] if len(values) > 2 else [[] for _ in range(rows)]
+    return values[0], [bool(v) for v in values[1]], aux
 
 
 @dataclass

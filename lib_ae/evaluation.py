@@ -37,6 +37,7 @@ class Evaluation:
     maps: list[torch.Tensor] | None = None  # with keep_maps: per row, (S, h, w) smoothed maps, float32, CPU
     bind_maps: list[torch.Tensor | None] | None = None  # with keep_maps: per row, (K, h, w) binding maps, CPU
     carry: torch.Tensor | None = None  # (R, W, D): what the objective carries to the next step (`Objective.carries`)
+    aux: torch.Tensor | None = None  # (R, A): the objective's further terms (`Objective.aux_names`)
 
     @property
     def moves(self) -> torch.Tensor:
@@ -49,6 +50,7 @@ class Evaluation:
             self.losses.clone(), self.maxima.clone(), self.values_finite.clone(), self.finite.clone(),
             self.grads.clone(), self.bind_losses.clone(), self.objective.clone(),
             carry=None if self.carry is None else self.carry.clone(),
+            aux=None if self.aux is None else self.aux.clone(),
         )
 
     def select(self, positions: list[int], index: torch.Tensor) -> Evaluation:
@@ -58,7 +60,8 @@ class Evaluation:
         bind_maps = None if self.bind_maps is None else [self.bind_maps[j] for j in positions]
         return Evaluation(pick(self.losses), pick(self.maxima), pick(self.values_finite), pick(self.finite),
                           pick(self.grads), pick(self.bind_losses), pick(self.objective), maps, bind_maps,
-                          None if self.carry is None else pick(self.carry))
+                          None if self.carry is None else pick(self.carry),
+                          None if self.aux is None else pick(self.aux))
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,6 +157,10 @@ class CarryStore:
             return kept[1], kept[2]
         carry = like.new_zeros(batch, width, depth)
         return carry, torch.zeros(batch, dtype=torch.bool, device=like.device)
+
+    def keep_all(self, step: int, carry: torch.Tensor, has: torch.Tensor) -> None:
+        """Keep every row's carry as it stands after `step` (an objective that `chains_carry`)."""
+        self._kept = (step, carry, has)
 
     def keep(self, step: int, batch: int, width: int, depth: int, sources: list[tuple[list[int], Evaluation]],
              index: RowIndex) -> None:

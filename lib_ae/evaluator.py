@@ -19,7 +19,7 @@ from .binding import BindingIndex, BindingSelection
 from .capture import AttentionCapture
 from .evaluation import Evaluation, LossGroup, LossPlan, Target
 from .loss import SelectionIndex, TokenSelection
-from .objectives import Objective, Terms
+from .objectives import Extras, Objective, Purpose, Terms
 
 __all__ = ["Evaluator", "Target", "frozen_parameters"]
 
@@ -69,11 +69,13 @@ class Evaluator:
         run_unet: Callable[[torch.Tensor, torch.Tensor], object],
         keep_maps: bool = False,
         carried: tuple[torch.Tensor, torch.Tensor] | None = None,
+        purpose: Purpose = "update",
     ) -> Evaluation:
         """The eager evaluation of batch rows `rows` of `z` (`carried`: those rows' carry, see `forward_backward`)."""
         index = self.index(rows, z.device)
         latent = z if self.row_index(rows, z) is None else z.index_select(0, index)
-        return self.forward_backward(latent, lambda leaf: run_unet(leaf, index), loss_plan, size, keep_maps, carried)
+        return self.forward_backward(latent, lambda leaf: run_unet(leaf, index), loss_plan, size, keep_maps, carried,
+                                     purpose)
 
     def forward_backward(
         self,
@@ -83,14 +85,16 @@ class Evaluator:
         size: tuple[int, int],
         keep_maps: bool = False,
         carried: tuple[torch.Tensor, torch.Tensor] | None = None,
+        purpose: Purpose = "update",
     ) -> Evaluation:
-        """The whole evaluation on the device, with no host synchronisation (also what a CUDA graph captures).
-        `carried`: for an objective that `carries`, each row's carry from the previous step (R, W, D) and whether it
-        has one (R,)."""
+        """The whole evaluation on the device, with no host synchronisation (also what a CUDA graph captures) unless
+        the objective reads maps on the host (`Objective.graph_unsafe`). `carried`: for an objective that `carries`,
+        each row's carry (R, W, D) and whether it has one (R,). `purpose`: what the objective differentiates."""
         self._probe_last_layer(size, lambda: run(latent.detach()))
+        reads_self = self.objective.reads_self_attention
         with torch.enable_grad(), frozen_parameters(self.parameters()):
             leaf = latent.detach().requires_grad_(True)
-            with self.capture.record(*size) as recording:
+            with self.capture.record(*size, self_attention=reads_self) as recording:
                 run(leaf)
             attention = recording.maps()
             parts = []
@@ -100,7 +104,9 @@ class Evaluator:
                 if carried is not None and group.positions is not None:
                     group_carried = (carried[0].index_select(0, group.positions),
                                      carried[1].index_select(0, group.positions))
-                parts.append(self.objective.terms(group, group_attention, size, keep_maps, group_carried))
+                extras = Extras(purpose, _group_rows(recording.self_attention_rows, group.positions, leaf.shape[0])
+                                if reads_self else None)
+                parts.append(self.objective.terms(group, group_attention, size, keep_maps, group_carried, extras))
             losses, maxima, maxima_finite, bind_losses, objective = (
                 torch.cat(t) if len(parts) > 1 else t[0]
                 for t in zip(*((p.losses, _padded(p.maxima, loss_plan.width), p.maxima_finite, p.bind_losses,
@@ -109,11 +115,13 @@ class Evaluator:
             kept = [m for p in parts for m in p.maps]
             kept_binding = [m for p in parts for m in p.bind_maps]
             carry = _carry_of(parts, loss_plan.carry_width)
+            aux = None if any(p.aux is None for p in parts) else torch.cat([p.aux for p in parts])  # type: ignore[misc]
             if loss_plan.order is not None:
                 losses, maxima, maxima_finite, bind_losses, objective = (
                     t.index_select(0, loss_plan.order) for t in (losses, maxima, maxima_finite, bind_losses, objective)
                 )
                 carry = None if carry is None else carry.index_select(0, loss_plan.order)
+                aux = None if aux is None else aux.index_select(0, loss_plan.order)
                 if keep_maps:
                     kept = [kept[j] for j in loss_plan.order_list]
                     kept_binding = [kept_binding[j] for j in loss_plan.order_list]
@@ -125,7 +133,7 @@ class Evaluator:
         finite = maxima_finite & objective_finite & torch.isfinite(grads.flatten(1)).all(dim=1)
         return Evaluation(losses.detach(), maxima.detach(), maxima_finite, finite, grads.detach(),
                           bind_losses.detach(), safe_objective.detach(), kept if keep_maps else None,
-                          kept_binding if keep_maps else None, carry)
+                          kept_binding if keep_maps else None, carry, None if aux is None else aux.detach())
 
     def _probe_last_layer(self, size: tuple[int, int], forward: Callable[[], object]) -> None:
         """Before the first gradient forward at this map size: one no-grad forward to learn where it may stop."""
@@ -183,6 +191,20 @@ class Evaluator:
         if key not in self._selections:
             self._selections[key] = SelectionIndex.build(selection, device)
         return self._selections[key]
+
+
+def _group_rows(
+    self_rows: Callable[[torch.Tensor], torch.Tensor], positions: torch.Tensor | None, batch: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`self_rows` for one group's rows: its weights (R_g, K, N) placed at the group's positions of the batch."""
+    if positions is None:
+        return self_rows
+
+    def rows_of_group(weights: torch.Tensor) -> torch.Tensor:
+        full = weights.new_zeros(batch, *weights.shape[1:]).index_copy(0, positions, weights)
+        return self_rows(full).index_select(0, positions)
+
+    return rows_of_group
 
 
 def _carry_of(parts: Sequence[Terms], width: int) -> torch.Tensor | None:

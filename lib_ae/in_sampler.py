@@ -18,6 +18,7 @@ import torch
 from .binding import BindingSelection
 from .config import StepPlan
 from .engine import AttendAndExcite, UNetRunner
+from .initno import NoiseOptimisation
 from .loss import TokenSelection
 from .step_report import StepReport
 
@@ -65,6 +66,17 @@ class InSamplerExcitation:
     reports: list[StepReport] = field(default_factory=list)
     map_steps: frozenset[int] = frozenset()
     """Steps whose reports carry the subject maps (`StepReport.maps`), e.g. for heatmaps; none by default."""
+    fresh_noise: Callable[[int, int], torch.Tensor] | None = None
+    """fresh_noise(b, r): standard normal noise for image b's InitNO round r >= 1, shaped like one image's latent
+    (None: the r-th float64 draw of a CPU generator seeded with b)."""
+    noise_scale: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """noise_scale(sigma): what the host multiplied standard noise by to make the first latent (None: sigma in sigma
+    space, k-diffusion's txt2img `noise * sigmas[0]`; 1 in VP space)."""
+    optimise_noise: bool = True
+    """Whether an objective that `optimises_initial_noise` does it here (off where the first latent is not noise,
+    e.g. img2img or a hires pass)."""
+    noise_reports: list[NoiseOptimisation | None] = field(default_factory=list)
+    """Per image, what InitNO's optimisation of its initial noise did (empty for other objectives)."""
 
     def before_model_call(
         self,
@@ -82,6 +94,9 @@ class InSamplerExcitation:
         step = self.clock.step_of(call_index)
         if step is None or step >= self.plan.steps or not self.plan.is_active(step):
             return None
+        optimises = self.optimise_noise and self.engine.objective.optimises_initial_noise
+        if step == 0 and optimises and not self.noise_reports:
+            self._optimise_initial_noise(x, sigma, selections, run_unet, should_stop)
         scale = sigma_space_gradient_scale(sigma) if self.space == "sigma" else None
         # `bindings` only when given: an engine (or stand-in) without binding keeps its call unchanged.
         binding_args = {"bindings": bindings} if bindings is not None else {}
@@ -102,3 +117,43 @@ class InSamplerExcitation:
                 x.copy_(updated)
         self.reports.append(report)
         return report
+
+    def _optimise_initial_noise(
+        self, x: torch.Tensor, sigma: torch.Tensor, selections: Sequence[TokenSelection | None],
+        run_unet: UNetRunner, should_stop: Callable[[], bool] | None,
+    ) -> None:
+        s = sigma.detach().to(torch.float64).flatten().to(x.device)
+        to_unet_input = 1.0 / torch.sqrt(1.0 + s * s) if self.space == "sigma" else torch.ones_like(s)
+        if self.noise_scale is not None:
+            noise_scale = self.noise_scale(s).to(torch.float64).flatten().expand_as(s)
+        else:
+            noise_scale = s if self.space == "sigma" else torch.ones_like(s)
+        source = self.fresh_noise or _seeded_noise(x)
+        scales = noise_scale.tolist()
+
+        def fresh(b: int, r: int) -> torch.Tensor:
+            return (source(b, r).to(torch.float64) * scales[b]).to(x.device, x.dtype).reshape(1, *x.shape[1:])
+
+        updated, self.noise_reports = self.engine.optimise_initial_noise(
+            x, selections, run_unet, to_unet_input, fresh, should_stop
+        )
+        with torch.no_grad():
+            x.copy_(updated)
+
+
+def seeded_noise(shape: Sequence[int], seeds: Sequence[int]) -> Callable[[int, int], torch.Tensor]:
+    """fresh_noise for InitNO's rounds: image b's round r is the r-th float64 draw (of `shape`) of a CPU generator
+    seeded with seeds[b]: the same numbers on every machine and device, so the same request gives the same image."""
+    generators: dict[int, tuple[torch.Generator, list[torch.Tensor]]] = {}
+
+    def draw(b: int, r: int) -> torch.Tensor:
+        generator, draws = generators.setdefault(b, (torch.Generator().manual_seed(int(seeds[b])), []))
+        while len(draws) < r:
+            draws.append(torch.randn(tuple(shape), generator=generator, dtype=torch.float64))
+        return draws[r - 1]
+
+    return draw
+
+
+def _seeded_noise(x: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+    return seeded_noise(x.shape[1:], range(x.shape[0]))

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import ClassVar, Literal
 
 import torch
 
@@ -33,10 +33,26 @@ from .binding import BindingSelection, binding_loss, spatial_distributions
 from .config import BindingConfig, ConfigError, ExciteConfig, StepPlan
 from .conform import OFFICIAL_TEMPERATURE, ConformGroups, ConformIndex, conform_embeddings, ntxent_loss
 from .evaluation import LossGroup
-from .loss import TokenSelection, excite_losses, smoothed_subject_maps, subject_maxima
+from .initno import InitnoConfig, SelfRows, initno_losses
+from .loss import TokenSelection, excite_losses, smooth, smoothed_subject_maps, subject_maps, subject_maxima
 from .params import METHODS, AEParams
 
-__all__ = ["METHODS", "Bind", "Conform", "Excite", "ExciteBind", "Objective", "Terms", "objective_for"]
+__all__ = [
+    "METHODS", "Bind", "Conform", "Excite", "ExciteBind", "Extras", "Initno", "InitnoSelfCross", "Objective", "Purpose",
+    "Terms", "objective_for",
+]
+
+Purpose = Literal["update", "refine", "initial"]
+"""What an evaluation is for: the step's update, a refinement iteration, or the optimisation of the initial noise
+(objectives that distinguish them differentiate a different loss for each)."""
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What an evaluation hands an objective beyond the cross-attention maps."""
+
+    purpose: Purpose = "update"
+    self_rows: SelfRows | None = None  # the group's self-attention rows, for an objective that `reads_self_attention`
 
 
 @dataclass
@@ -51,6 +67,7 @@ class Terms:
     maps: list[torch.Tensor]  # keep_maps: per row, (S, h, w) smoothed subject maps
     bind_maps: list[torch.Tensor | None]  # keep_maps: per row, (K, h, w) binding maps, or None
     carry: torch.Tensor | None = None  # (R, carry_width, D): what the next step reads (`Objective.carries`)
+    aux: torch.Tensor | None = None  # (R, len(Objective.aux_names)): further per-row terms, for the report
 
 
 class Objective(ABC):
@@ -68,6 +85,25 @@ class Objective(ABC):
     """Whether the loss at step i reads what the evaluation behind step i-1's last update carried (`Terms.carry`)."""
     loss_label: ClassVar[str | None] = None
     """How the trace names `Terms.losses` when it shows them (None: A&E's maxima already say it)."""
+    chains_carry: ClassVar[bool] = False
+    """With `carries`: every evaluation reads the carry of the evaluation before it (an average over all of them),
+    instead of every evaluation of step i reading step i-1's last."""
+    reads_self_attention: ClassVar[bool] = False
+    """Whether the loss reads self-attention rows (`Extras.self_rows`): the capture then records them."""
+    refines_in_official_order: ClassVar[bool] = False
+    """Refinement as InitNO's code runs it: each iteration evaluates again (the first at the step's latent: the
+    carried average moves), differentiates the `refine` loss, and a final `update` evaluation follows."""
+    optimises_initial_noise: ClassVar[bool] = False
+    """Whether the first step starts with `lib_ae.initno.optimise_initial_noise`."""
+    graph_unsafe: ClassVar[str | None] = None
+    """Why the evaluation cannot be replayed as a CUDA graph (None: it can)."""
+    aux_names: ClassVar[tuple[str, ...]] = ()
+    """The names of `Terms.aux`'s columns."""
+
+    def extra_map_labels(self, subjects: Sequence[str]) -> list[str] | None:
+        """The labels of the maps an objective keeps in `Terms.bind_maps` for its own purpose (None: SynGen's
+        modifier-noun maps, labelled by the host)."""
+        return None
 
     def __init__(self, config: ExciteConfig | None = None) -> None:
         self.config = config or ExciteConfig()
@@ -88,6 +124,10 @@ class Objective(ABC):
         """The value of `Terms.losses` below which refinement stops, for a plan's threshold: A&E's 1 - threshold."""
         return max(0.0, 1.0 - threshold)
 
+    def refinement_unmet(self, loss: float, aux: Sequence[float], target: float) -> bool:
+        """Whether a row with this `Terms.losses` value and `Terms.aux` row goes on refining (A&E: loss > target)."""
+        return loss > target
+
     def why_idle(self, selection: TokenSelection | None, binding: BindingSelection | None) -> str | None:
         """Why an image with these targets (found in its prompt) is left alone, for the user; None when it is not."""
         return None
@@ -105,7 +145,7 @@ class Objective(ABC):
     @abstractmethod
     def terms(
         self, group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool,
-        carried: tuple[torch.Tensor, torch.Tensor] | None = None,
+        carried: tuple[torch.Tensor, torch.Tensor] | None = None, extras: Extras | None = None,
     ) -> Terms:
         """The terms of one group's rows from their aggregated maps `attention` (R, h, w, T); `carried`: the rows'
         carry from the previous step (R, carry_width, D) and whether each row has one (R,), for an objective that
@@ -168,7 +208,7 @@ class Excite(Objective):
 
     def terms(
         self, group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool,
-        carried: tuple[torch.Tensor, torch.Tensor] | None = None,
+        carried: tuple[torch.Tensor, torch.Tensor] | None = None, extras: Extras | None = None,
     ) -> Terms:
         losses, maxima, finite, maps = self.excite_terms(group, attention, size, keep_maps)
         return Terms(losses, maxima, finite, _no_binding(losses), losses, maps,
@@ -194,7 +234,7 @@ class Bind(Objective):
 
     def terms(
         self, group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool,
-        carried: tuple[torch.Tensor, torch.Tensor] | None = None,
+        carried: tuple[torch.Tensor, torch.Tensor] | None = None, extras: Extras | None = None,
     ) -> Terms:
         losses, maxima, finite, maps = self.excite_terms(group, attention, size, keep_maps)
         bind, bind_maps = self.binding_terms(group, attention, size, keep_maps)
@@ -286,7 +326,7 @@ class Conform(Objective):
 
     def terms(
         self, group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool,
-        carried: tuple[torch.Tensor, torch.Tensor] | None = None,
+        carried: tuple[torch.Tensor, torch.Tensor] | None = None, extras: Extras | None = None,
     ) -> Terms:
         _, maxima, finite, maps = self.excite_terms(group, attention, size, keep_maps)
         count = attention.shape[0]
@@ -323,7 +363,95 @@ class Conform(Objective):
         return Terms(losses, maxima, finite, _no_binding(losses), losses, maps, bind_maps, embeddings.detach())
 
 
-OBJECTIVES: Mapping[str, type[Objective]] = {kind.method: kind for kind in (Excite, Bind, ExciteBind, Conform)}
+class Initno(Objective):
+    """InitNO: the initial noise optimised before sampling (a cross-attention response, a self-attention conflict and
+    the peaks' clean regions, kept near N(0, I)), then A&E's updates, with refinement at steps 10 and 20 of 50 on the
+    joint loss (`lib_ae.initno`)."""
+
+    method = "initno"
+    carries = True
+    chains_carry = True
+    reads_self_attention = True
+    refines_in_official_order = True
+    optimises_initial_noise = True
+    graph_unsafe = "InitNO reads each evaluation's maps on the host (Otsu's threshold of every subject's map)"
+    aux_names = ("cross", "clean", "align", "conflict")
+    self_cross: ClassVar[bool] = False
+
+    def __init__(self, config: ExciteConfig | None = None, initno: InitnoConfig | None = None) -> None:
+        super().__init__(config)
+        self.initno = initno or InitnoConfig(self_cross=self.self_cross, top_k=16 if self.self_cross else 1)
+        if self.initno.self_cross != self.self_cross:
+            raise ConfigError(f"{type(self).__name__} needs an InitnoConfig with self_cross={self.self_cross}")
+
+    def plan(self, steps: int) -> StepPlan:
+        return replace(self.config, thresholds=dict(INITNO_REFINEMENT)).plan(steps)
+
+    def takes_part(self, selection: TokenSelection | None, binding: BindingSelection | None) -> bool:
+        return selection is not None and bool(selection.subjects)
+
+    def refinement_target(self, threshold: float) -> float:
+        return self.initno.cross_target
+
+    def refinement_unmet(self, loss: float, aux: Sequence[float], target: float) -> bool:
+        return loss > target or aux[3] > self.initno.conflict_target
+
+    def carry_width(self, selection: TokenSelection | None, binding: BindingSelection | None) -> int:
+        return len(selection.subjects) if selection is not None else 0
+
+    def extra_map_labels(self, subjects: Sequence[str]) -> list[str] | None:
+        """Beside each subject's cross-attention map, the self-attention map its conflict term compares: at its peak
+        (InitNO), or gathered over its Otsu region (Self-Cross)."""
+        return [f"{subject} (self-attention)" for subject in subjects]
+
+    def terms(
+        self, group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool,
+        carried: tuple[torch.Tensor, torch.Tensor] | None = None, extras: Extras | None = None,
+    ) -> Terms:
+        extras = extras or Extras()
+        count = attention.shape[0]
+        if group.selection is None or extras.self_rows is None:
+            zero = attention.new_zeros(count)
+            maxima = attention.new_zeros(count, 0)
+            finite = torch.ones(count, dtype=torch.bool, device=attention.device)
+            none: list[torch.Tensor | None] = [None] * count if keep_maps else []
+            kept = list(attention.new_zeros(count, 0, *size).float().cpu().unbind(0)) if keep_maps else []
+            return Terms(zero, maxima, finite, _no_binding(zero), zero, kept, none, None, attention.new_zeros(count, 4))
+        cfg = self.config
+        raw = subject_maps(attention, group.selection, cfg.softmax_temperature, index=group.index)
+        smoothed = smooth(raw, cfg.kernel_size, cfg.sigma) if cfg.smooth_attentions else raw
+        maxima = subject_maxima(smoothed)
+        finite = torch.isfinite(maxima).all(dim=-1)
+        cache, has_cache = (None, None) if carried is None else carried
+        parts = initno_losses(
+            raw, smoothed, extras.self_rows, self.initno, cache, has_cache, kernel_size=cfg.kernel_size,
+            sigma=cfg.sigma, initial=extras.purpose == "initial",
+        )
+        differentiated = {"update": parts.update, "refine": parts.joint, "initial": parts.initial}[extras.purpose]
+        losses = torch.where(finite, parts.update, torch.zeros_like(parts.update))
+        maps = list(smoothed.detach().float().cpu().unbind(0)) if keep_maps else []
+        conflict_maps: list[torch.Tensor | None] = list(parts.self_maps.float().cpu().unbind(0)) if keep_maps else []
+        aux = torch.stack([parts.cross, parts.clean, parts.align, parts.conflict], dim=-1).detach()
+        carry = parts.cache if extras.purpose != "initial" else None
+        return Terms(losses, maxima, finite, _no_binding(losses), differentiated, maps, conflict_maps, carry, aux)
+
+
+class InitnoSelfCross(Initno):
+    """Self-Cross guidance on InitNO: InitNO's conflict replaced by the overlap of each subject's self-attention
+    (gathered over its Otsu region, weighted by its cross-attention) with every other subject's cross-attention, and
+    counted in every update; the cross loss averages each map's 16 highest values (the published runs' K)."""
+
+    method = "initno+selfcross"
+    self_cross = True
+
+
+INITNO_REFINEMENT: Mapping[int, float] = {10: 0.8, 20: 0.8}
+"""InitNO's refinement steps (of 50) and threshold (`_perform_iterative_refinement_step(threshold=0.8)`: the cross
+loss's target 0.2); its conflict's target is 0.3."""
+
+OBJECTIVES: Mapping[str, type[Objective]] = {
+    kind.method: kind for kind in (Excite, Bind, ExciteBind, Conform, Initno, InitnoSelfCross)
+}
 """The method option's value -> its objective, in the order the UI lists them (`lib_ae.params.METHODS`)."""
 if tuple(OBJECTIVES) != METHODS:
     raise AssertionError(f"the method choices {METHODS} are not the objectives {tuple(OBJECTIVES)}")
@@ -358,4 +486,6 @@ def objective_for(params: AEParams) -> Objective:
         return kind(excite_config(params), binding_config(params))
     if issubclass(kind, Conform):
         return kind(excite_config(params), params.conform_temperature)
+    if issubclass(kind, Initno):
+        return kind(excite_config(params))
     return kind(excite_config(params))

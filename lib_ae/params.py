@@ -65,10 +65,12 @@ OFFICIAL_THRESHOLDS_TEXT = "0:0.05, 10:0.5, 20:0.8"
 EMPTY_THRESHOLDS_TEXT = "none"
 """Canonical spelling of "no iterative refinement": a non-empty word, because A1111 drops empty infotext values."""
 
-METHODS: tuple[str, ...] = ("excite", "bind", "excite+bind", "conform")
+METHODS: tuple[str, ...] = ("excite", "bind", "excite+bind", "conform", "initno", "initno+selfcross")
 """`method`'s choices, one per objective of `lib_ae.objectives` (which checks that they match): Attend-and-Excite
-alone (the default, the behaviour before the parameter existed), SynGen's binding alone, both in one update, or
-CONFORM's contrastive objective."""
+alone (the default, the behaviour before the parameter existed), SynGen's binding alone, both in one update,
+CONFORM's contrastive objective, InitNO (the initial noise optimised first), or Self-Cross guidance on InitNO. Each
+value is one published pipeline, and "a+b" names the combination, so one infotext value says what ran and one X/Y/Z
+axis compares them all."""
 
 AUTO_SUBJECTS_TEXT = "auto"
 """How automatic subjects are written in the infotext and may be typed: the subjects are found in the prompt."""
@@ -558,7 +560,9 @@ class AEParams:
         help="excite: Attend-and-Excite, every subject must appear. bind: SynGen's binding, each modifier's attention "
             "is pulled onto its noun's ('a red car and a blue bench': red goes to the car), on the modifiers of the "
             "subjects. excite+bind: both, each loss with its own step size. conform: CONFORM, the subjects' attention "
-            "pushed apart and each kept with its modifiers (needs two subjects).",
+            "pushed apart and each kept with its modifiers (needs two subjects). initno: InitNO, the starting noise "
+            "optimised for the subjects before sampling (seconds more per image), then A&E. initno+selfcross: "
+            "Self-Cross guidance on InitNO, which also keeps each subject's self-attention off the others.",
         canonical=_canonical_method,
         choices=METHODS,
         absent_means_default=True,

@@ -75,8 +75,17 @@ class SamplingRun:
     def reports(self) -> list[StepReport]:
         return self.excitation.reports if self.excitation is not None else []
 
-    def start(self, steps: int, calls_per_step: int) -> InSamplerExcitation:
-        """The step plan for `steps` sampler steps of `calls_per_step` model calls each."""
+    def start(
+        self,
+        steps: int,
+        calls_per_step: int,
+        *,
+        fresh_noise: Callable[[int, int], torch.Tensor] | None = None,
+        noise_scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        optimise_noise: bool = True,
+    ) -> InSamplerExcitation:
+        """The step plan for `steps` sampler steps of `calls_per_step` model calls each; for InitNO, where its rounds'
+        noise comes from and how the host scaled the first latent's (`InSamplerExcitation`)."""
         plan = self.engine.plan(steps)
         logger.debug(
             "%s: %d steps, %d model calls per step, %d altered, refinement at %s",
@@ -84,7 +93,8 @@ class SamplingRun:
         )
         self.excitation = InSamplerExcitation(
             self.engine, plan, self.space, StepClock(calls_per_step),
-            map_steps=heatmap_steps(plan, self.heatmaps, self.heatmaps_first_step),
+            map_steps=heatmap_steps(plan, self.heatmaps, self.heatmaps_first_step), fresh_noise=fresh_noise,
+            noise_scale=noise_scale, optimise_noise=optimise_noise,
         )
         return self.excitation
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .initno import NoiseOptimisation
 from .step_report import StepReport
 
 CAPTION_HEIGHT = 28
@@ -91,6 +92,21 @@ def bind_loss_summary(reports: Sequence[StepReport], image: int) -> str | None:
     if not values:
         return None
     return f"bind loss {values[0]:.3g} -> {values[-1]:.3g}"
+
+
+def noise_summary(reports: Sequence[NoiseOptimisation | None], image: int) -> str | None:
+    """"InitNO round 2 of 3, targets met, 14 noise steps in 1.9 s": what the optimisation of one image's initial noise
+    did and cost (None: not run for it)."""
+    report = reports[image] if image < len(reports) else None
+    if report is None:
+        return None
+    if report.skipped:
+        return f"InitNO: {report.skipped}"
+    met = "targets met" if report.succeeded else "targets not met"
+    longer = f" + {report.final_steps} from its noise" if report.final_steps else ""
+    cut = ", interrupted" if report.interrupted else ""
+    return (f"InitNO round {report.chosen_round + 1} of {len(report.rounds)}, {met}, "
+            f"{report.evaluations - report.final_steps}{longer} noise steps in {report.seconds:.1f} s{cut}")
 
 
 def loss_summary(reports: Sequence[StepReport], image: int, label: str) -> str | None:

@@ -205,3 +205,54 @@ def test_frozen_parameters_are_restored() -> None:
     with frozen_parameters(unet):
         assert not any(p.requires_grad for p in unet.parameters())
     assert [p.requires_grad for p in unet.parameters()] == before
+
+
+def explicit_self_attention(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                            size: int) -> torch.Tensor:
+    """Reference: every attn1 at this size runs softmax(q k^T * scale) over all its patches; (B, N, N), the mean over
+    layers and heads (the official `aggregate_attention(is_cross=False)`)."""
+    found: list[torch.Tensor] = []
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+        hidden = args[0]
+        if hidden.shape[1] != size * size or kwargs.get("context") is not None:
+            return
+        h = module.heads
+        q, k = module.to_q(hidden), module.to_k(hidden)
+        d = q.shape[-1] // h
+        q = q.reshape(q.shape[0], -1, h, d).transpose(1, 2)
+        k = k.reshape(k.shape[0], -1, h, d).transpose(1, 2)
+        found.append((q @ k.transpose(-1, -2) * module.scale).softmax(-1))
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for n, m in unet.named_modules() if n.endswith("attn1")]
+    unet(x, t, context=context)
+    for handle in handles:
+        handle.remove()
+    return torch.cat(found, dim=1).mean(1)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_self_attention_rows_equal_the_explicit_maps_and_their_gradient(name: str) -> None:
+    """`self_attention_rows` (each layer's probabilities recomputed in the backward, never kept) gives the rows and
+    the gradient of the full explicit maps; the self-attention hooks are attached only once asked for."""
+    unet = make_unet(CONFIGS[name], seed=1, dtype=torch.float64)
+    x, t, context = inputs(unet, batch=2)
+    capture = AttentionCapture(unet, early_stop=False)
+    plain_hooks = sum(len(m._forward_hooks) for m in unet.modules())
+    weights = torch.rand(2, 3, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    leaf = x.clone().requires_grad_(True)
+    with capture.record(8, 8, self_attention=True) as recording:
+        unet(leaf, t, context=context)
+    rows = recording.self_attention_rows(weights)
+    (ours,) = torch.autograd.grad((rows * rows).sum(), [leaf])
+    leaf = x.clone().requires_grad_(True)
+    explicit = explicit_self_attention(unet, leaf, t, context, 8)
+    assert torch.allclose(rows, weights @ explicit, rtol=1e-12, atol=1e-15)
+    (theirs,) = torch.autograd.grad(((weights @ explicit) ** 2).sum(), [leaf])
+    assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-14)
+    assert sum(len(m._forward_hooks) for m in unet.modules()) > plain_hooks
+    with pytest.raises(CaptureError, match="self-attention"), capture.record(8, 8) as without:
+        unet(x, t, context=context)
+        without.self_attention_rows(weights)
+    capture.remove()
+    assert sum(len(m._forward_hooks) for m in unet.modules()) == 0

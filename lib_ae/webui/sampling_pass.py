@@ -19,7 +19,7 @@ from lib_ae import AttendAndExcite, AttentionCapture, CaptureError, UNetRunner
 from lib_ae.cpu_determinism import check_cpu_reproducibility
 from lib_ae.evaluation import Target
 from lib_ae.graphs import GraphableRunner
-from lib_ae.in_sampler import LatentSpace
+from lib_ae.in_sampler import LatentSpace, seeded_noise
 from lib_ae.objectives import objective_for
 from lib_ae.params import AEParams
 from lib_ae.sampling_run import SamplingRun
@@ -212,7 +212,7 @@ class SamplingPass:
             # At the first model call: only then are den.steps/total_steps set (launch_sampling runs after
             # process_before_every_sampling).
             steps = int(self.den.steps)
-            self.run.start(steps, max(1, int(self.den.total_steps) // steps))
+            self.run.start(steps, max(1, int(self.den.total_steps) // steps), **self._initial_noise(x))
         index = clock_index(call, plms=self.plms)
         if self.run.due_step(index) is None:
             return
@@ -229,6 +229,23 @@ class SamplingPass:
         first_rows = torch.as_tensor([rows[0][0] for rows in conds_list], device=x.device)
         run_unet = self._runner(sigma, select_rows(tensor, first_rows), image_cond)
         self.run.apply(index, x, sigma, targets, run_unet, should_stop=host.stop_requested, progress=host.show_progress)
+
+    def _initial_noise(self, x: torch.Tensor) -> dict[str, Any]:
+        """For InitNO: its rounds' noise drawn from each image's seed (`seeded_noise`), scaled as A1111 scales the
+        first latent's (KDiffusionSampler.sample: `noise * sigmas[0]`, or `* sqrt(1 + sigmas[0]^2)` with the
+        "SGM noise multiplier" option; the timestep samplers start from the noise itself); only on txt2img's first
+        pass, whose first latent is noise."""
+        p = self.p
+        seeds = list(getattr(p, "seeds", None) or [])
+        if len(seeds) < x.shape[0]:
+            seeds += [int(getattr(p, "seed", 0) or 0) + k for k in range(len(seeds), x.shape[0])]
+        sgm = self.run.space == "sigma" and bool(host.option("sgm_noise_multiplier", False))
+        txt2img = not getattr(p, "init_images", None) and not self.is_hr
+        return {
+            "fresh_noise": seeded_noise(x.shape[1:], seeds),
+            "noise_scale": (lambda s: torch.sqrt(1 + s * s)) if sgm else None,
+            "optimise_noise": txt2img,
+        }
 
     def _runner(self, sigma: torch.Tensor, cond: Any, image_cond: torch.Tensor | None) -> UNetRunner:
         """The cond-only pass of CFGDenoiser.forward for the given batch rows (`cond` holds one row per image);

@@ -12,6 +12,7 @@ from lib_ae.visualize import (
     heatmap_strip,
     image_trace,
     loss_summary,
+    noise_summary,
     subject_maps_at,
     trace_plot,
     trace_summary,
@@ -104,6 +105,7 @@ def _summaries(sampling_pass: SamplingPass, interrupted: bool) -> dict[int, str]
     for b, trace in _traces(sampling_pass).items():
         objective = sampling_pass.run.engine.objective
         extra = [
+            noise_summary(sampling_pass.run.excitation.noise_reports, b) if sampling_pass.run.excitation else None,
             bind_loss_summary(reports, b) if objective.computes_binding_loss else None,
             loss_summary(reports, b, objective.loss_label) if objective.loss_label else None,
         ]
@@ -117,7 +119,8 @@ def _visuals(sampling_pass: SamplingPass) -> dict[int, BatchVisual]:
     visuals = {}
     for b, trace in _traces(sampling_pass).items():
         labels = sampling_pass.targeting.labels[b]
-        bind_labels = sampling_pass.targeting.binding_labels.get(b, [])
+        own = sampling_pass.run.engine.objective.extra_map_labels(labels)
+        bind_labels = own if own is not None else sampling_pass.targeting.binding_labels.get(b, [])
         by_step = {
             r.step: subject_maps_at(r, b, labels) + binding_maps_at(r, b, bind_labels)  # the modifier beside its noun
             for r in excitation.reports

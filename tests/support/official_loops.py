@@ -5,7 +5,7 @@ sigma(alphas_cumprod[0])), float64, batch-first inputs."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -18,11 +18,13 @@ from support.thirdparty import import_k_diffusion
 def ddim_vp(
     unet: torch.nn.Module, engine: AttendAndExcite, z: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
     steps: int, cfg: float, selections: Sequence[TokenSelection | None], bindings: Sequence[BindingSelection | None],
+    fresh_noise: Callable[[int, int], torch.Tensor] | None = None,
 ) -> tuple[InSamplerExcitation, list[list[float]], torch.Tensor]:
-    """(the excitation with its reports, each image's latent norm after each step, the final latent)."""
+    """(the excitation with its reports, each image's latent norm after each step, the final latent). `fresh_noise`:
+    InitNO's rounds' standard noise (the VP latent starts from standard noise itself)."""
     sched = float64_ddim_scheduler()
     sched.set_timesteps(steps)
-    excitation = InSamplerExcitation(engine, engine.plan(steps), "vp")
+    excitation = InSamplerExcitation(engine, engine.plan(steps), "vp", fresh_noise=fresh_noise)
     norms: list[list[float]] = [[] for _ in range(z.shape[0])]
     with torch.no_grad():
         for i, t in enumerate(sched.timesteps):
@@ -43,8 +45,10 @@ def ddim_vp(
 def ddim_sigma_euler(
     unet: torch.nn.Module, engine: AttendAndExcite, z: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
     steps: int, cfg: float, selections: Sequence[TokenSelection | None], bindings: Sequence[BindingSelection | None],
+    fresh_noise: Callable[[int, int], torch.Tensor] | None = None,
 ) -> tuple[InSamplerExcitation, torch.Tensor]:
-    """(the excitation with its reports, the final latent mapped back to VP space)."""
+    """(the excitation with its reports, the final latent mapped back to VP space). The sampler starts from the VP
+    latent times sqrt(1 + sigma_0^2), so InitNO's rounds' noise is scaled the same way."""
     sampling, external = import_k_diffusion()
     model = LdmDenoiserModel(unet)
     denoiser = external.CompVisDenoiser(model, quantize=False)
@@ -53,7 +57,8 @@ def ddim_sigma_euler(
     sigmas = denoiser.sigmas[sched.timesteps.long()]
     final = ((1 - model.alphas_cumprod[0]) / model.alphas_cumprod[0]) ** 0.5
     sigmas = torch.cat([sigmas, final[None]])
-    excitation = InSamplerExcitation(engine, engine.plan(steps), "sigma")
+    excitation = InSamplerExcitation(engine, engine.plan(steps), "sigma", fresh_noise=fresh_noise,
+                                     noise_scale=lambda s: (1 + s * s) ** 0.5)
     calls = 0
 
     def cfg_model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
