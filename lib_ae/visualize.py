@@ -95,8 +95,8 @@ def bind_loss_summary(reports: Sequence[StepReport], image: int) -> str | None:
 
 
 def noise_summary(reports: Sequence[NoiseOptimisation | None], image: int) -> str | None:
-    """"InitNO round 2 of 3, targets met, 14 noise steps in 1.9 s": what the optimisation of one image's initial noise
-    did and cost (None: not run for it)."""
+    """"InitNO round 2 of 5, targets not met, 50 noise steps + 50 from its noise, 9.8 s": what the optimisation of one
+    image's initial noise did and cost (None: not run for it)."""
     report = reports[image] if image < len(reports) else None
     if report is None:
         return None
@@ -106,7 +106,7 @@ def noise_summary(reports: Sequence[NoiseOptimisation | None], image: int) -> st
     longer = f" + {report.final_steps} from its noise" if report.final_steps else ""
     cut = ", interrupted" if report.interrupted else ""
     return (f"InitNO round {report.chosen_round + 1} of {len(report.rounds)}, {met}, "
-            f"{report.evaluations - report.final_steps}{longer} noise steps in {report.seconds:.1f} s{cut}")
+            f"{report.evaluations - report.final_steps} noise steps{longer}, {report.seconds:.1f} s{cut}")
 
 
 def loss_summary(reports: Sequence[StepReport], image: int, label: str) -> str | None:

@@ -15,6 +15,10 @@ One process, one run, same weights / latent / prompt embedding / sampler for eve
                (with --conform) `conform`: CONFORM's contrastive loss on the same maps of the same evaluation, with the
                subjects' modifier groups of `bind`; ratios `ours_conform*_over_ae*` over the matching excite row
                (target <= 1.03). With refinement CONFORM runs every iteration, like A&E's worst case here
+  initno, initno_selfcross
+               (with --initno) InitNO / Self-Cross on InitNO at the official settings: the noise optimisation before the
+               first step (its seconds per image and x plain in `noise_optimisation`), then the sampling updates;
+               ratio `ours_initno_selfcross_over_initno`
   ref_plain    diffusers StableDiffusionPipeline (DDIM, same steps and CFG) on the same UNet converted to diffusers
   ref_ae       diffusers StableDiffusionAttendAndExcitePipeline (DDIM, its defaults) on that converted UNet
 Each lib_ae row exists with CUDA-graph evaluation (`_graph`) and eager. The reference rows run for SD1.5 at batch 1
@@ -82,7 +86,7 @@ from lib_ae import (  # noqa: E402
 )
 from lib_ae.binding import BindingGroup, BindingSelection  # noqa: E402
 from lib_ae.config import BindingConfig  # noqa: E402
-from lib_ae.objectives import Bind, Conform, Excite, ExciteBind, Objective  # noqa: E402
+from lib_ae.objectives import Bind, Conform, Excite, ExciteBind, Initno, InitnoSelfCross, Objective  # noqa: E402
 from lib_ae.graphs import GraphableRunner  # noqa: E402
 from support.thirdparty import import_k_diffusion  # noqa: E402
 
@@ -96,6 +100,10 @@ BINDING_ROWS = ("bind", "bind_graph", "excite_bind_norefine", "excite_bind_noref
 """Rows of the binding methods: with --binding (or named in --rows)."""
 CONFORM_ROWS = ("conform_norefine", "conform_norefine_graph", "conform", "conform_graph")
 """Rows of CONFORM: with --conform (or named in --rows)."""
+INITNO_ROWS = ("initno", "initno_selfcross")
+"""Rows of InitNO and Self-Cross on InitNO (eager: their evaluations read the maps on the host): with --initno (or
+named in --rows). Random weights never meet InitNO's targets, so every image makes all 5 rounds of 10 noise steps and
+the 50-step run: the worst case, 100 evaluations before the first step."""
 BINDING = BindingSelection.official(7, [BindingGroup(2, (1,)), BindingGroup(5, (4,))])
 """Two modifier-noun groups whose nouns are the subjects of SUBJECT_COLUMNS (2 and 5), among 7 word pieces."""
 TOKENS = 77
@@ -584,11 +592,14 @@ ROW_CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {
     "conform_norefine_graph": ({"thresholds": {}}, True),
     "conform": ({}, False),
     "conform_graph": ({}, True),
+    "initno": ({}, False),
+    "initno_selfcross": ({}, False),
 }
 ROW_METHODS: dict[str, type[Objective]] = {
     name: (
         (Bind if name.startswith("bind") else ExciteBind) if name in BINDING_ROWS
-        else Conform if name in CONFORM_ROWS else Excite
+        else Conform if name in CONFORM_ROWS
+        else Initno if name == "initno" else InitnoSelfCross if name == "initno_selfcross" else Excite
     )
     for name in ROW_CONFIGS
 }
@@ -616,6 +627,10 @@ def bench_scenario(
     engines: dict[str, AttendAndExcite] = {}
     reports: dict[str, list[Any]] = {}
     syncs: dict[str, dict[int, int]] = {}
+    noise: dict[str, list[tuple[float, int]]] = {}
+    first_finals: dict[str, torch.Tensor] = {}
+    repeatable: dict[str, bool] = {}
+    """Per InitNO row and run: (seconds of the noise optimisation, its evaluations), summed over the batch."""
 
     def plain(run_steps: int) -> torch.Tensor:
         with torch.no_grad():
@@ -648,12 +663,18 @@ def bench_scenario(
                               binds=kind is not Excite)
             reports[name] = excitation.reports
             finals[name] = out
+            if excitation.noise_reports:
+                done = [r for r in excitation.noise_reports if r is not None]
+                noise.setdefault(name, []).append((sum(r.seconds for r in done), sum(r.evaluations for r in done)))
+                if run_steps == steps:  # every timed run starts from the same inputs: the same bytes each time?
+                    first = first_finals.setdefault(name, out.clone())
+                    repeatable[name] = repeatable.get(name, True) and torch.equal(first, out)
             return out
 
         return run
 
     fns: dict[str, Callable[[int], Any]] = {"plain": plain}
-    for name in ("ae_norefine_graph", "ae_graph", "ae_norefine", "ae", *BINDING_ROWS, *CONFORM_ROWS):
+    for name in ("ae_norefine_graph", "ae_graph", "ae_norefine", "ae", *BINDING_ROWS, *CONFORM_ROWS, *INITNO_ROWS):
         if name in rows:
             overrides, graphs = ROW_CONFIGS[name]
             fns[name] = ae_row(name, ExciteConfig(**overrides), graphs)
@@ -688,6 +709,11 @@ def bench_scenario(
                 "host_syncs_per_step": statistics.mean(plain_steps) if plain_steps else None,
                 "host_syncs_per_refinement_step": statistics.mean(refine_steps) if refine_steps else None,
             }
+            if name in noise:
+                timed = noise[name][1:] or noise[name]  # the first is the warm-up run's
+                run.extra["noise_optimisation_seconds_per_image"] = statistics.median(t for t, _ in timed) / batch
+                run.extra["noise_optimisation_evaluations_per_image"] = timed[-1][1] / batch
+                run.extra["same_bytes_every_timed_run"] = repeatable.get(name)
             if name.endswith("_graph"):
                 eager = name.removesuffix("_graph")
                 if eager in finals:  # same arithmetic, so the same final latent, bit for bit
@@ -726,7 +752,7 @@ def bench_scenario(
     empty_cache(device)
 
     base = results["plain"]
-    ours = [name for name in results if name.startswith(("ae", "bind", "excite_bind", "conform"))]
+    ours = [name for name in results if name.startswith(("ae", "bind", "excite_bind", "conform", "initno"))]
     ratios = {f"ours_{name}_over_plain": results[name]["seconds_per_image"] / base["seconds_per_image"] for name in ours}
     paired = {f"ours_{name}_over_plain": paired_ratio(runs, name, "plain") for name in ours}
     memory = {f"ours_{name}_minus_plain_gib": results[name]["peak_over_resident_gib"] - base["peak_over_resident_gib"] for name in ours}
@@ -741,6 +767,15 @@ def bench_scenario(
             key = f"ours_{name}_over_{excite_row}"
             ratios[key] = results[name]["seconds_per_image"] / results[excite_row]["seconds_per_image"]
             paired[key] = paired_ratio(runs, name, excite_row)
+    for name in INITNO_ROWS:  # the noise optimisation alone, in seconds and as x plain sampling of the same image
+        seconds = results.get(name, {}).get("noise_optimisation_seconds_per_image")
+        if seconds is not None:
+            ratios[f"ours_{name}_noise_optimisation_over_plain"] = seconds / base["seconds_per_image"]
+    if "initno" in results and "initno_selfcross" in results:
+        ratios["ours_initno_selfcross_over_initno"] = (
+            results["initno_selfcross"]["seconds_per_image"] / results["initno"]["seconds_per_image"]
+        )
+        paired["ours_initno_selfcross_over_initno"] = paired_ratio(runs, "initno_selfcross", "initno")
     if reference_runs:
         ratios["reference_ae_over_plain"] = results["ref_ae"]["seconds_per_image"] / results["ref_plain"]["seconds_per_image"]
         paired["reference_ae_over_plain"] = paired_ratio(reference_runs, "ref_ae", "ref_plain")
@@ -1175,6 +1210,7 @@ def rows_for(scenario: Scenario, batch: int, args: argparse.Namespace) -> set[st
     eager rows), only the graph rows at batch > 1 and for SDXL only batch 1, to fit one device call."""
     rows = set(AE_ROWS) | (set(BINDING_ROWS) if args.binding or args.rows else set())
     rows |= set(CONFORM_ROWS) if args.conform or args.rows else set()
+    rows |= set(INITNO_ROWS) if args.initno or args.rows else set()
     if not args.all_rows:
         rows -= set(scenario.skip_by_default)
         if batch > 1:
@@ -1232,9 +1268,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (1 4; tiny: 1)")
     parser.add_argument("--only", choices=("sd15", "sdxl"), default=None)
     parser.add_argument("--rows", type=lambda v: [r for r in v.split(",") if r], default=None,
-                        help=f"comma-separated A&E rows to keep, of {','.join(AE_ROWS + BINDING_ROWS + CONFORM_ROWS)} "
+                        help="comma-separated A&E rows to keep, of "
+                        f"{','.join(AE_ROWS + BINDING_ROWS + CONFORM_ROWS + INITNO_ROWS)} "
                         "(plain always runs)")
     parser.add_argument("--conform", action="store_true", help=f"add the CONFORM rows ({', '.join(CONFORM_ROWS)})")
+    parser.add_argument("--initno", action="store_true", help=f"add the InitNO rows ({', '.join(INITNO_ROWS)})")
     parser.add_argument("--binding", action="store_true",
                         help=f"add the binding rows ({', '.join(BINDING_ROWS)}) beside the excite rows")
     parser.add_argument("--no-reference", action="store_true", help="skip the diffusers rows")

@@ -44,7 +44,7 @@ def test_lands_in_the_sampler_latent_exactly_as_lib_ae_computes_it(webui: WebUI,
     keys = ae_keys(processed.infotexts[0], webui.host)
     assert keys["AE method"] == method and "AE error" not in keys
     # What the noise optimisation did and cost, for the user; and why no CUDA graph would replay it.
-    assert re.search(r"InitNO round \d of \d, targets (not )?met, \d+( \+ \d+ from its noise)? noise steps in "
+    assert re.search(r"InitNO round \d of \d, targets (not )?met, \d+ noise steps( \+ \d+ from its noise)?, "
                      r"[\d.]+ s", keys["AE trace"]), keys["AE trace"]
 
 
@@ -64,8 +64,13 @@ def test_each_image_of_a_batch_is_optimised_from_its_own_seed(webui: WebUI) -> N
     _, alone = webui.run(args, seed=8)
     assert torch.allclose(batch.images[1], alone.images[0], atol=1e-3)
     assert not torch.allclose(batch.images[0], alone.images[0], atol=1e-1)
-    trace = lambda processed, i: ae_keys(processed.infotexts[i], webui.host)["AE trace"].split(" noise steps")[0]  # noqa: E731
-    assert trace(batch, 1) == trace(alone, 0)
+    def noise_part(processed: object, i: int) -> str:  # "InitNO round r of n, targets ..., k noise steps ..."
+        trace = ae_keys(processed.infotexts[i], webui.host)["AE trace"]  # type: ignore[attr-defined]
+        found = re.search(r"InitNO round [^,]+, [^,]+, [^,]+", trace)
+        assert found, trace
+        return found.group(0)
+
+    assert noise_part(batch, 1) == noise_part(alone, 0)
 
 
 def test_infotext_round_trip_and_api_forms(webui: WebUI) -> None:
@@ -112,7 +117,8 @@ def test_heatmaps_show_each_subjects_self_attention_beside_its_map(webui: WebUI)
     assert len(processed.images) == 3  # the image, its strip, its trace plot
 
 
-def test_an_interrupt_during_the_noise_optimisation_keeps_the_image(webui: WebUI) -> None:
+def test_an_interrupt_during_the_noise_optimisation_keeps_the_image(webui: WebUI, monkeypatch: pytest.MonkeyPatch
+                                                                     ) -> None:
     """Interrupted in the first round: the optimisation stops where it is, sampling goes on (A1111 then stops the
     sampler itself), and the trace says it was interrupted."""
     calls = {"n": 0}
@@ -121,10 +127,60 @@ def test_an_interrupt_during_the_noise_optimisation_keeps_the_image(webui: WebUI
         calls["n"] += 1
         return calls["n"] > 3
 
-    webui.adapter("host").stop_requested = stop_soon  # type: ignore[attr-defined]
-    try:
-        _, processed = webui.run(webui.args(enabled=True, subjects="cat, dog", method="initno"))
-    finally:
-        del webui.adapter("host").stop_requested
+    monkeypatch.setattr(webui.adapter("host"), "stop_requested", stop_soon)
+    _, processed = webui.run(webui.args(enabled=True, subjects="cat, dog", method="initno"))
     assert len(processed.images) == 1
     assert "interrupted" in ae_keys(processed.infotexts[0], webui.host)["AE trace"]
+
+
+@pytest.mark.parametrize("sampler", ["Heun", "DPM++ 2M"])
+def test_second_order_and_multistep_samplers_get_the_same_image_as_lib_ae(webui: WebUI, sampler: str) -> None:
+    args = webui.args(enabled=True, subjects="cat, dog", method="initno")
+    _, processed = webui.run(args, sampler_name=sampler)
+    webui.unload()
+    params = from_script_args([{"enabled": True, "subjects": "cat, dog", "method": "initno", "max_refinement_steps": 2}])
+    expected = direct_lib_ae_run(webui.host, params, sampler, steps=4, seed=7)
+    assert torch.equal(processed.images[0], expected[0])
+
+
+def test_ddim_optimises_the_vp_latent(webui: WebUI) -> None:
+    """DDIM's latent is the UNet's input itself: the noise optimisation works on it directly (noise scale 1)."""
+    p, processed = webui.run(webui.args(enabled=True, subjects="cat, dog", method="initno"), sampler_name="DDIM")
+    assert not torch.equal(torch.stack(processed.images), baseline(webui.host, sampler_name="DDIM"))
+    keys = ae_keys(processed.infotexts[0], webui.host)
+    assert "AE error" not in keys and "InitNO round" in keys["AE trace"]
+
+
+def test_a_refused_sampler_is_refused(webui: WebUI) -> None:
+    p, processed = webui.run(webui.args(enabled=True, subjects="cat, dog", method="initno"), sampler_name="DPM fast")
+    assert torch.equal(torch.stack(processed.images), baseline(webui.host, sampler_name="DPM fast"))
+    assert "sampler DPM fast is not supported" in p.extra_generation_params["AE error"]
+
+
+def test_out_of_memory_in_the_noise_optimisation_keeps_the_image(webui: WebUI, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lib_ae import AttendAndExcite
+
+    def out_of_memory(self: object, *args: object, **kwargs: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(AttendAndExcite, "optimise_initial_noise", out_of_memory)
+    p, processed = webui.run(webui.args(enabled=True, subjects="cat, dog", method="initno"))
+    assert torch.equal(torch.stack(processed.images), baseline(webui.host))
+    assert "out of memory" in p.extra_generation_params["AE error"].lower()
+
+
+def test_a_hires_pass_samples_with_initno_updates_but_keeps_its_latent_s_noise(webui: WebUI) -> None:
+    """The hires pass starts from the upscaled image, not from noise: InitNO's noise optimisation is for txt2img's
+    first pass only, and the hires pass gets the sampling updates alone."""
+    host = webui.host
+    p, _ = webui.run(webui.args(enabled=True, subjects="cat", method="initno", apply_to_hires=True))
+    p.is_hr_pass = True
+    p.hr_prompts = list(p.prompts)
+    p.sampler = host.processing.sd_samplers.create_sampler("Euler", p.sd_model)
+    noise = p.rng_next()
+    p.scripts.process_before_every_sampling(p=p, x=noise, noise=noise, c=p.c, uc=p.uc)
+    with torch.no_grad():
+        p.sampler.sample(p, noise, p.c, p.uc, image_conditioning=noise.new_zeros(1, 5, 1, 1))
+    hires = webui.adapter("run_state").existing_state(p).passes[-1]
+    assert hires.is_hr and hires.run.excitation is not None
+    assert hires.run.excitation.noise_reports == [] and any(r.active for r in hires.run.reports)
