@@ -25,8 +25,9 @@ from .engine import AttendAndExcite, UNetRunner
 from .evaluator import frozen_parameters
 from .graphs import GraphableRunner, find_graph_hazards
 from .in_sampler import InSamplerExcitation, LatentSpace, StepClock, sigma_space_gradient_scale
+from .initno import InitnoConfig, NoiseOptimisation
 from .loss import TokenSelection, excite_loss, official_gaussian_kernel, smooth, subject_maps, subject_maxima
-from .objectives import Bind, Excite, ExciteBind, Objective, objective_for
+from .objectives import Bind, Conform, Excite, ExciteBind, Initno, InitnoSelfCross, Objective, objective_for
 from .step_report import StepReport, read_reports
 
 __all__ = [
@@ -36,12 +37,17 @@ __all__ = [
     "BindingConfig",
     "CaptureError",
     "ConfigError",
+    "Conform",
     "Excite",
     "ExciteBind",
     "ExciteConfig",
     "GraphableRunner",
     "InSamplerExcitation",
+    "Initno",
+    "InitnoConfig",
+    "InitnoSelfCross",
     "LatentSpace",
+    "NoiseOptimisation",
     "OFFICIAL_THRESHOLDS",
     "Objective",
     "REFERENCE_STEPS",

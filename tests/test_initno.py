@@ -387,3 +387,34 @@ def test_the_running_average_and_the_official_refinement_are_what_the_trajectory
     excitation, norms, final = run(SD1_SMALL, "initno", "vp")
     with pytest.raises(AssertionError):
         assert_official("initno", SD1_SMALL, excitation, norms, final, rel=1e-6)
+
+
+@pytest.mark.parametrize("pipeline", ["initno", "selfcross"])
+def test_an_sdxl_like_unet_in_float32_runs_and_changes_the_image(pipeline: str) -> None:
+    """sgm-style blocks (linear projections, two transformer blocks per level, maps at 1/4), float32 weights: the noise
+    optimisation and the sampling updates run, every value finite, and the image differs from the plain one (an
+    image without targets takes no part: the same loop, unchanged)."""
+    from support.models import SDXL_LIKE
+
+    unet = make_unet(SDXL_LIKE, seed=5)
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(1, 4, 16, 16, generator=g)
+    cond = torch.randn(1, 77, SDXL_LIKE.context_dim, generator=g)
+    uncond = torch.randn(1, 77, SDXL_LIKE.context_dim, generator=g)
+    small = InitnoConfig(self_cross=pipeline == "selfcross", top_k=1, rounds=2, round_steps=2, final_steps=2)
+    kind = Initno if pipeline == "initno" else InitnoSelfCross
+    runs = []
+    for selection in (None, TokenSelection.official(77, [[2], [5]])):
+        capture = AttentionCapture(unet)
+        try:
+            engine = AttendAndExcite(capture, kind(ExciteConfig(), small))
+            runs.append(ddim_vp(unet, engine, z, cond, uncond, 6, CFG, [selection], [None],
+                                seeded_noise((4, 16, 16), [9])))
+        finally:
+            capture.remove()
+    (plain_excitation, _, plain), (excitation, _, final) = runs
+    assert plain_excitation.noise_reports == [None]
+    noise = excitation.noise_reports[0]
+    assert noise is not None and noise.evaluations >= 1 and not noise.skipped
+    assert torch.isfinite(final).all() and not torch.equal(final, plain)
+    assert all(r.loss[0] is not None for r in excitation.reports if r.active)
