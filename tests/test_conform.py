@@ -22,7 +22,6 @@ check every call the official code makes correctly.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -35,6 +34,7 @@ from lib_ae.objectives import Conform
 from support.models import make_unet
 from support.official_loops import ddim_sigma_euler, ddim_vp
 from test_reference import SD1_SMALL, SD2_SMALL, make_inputs
+from support.threads import one_thread  # noqa: F401  (module-scoped, autouse)
 
 
 def maps(h: int = 16, w: int = 16, tokens: int = 77, phase: float = 0.0) -> torch.Tensor:
@@ -151,14 +151,6 @@ OFFICIAL_TRAJECTORY = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=[SD1_SMALL, SD2_SMALL], ids=lambda c: c.name)

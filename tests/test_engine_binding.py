@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -26,6 +25,7 @@ from lib_ae.loss import excite_losses, smoothed_subject_maps, subject_maxima
 from support.host_reads import HostReads
 from support.models import SD1_LIKE, SD2_LIKE, make_unet
 from support.official_loops import ddim_sigma_euler, ddim_vp
+from support.threads import one_thread  # noqa: F401  (module-scoped, autouse)
 from test_binding import (
     OFFICIAL_TRAJECTORY,
     TRAJECTORY_CFG,
@@ -43,16 +43,6 @@ SMALL = {
 """tests/test_binding.py's (and tests/test_reference.py's) tiny UNets: one block per level, widths 32, 32, 64, 64."""
 BINDING = BindingSelection.official(TRAJECTORY_PIECES, TRAJECTORY_GROUPS)
 BIND = BindingConfig(intervention_steps=4)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: a second thread on a busy 2-core machine only costs
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=sorted(SMALL))

@@ -24,7 +24,6 @@ round meets its targets (A&E's loss stays near 1), so every run makes all five r
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -39,6 +38,7 @@ from support.models import make_unet
 from support.official_loops import ddim_sigma_euler, ddim_vp
 from support.recorded_maps import cross_maps, self_maps
 from test_reference import SD1_SMALL, SD2_SMALL, make_inputs
+from support.threads import one_thread  # noqa: F401  (module-scoped, autouse)
 
 SUBJECTS = {"two": [2, 5], "three": [3, 7, 9], "one": [4]}
 
@@ -307,14 +307,6 @@ STEPS, CFG, ALTER = 24, 7.5, 21
 TOKEN_INDICES = [[2, 5], [3, 7, 9]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def objective(pipeline: str) -> Initno:

@@ -22,7 +22,6 @@ in synchronisation than it gains.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +33,7 @@ from support.models import (
     SD1_LIKE, SD2_LIKE, LdmDenoiserModel, TinyUnetConfig, float64_ddim_scheduler, make_unet, to_diffusers_unet,
 )
 from support.thirdparty import import_k_diffusion
+from support.threads import one_thread  # noqa: F401  (module-scoped, autouse)
 
 pipeline_module = pytest.importorskip(
     "diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite.pipeline_stable_diffusion_attend_and_excite"
@@ -188,14 +188,6 @@ def run_vp_space(
     return z, excitation.reports
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=[SD1_SMALL, SD2_SMALL], ids=lambda c: c.name)

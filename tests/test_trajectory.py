@@ -44,7 +44,7 @@ import functools
 import hashlib
 import inspect
 import struct
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -56,6 +56,7 @@ from torch import nn
 from lib_ae import AttendAndExcite, InSamplerExcitation, StepClock, StepPlan, StepReport, TokenSelection, UNetRunner
 from support.models import sd_alphas_cumprod
 from support.thirdparty import A1111_KDIFFUSION_SAMPLERS, A1111Sampler, import_k_diffusion
+from support.threads import one_thread  # noqa: F401  (module-scoped, autouse)
 
 # torchsde rounds the Brownian tree's ends to 6 digits and warns when queried at the exact ends (A1111 logs the same).
 pytestmark = pytest.mark.filterwarnings("ignore:Should have t:UserWarning")
@@ -506,15 +507,6 @@ def plain(label: str) -> Tensor:
 # Tests
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add synchronisation (10x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_the_table_splits_into_single_step_and_multistep_samplers() -> None:
