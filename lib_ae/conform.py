@@ -18,6 +18,7 @@ and L = the mean of l_ap over all such pairs; L = 0 when there is no positive pa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +83,8 @@ def conform_embeddings(
     attention: torch.Tensor, index: ConformIndex, *, smooth_maps: bool = True, kernel_size: int = 3,
     sigma: float = 0.5, softmax_normalize: bool = True,
 ) -> torch.Tensor:
-    """(..., N, h*w): each group token's map of `attention` (..., h, w, T), re-softmaxed, smoothed and flattened."""
+    """(..., N, h*w): each group token's map of `attention` (..., h, w, T), re-softmaxed (`softmax_normalize`: x100,
+    over the tokens), smoothed (`smooth_maps`) and flattened."""
     text = attention.index_select(-1, index.text_columns)
     if softmax_normalize:
         text = torch.softmax(text * OFFICIAL_MAP_SCALE, dim=-1)
@@ -129,3 +131,51 @@ def ntxent_loss(
     total = torch.where(positive, pair_losses, torch.zeros_like(pair_losses)).sum((-2, -1))
     mean = total / pairs.clamp(min=1).to(total.dtype)
     return torch.where((pairs > 0) & has_negative, mean, torch.zeros_like(mean))
+
+
+def self_cross_conform_terms(
+    attention: torch.Tensor,
+    index: ConformIndex,
+    self_rows: Callable[[torch.Tensor], torch.Tensor],
+    top_k: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-Cross guidance's terms on CONFORM's token groups (mengtang-lab/selfcross-guidance 9e54e74,
+    pipeline_sc_conform.py `_compute_contrastive_loss`), per row of `attention` (R, h, w, T): (L_cross, the
+    self-cross loss), each (R,).
+
+    Each group token t has its re-softmaxed map c_t (x100, not smoothed); L_cross = max_t max(0, 1 - mean of c_t's
+    top-k values); S_t = sum over c_t's Otsu mask of c_t(p) * self-attention row p, divided by its sum. Over the
+    ordered pairs (i, j) of tokens in different groups, in the official order, S_i is divided again by (its sum +
+    1e-4) before each of its pairs (the official code rebinds it in the loop; above 16x16 maps c_j too), and the loss
+    is the mean of sum min(S_i, c_j)."""
+    from .initno import clean_masks
+
+    rows, h, w, _ = attention.shape
+    text = torch.softmax(attention.index_select(-1, index.text_columns) * OFFICIAL_MAP_SCALE, dim=-1)
+    maps = text.index_select(-1, index.positions).movedim(-1, -3)  # (R, N, h, w)
+    tokens = maps.shape[1]
+    flat = maps.reshape(rows, tokens, h * w)
+    k = min(top_k, h * w)
+    response = flat.topk(k, dim=-1, largest=True, sorted=True).values.mean(-1)  # (R, N)
+    deficits = 1.0 - response
+    worst = deficits.gather(-1, torch.argmax(deficits, dim=-1, keepdim=True)).squeeze(-1)
+    cross = torch.where(worst > 0, worst, torch.zeros_like(worst))
+    peaks = flat.detach().argmax(-1)
+    otsu, _ = clean_masks(maps, peaks)
+    weights = flat * (otsu.reshape(rows, tokens, h * w) != 0)
+    gathered = self_rows(weights)  # (R, N, h*w)
+    self_maps = [gathered[:, t] / gathered[:, t].sum(-1, keepdim=True) for t in range(tokens)]
+    cross_maps = [flat[:, t] for t in range(tokens)]
+    classes = index.classes.tolist()
+    total = attention.new_zeros(rows)
+    pairs = 0
+    for i in range(tokens):
+        for j in range(tokens):
+            if classes[i] == classes[j]:
+                continue
+            self_maps[i] = self_maps[i] / (self_maps[i].sum(-1, keepdim=True) + 0.0001)
+            if h > 16:
+                cross_maps[j] = cross_maps[j] / (cross_maps[j].sum(-1, keepdim=True) + 0.0001)
+            total = total + torch.minimum(self_maps[i], cross_maps[j]).sum(-1)
+            pairs += 1
+    return cross, total / pairs if pairs else total

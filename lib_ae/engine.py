@@ -106,6 +106,7 @@ class AttendAndExcite:
         gradient_scale: Sequence[float] | torch.Tensor | None = None,
         keep_maps: bool = False,
         bindings: Sequence[BindingSelection | None] | None = None,
+        timestep: float | None = None,
     ) -> tuple[torch.Tensor, StepReport]:
         """Return the updated latent (a new tensor; `latent` is not modified) and a report.
 
@@ -117,6 +118,7 @@ class AttendAndExcite:
 
         `gradient_scale[b]` multiplies image b's gradient step (see the module docstring); default 1. A tensor (on
         the latent's device) keeps the step free of host synchronisation.
+        `timestep`: the step's DDPM timestep, for an objective that `reads_timestep`.
         `should_stop()` is polled between refinement iterations (interrupt / skip); when it answers True the step
         returns at once with what it has done so far and `report.interrupted` set.
         """
@@ -138,7 +140,7 @@ class AttendAndExcite:
         self.config.check_map_size(*size)  # a precise ConfigError before any work, instead of F.pad's
         z = latent.detach().clone()
         coefficient = self._coefficients(plan.step_sizes[step], gradient_scale, z)
-        self.objective.start_step(plan, step, z.device)
+        self.objective.start_step(plan, step, z.device, timestep)
         carries = self.objective.carries
         carry_shape = (max(self.objective.carry_width(*targets[b]) for b in rows) if carries else 0, size[0] * size[1])
         carried = self._carries.for_step(step, batch, *carry_shape, z) if carries else None

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from .binding import BindingSelection
-from .config import StepPlan
+from .config import ConfigError, StepPlan
 from .engine import AttendAndExcite, UNetRunner
 from .initno import NoiseOptimisation
 from .loss import TokenSelection
@@ -72,6 +72,9 @@ class InSamplerExcitation:
     noise_scale: Callable[[torch.Tensor], torch.Tensor] | None = None
     """noise_scale(sigma): what the host multiplied standard noise by to make the first latent (None: sigma in sigma
     space, k-diffusion's txt2img `noise * sigmas[0]`; 1 in VP space)."""
+    timestep_of: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """timestep_of(sigma): the DDPM timestep of a sigma-space step (k-diffusion's `sigma_to_t`), for an objective that
+    `reads_timestep`; in VP space the sampler's `sigma` argument is the timestep itself."""
     optimise_noise: bool = True
     """Whether an objective that `optimises_initial_noise` does it here (off where the first latent is not noise,
     e.g. img2img or a hires pass)."""
@@ -99,7 +102,9 @@ class InSamplerExcitation:
             self._optimise_initial_noise(x, sigma, selections, run_unet, should_stop)
         scale = sigma_space_gradient_scale(sigma) if self.space == "sigma" else None
         # `bindings` only when given: an engine (or stand-in) without binding keeps its call unchanged.
-        binding_args = {"bindings": bindings} if bindings is not None else {}
+        binding_args: dict[str, Any] = {"bindings": bindings} if bindings is not None else {}
+        if self.engine.objective.reads_timestep:
+            binding_args["timestep"] = self._timestep(sigma)
         updated, report = self.engine.step(
             x,
             step,
@@ -117,6 +122,14 @@ class InSamplerExcitation:
                 x.copy_(updated)
         self.reports.append(report)
         return report
+
+    def _timestep(self, sigma: torch.Tensor) -> float:
+        first = sigma.detach().flatten()[:1]
+        if self.space == "vp":
+            return float(first)
+        if self.timestep_of is None:
+            raise ConfigError("this objective needs the sampler's timesteps; give InSamplerExcitation timestep_of")
+        return float(self.timestep_of(first))
 
     def _optimise_initial_noise(
         self, x: torch.Tensor, sigma: torch.Tensor, selections: Sequence[TokenSelection | None],

@@ -31,14 +31,22 @@ import torch
 
 from .binding import BindingSelection, binding_loss, spatial_distributions
 from .config import BindingConfig, ConfigError, ExciteConfig, StepPlan
-from .conform import OFFICIAL_TEMPERATURE, ConformGroups, ConformIndex, conform_embeddings, ntxent_loss
+from .conform import (
+    OFFICIAL_TEMPERATURE,
+    ConformGroups,
+    ConformIndex,
+    conform_embeddings,
+    ntxent_loss,
+    self_cross_conform_terms,
+)
 from .evaluation import LossGroup
 from .initno import InitnoConfig, SelfRows, initno_losses
 from .loss import TokenSelection, excite_losses, smooth, smoothed_subject_maps, subject_maps, subject_maxima
 from .params import METHODS, AEParams
 
 __all__ = [
-    "METHODS", "Bind", "Conform", "Excite", "ExciteBind", "Extras", "Initno", "InitnoSelfCross", "Objective", "Purpose",
+    "METHODS", "Bind", "Conform", "ConformSelfCross", "Excite", "ExciteBind", "Extras", "Initno", "InitnoSelfCross",
+    "Objective", "Purpose",
     "Terms", "objective_for",
 ]
 
@@ -93,6 +101,8 @@ class Objective(ABC):
     refines_in_official_order: ClassVar[bool] = False
     """Refinement as InitNO's code runs it: each iteration evaluates again (the first at the step's latent: the
     carried average moves), differentiates the `refine` loss, and a final `update` evaluation follows."""
+    reads_timestep: ClassVar[bool] = False
+    """Whether `start_step` needs the step's DDPM timestep (read on the host: such an objective runs eagerly)."""
     optimises_initial_noise: ClassVar[bool] = False
     """Whether the first step starts with `lib_ae.initno.optimise_initial_noise`."""
     graph_unsafe: ClassVar[str | None] = None
@@ -116,9 +126,11 @@ class Objective(ABC):
     def takes_part(self, selection: TokenSelection | None, binding: BindingSelection | None) -> bool:
         """Whether an image with these targets is evaluated at all."""
 
-    def start_step(self, plan: StepPlan, step: int, device: torch.device) -> None:  # noqa: B027 - optional hook
+    def start_step(  # noqa: B027 - optional hook
+        self, plan: StepPlan, step: int, device: torch.device, timestep: float | None = None
+    ) -> None:
         """Before a step's evaluations: set the step's device scalars (a captured graph reads them, never bakes one
-        in)."""
+        in). `timestep`: the step's DDPM timestep, when the sampler gives one."""
 
     def refinement_target(self, threshold: float) -> float:
         """The value of `Terms.losses` below which refinement stops, for a plan's threshold: A&E's 1 - threshold."""
@@ -263,7 +275,7 @@ class ExciteBind(Bind):
     def takes_part(self, selection: TokenSelection | None, binding: BindingSelection | None) -> bool:
         return (selection is not None and bool(selection.subjects)) or (binding is not None and bool(binding.groups))
 
-    def start_step(self, plan: StepPlan, step: int, device: torch.device) -> None:
+    def start_step(self, plan: StepPlan, step: int, device: torch.device, timestep: float | None = None) -> None:
         """L = L_excite + (beta_i / alpha_i) w L_bind, so that z - alpha_i grad L moves the latent by alpha_i along
         A&E's gradient and by beta_i w along SynGen's. alpha_i = 0 (scale factor 0) moves nothing at all."""
         if plan.steps not in self._binding_plans:
@@ -324,6 +336,11 @@ class Conform(Objective):
     def carry_width(self, selection: TokenSelection | None, binding: BindingSelection | None) -> int:
         return len(ConformGroups.build(selection, binding).columns)
 
+    softmax_embeddings: ClassVar[bool] = True
+    """`softmax_normalize`: the embeddings are the token maps re-softmaxed over the tokens (else the raw maps)."""
+    smooth_embeddings: ClassVar[bool] = True
+    """`do_smoothing` (with the configuration's `smooth_attentions`)."""
+
     def terms(
         self, group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool,
         carried: tuple[torch.Tensor, torch.Tensor] | None = None, extras: Extras | None = None,
@@ -334,9 +351,20 @@ class Conform(Objective):
         if index is None:  # no subjects: nothing to contrast
             zero = attention.new_zeros(count)
             return Terms(zero, maxima, finite, _no_binding(zero), zero, maps, [None] * count if keep_maps else [])
+        losses, embeddings, bind_maps = self.contrast(group, attention, size, keep_maps, carried)
+        return Terms(losses, maxima, finite, _no_binding(losses), losses, maps, bind_maps, embeddings.detach())
+
+    def contrast(
+        self, group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool,
+        carried: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+        """(NT-Xent per row, this step's embeddings (R, N, D), with keep_maps the maps of each binding group)."""
+        count = attention.shape[0]
+        index = group.objective_index
         cfg = self.config
         embeddings = conform_embeddings(
-            attention, index, smooth_maps=cfg.smooth_attentions, kernel_size=cfg.kernel_size, sigma=cfg.sigma
+            attention, index, smooth_maps=cfg.smooth_attentions and self.smooth_embeddings,
+            kernel_size=cfg.kernel_size, sigma=cfg.sigma, softmax_normalize=self.softmax_embeddings,
         )  # (R, N, D)
         tokens = embeddings.shape[-2]
         classes, valid = index.classes, None
@@ -360,6 +388,62 @@ class Conform(Objective):
             if len(shown) == len(columns):
                 picked = embeddings.detach().float()[:, shown].reshape(count, len(shown), *size).cpu()
                 bind_maps = list(picked.unbind(0))
+        return losses, embeddings, bind_maps
+
+
+class ConformSelfCross(Conform):
+    """Self-Cross guidance on CONFORM, as the authors run it (run_selfcross+conform.py): while a group token's peak is
+    weak (its top-4 mean below 0.5) that deficit alone; while the noise is high (DDPM timestep above 881) CONFORM's
+    contrast, of the raw maps (neither re-softmaxed nor smoothed); after that the deficit plus the overlap of each
+    token's self-attention, gathered over its Otsu region, with the other groups' cross-attention
+    (`lib_ae.conform.self_cross_conform_terms`). On SD2 (`sd2`) the authors skip the first case. Its schedule is the
+    run script's: updates over the first 40 of 50 steps, 20 refinement iterations at steps 1, 10 and 20."""
+
+    method = "conform+selfcross"
+    reads_self_attention = True
+    reads_timestep = True
+    graph_unsafe = "Self-Cross reads each evaluation's maps on the host (Otsu's threshold of every token's map)"
+    loss_label = "self-cross conform loss"
+    softmax_embeddings = False
+    smooth_embeddings = False
+    CONTRAST_ABOVE: ClassVar[float] = 881.0
+    """The official `t > 881`: the DDPM timesteps at which the contrast alone is the loss."""
+
+    def __init__(self, config: ExciteConfig | None = None, temperature: float = OFFICIAL_TEMPERATURE,
+                 sd2: bool = False) -> None:
+        super().__init__(config, temperature)
+        self.sd2 = sd2
+        self._timesteps: dict[torch.device, torch.Tensor] = {}
+
+    def plan(self, steps: int) -> StepPlan:
+        return replace(self.config, thresholds=dict(SELF_CROSS_CONFORM_REFINEMENT), alter_fraction=0.8).plan(steps)
+
+    def start_step(self, plan: StepPlan, step: int, device: torch.device, timestep: float | None = None) -> None:
+        if timestep is None:
+            raise ConfigError("Self-Cross on CONFORM needs the step's DDPM timestep (the sampler gave none)")
+        self._timestep(device).fill_(float(timestep))
+
+    def _timestep(self, device: torch.device) -> torch.Tensor:
+        if device not in self._timesteps:
+            self._timesteps[device] = torch.zeros((), dtype=torch.float64, device=device)
+        return self._timesteps[device]
+
+    def terms(
+        self, group: LossGroup, attention: torch.Tensor, size: tuple[int, int], keep_maps: bool,
+        carried: tuple[torch.Tensor, torch.Tensor] | None = None, extras: Extras | None = None,
+    ) -> Terms:
+        _, maxima, finite, maps = self.excite_terms(group, attention, size, keep_maps)
+        count = attention.shape[0]
+        index = group.objective_index
+        if index is None or extras is None or extras.self_rows is None:
+            zero = attention.new_zeros(count)
+            return Terms(zero, maxima, finite, _no_binding(zero), zero, maps, [None] * count if keep_maps else [])
+        contrast, embeddings, bind_maps = self.contrast(group, attention, size, keep_maps, carried)
+        cross, self_cross = self_cross_conform_terms(attention, index, extras.self_rows)
+        # Above 881 to within 1e-6: a sigma-space timestep is interpolated from sigma, and DDIM's 881 is not above.
+        early = self._timestep(attention.device) > self.CONTRAST_ABOVE + 1e-6
+        later = torch.where(early, contrast, cross + self_cross)
+        losses = later if self.sd2 else torch.where(cross > 0.5, cross, later)
         return Terms(losses, maxima, finite, _no_binding(losses), losses, maps, bind_maps, embeddings.detach())
 
 
@@ -445,12 +529,15 @@ class InitnoSelfCross(Initno):
     self_cross = True
 
 
+SELF_CROSS_CONFORM_REFINEMENT: Mapping[int, float] = {1: 1.0, 10: 1.0, 20: 1.0}
+"""The run script's `iterative_refinement_steps=[1, 10, 20]` (of 50); CONFORM's refinement has no threshold."""
+
 INITNO_REFINEMENT: Mapping[int, float] = {10: 0.8, 20: 0.8}
 """InitNO's refinement steps (of 50) and threshold (`_perform_iterative_refinement_step(threshold=0.8)`: the cross
 loss's target 0.2); its conflict's target is 0.3."""
 
 OBJECTIVES: Mapping[str, type[Objective]] = {
-    kind.method: kind for kind in (Excite, Bind, ExciteBind, Conform, Initno, InitnoSelfCross)
+    kind.method: kind for kind in (Excite, Bind, ExciteBind, Conform, Initno, InitnoSelfCross, ConformSelfCross)
 }
 """The method option's value -> its objective, in the order the UI lists them (`lib_ae.params.METHODS`)."""
 if tuple(OBJECTIVES) != METHODS:
@@ -479,11 +566,14 @@ def binding_config(params: AEParams) -> BindingConfig:
     return BindingConfig(step_size=params.bind_step_size, intervention_fraction=params.alter_fraction)
 
 
-def objective_for(params: AEParams) -> Objective:
-    """The objective of the user's method option, configured from their parameters."""
+def objective_for(params: AEParams, *, sd2: bool = False) -> Objective:
+    """The objective of the user's method option, configured from their parameters; `sd2`: the model is of the SD2
+    family (Self-Cross on CONFORM then follows the authors' SD 2.1 rule)."""
     kind = OBJECTIVES[params.method]
     if issubclass(kind, Bind):
         return kind(excite_config(params), binding_config(params))
+    if issubclass(kind, ConformSelfCross):
+        return kind(excite_config(params), params.conform_temperature, sd2=sd2)
     if issubclass(kind, Conform):
         return kind(excite_config(params), params.conform_temperature)
     if issubclass(kind, Initno):

@@ -65,10 +65,13 @@ OFFICIAL_THRESHOLDS_TEXT = "0:0.05, 10:0.5, 20:0.8"
 EMPTY_THRESHOLDS_TEXT = "none"
 """Canonical spelling of "no iterative refinement": a non-empty word, because A1111 drops empty infotext values."""
 
-METHODS: tuple[str, ...] = ("excite", "bind", "excite+bind", "conform", "initno", "initno+selfcross")
+METHODS: tuple[str, ...] = (
+    "excite", "bind", "excite+bind", "conform", "initno", "initno+selfcross", "conform+selfcross",
+)
 """`method`'s choices, one per objective of `lib_ae.objectives` (which checks that they match): Attend-and-Excite
 alone (the default, the behaviour before the parameter existed), SynGen's binding alone, both in one update,
-CONFORM's contrastive objective, InitNO (the initial noise optimised first), or Self-Cross guidance on InitNO. Each
+CONFORM's contrastive objective, InitNO (the initial noise optimised first), or Self-Cross guidance on InitNO or on
+CONFORM. Each
 value is one published pipeline, and "a+b" names the combination, so one infotext value says what ran and one X/Y/Z
 axis compares them all."""
 
@@ -562,7 +565,8 @@ class AEParams:
             "subjects. excite+bind: both, each loss with its own step size. conform: CONFORM, the subjects' attention "
             "pushed apart and each kept with its modifiers (needs two subjects). initno: InitNO, the starting noise "
             "optimised for the subjects before sampling (seconds more per image), then A&E. initno+selfcross: "
-            "Self-Cross guidance on InitNO, which also keeps each subject's self-attention off the others.",
+            "Self-Cross guidance on InitNO, which also keeps each subject's self-attention off the others. "
+            "conform+selfcross: Self-Cross guidance on CONFORM.",
         canonical=_canonical_method,
         choices=METHODS,
         absent_means_default=True,

@@ -83,6 +83,7 @@ class SamplingRun:
         fresh_noise: Callable[[int, int], torch.Tensor] | None = None,
         noise_scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
         optimise_noise: bool = True,
+        timestep_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> InSamplerExcitation:
         """The step plan for `steps` sampler steps of `calls_per_step` model calls each; for InitNO, where its rounds'
         noise comes from and how the host scaled the first latent's (`InSamplerExcitation`)."""
@@ -94,7 +95,7 @@ class SamplingRun:
         self.excitation = InSamplerExcitation(
             self.engine, plan, self.space, StepClock(calls_per_step),
             map_steps=heatmap_steps(plan, self.heatmaps, self.heatmaps_first_step), fresh_noise=fresh_noise,
-            noise_scale=noise_scale, optimise_noise=optimise_noise,
+            noise_scale=noise_scale, optimise_noise=optimise_noise, timestep_of=timestep_of,
         )
         return self.excitation
 

@@ -88,3 +88,38 @@ def test_heatmaps_show_each_modifier_beside_its_subject(webui: WebUI) -> None:
         ["car", "bench", "car", "red\u2192car", "bench", "blue\u2192bench"]
     ]
     assert len(processed.images) == 3  # the image, its strip, its trace plot
+
+
+# --- Self-Cross guidance on CONFORM -------------------------------------------------------------------------------
+
+
+def test_self_cross_conform_lands_in_the_sampler_latent_exactly_as_lib_ae_computes_it(webui: WebUI) -> None:
+    """The step's DDPM timestep comes from the host's denoiser (`sigma_to_t`), as the official loss reads it."""
+    _, processed = webui.run(webui.args(enabled=True, subjects="", method="conform+selfcross"), prompt=PROMPT)
+    webui.unload()
+    params = from_script_args([{"enabled": True, "subjects": "car, bench", "method": "conform+selfcross",
+                                "max_refinement_steps": 2}])
+    expected = direct_lib_ae_run(
+        webui.host, params, "Euler", steps=4, seed=7, prompt=PROMPT, pairs=[("red", "car"), ("blue", "bench")]
+    )
+    assert torch.equal(processed.images[0], expected[0])
+    assert not torch.equal(processed.images[0], baseline(webui.host, prompt=PROMPT)[0])
+    keys = ae_keys(processed.infotexts[0], webui.host)
+    assert keys["AE method"] == "conform+selfcross" and "AE error" not in keys
+    assert keys["AE bindings"] == "red->car, blue->bench"
+    assert re.search(r", self-cross conform loss [\d.e-]+ -> [\d.e-]+", keys["AE trace"]), keys["AE trace"]
+    pasted = from_infotext(keys, strict=True)
+    assert pasted["method"] == "conform+selfcross"
+
+
+def test_self_cross_conform_on_ddim_reads_the_timestep_it_is_given(webui: WebUI) -> None:
+    _, processed = webui.run(webui.args(enabled=True, subjects="car, bench", method="conform+selfcross"),
+                             prompt=PROMPT, sampler_name="DDIM")
+    assert not torch.equal(torch.stack(processed.images), baseline(webui.host, prompt=PROMPT, sampler_name="DDIM"))
+    assert "AE error" not in ae_keys(processed.infotexts[0], webui.host)
+
+
+def test_self_cross_conform_with_one_object_keeps_the_image(webui: WebUI) -> None:
+    _, processed = webui.run(webui.args(enabled=True, subjects="", method="conform+selfcross"), prompt="a red car")
+    assert torch.equal(torch.stack(processed.images), baseline(webui.host, prompt="a red car"))
+    assert "CONFORM contrasts two subjects or more" in ae_keys(processed.infotexts[0], webui.host)["AE error"]

@@ -278,7 +278,7 @@ def direct_lib_ae_run(
     calls_per_step = 2 if entry.second_order else 1
     # InitNO's rounds draw from the image's seed, as the host's pass does (`SamplingPass._initial_noise`).
     excitation = InSamplerExcitation(engine, engine.plan(steps), "sigma", StepClock(calls_per_step),
-                                     fresh_noise=seeded_noise((4, 16, 16), [seed]))
+                                     fresh_noise=seeded_noise((4, 16, 16), [seed]), timestep_of=denoiser.sigma_to_t)
     image_cond = torch.zeros(1, 5, 1, 1)
     calls = 0
 
@@ -620,7 +620,7 @@ def test_xyz_axes_override_the_ui_values(host: SimpleNamespace) -> None:
             plot("[AE] Scale factor", "20, 1000", enabled=True, subjects="cat")
         # Method axis: a dropdown of the three methods; each cell records its own.
         method = xyz.axis_options[labels.index("[AE] Method")]
-        assert method.choices is not None and method.choices() == ["excite", "bind", "excite+bind", "conform", "initno", "initno+selfcross"]
+        assert method.choices is not None and method.choices() == ["excite", "bind", "excite+bind", "conform", "initno", "initno+selfcross", "conform+selfcross"]
         processed = plot("[AE] Method", "excite, excite+bind", enabled=True, subjects="")
         assert [ae_keys(t, host)["AE method"] for t in processed.infotexts] == ["excite", "excite+bind"]
         assert "[AE] Binding step size" in labels

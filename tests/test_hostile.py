@@ -332,7 +332,7 @@ INPUT_CASES: list[InputCase] = [
               "bind: modifier 'red' and its noun 'car' are in different chunks of the prompt", SETTINGS,
               {"prompt": PAIR_STRADDLE}),
     InputCase("bind-method-unknown", api_dict(**ON, method="syngen"), SAME,
-              "AE method: expected one of excite, bind, excite+bind, conform, initno, initno+selfcross, got 'syngen' (str)", ERROR_ONLY),
+              "AE method: expected one of excite, bind, excite+bind, conform, initno, initno+selfcross, conform+selfcross, got 'syngen' (str)", ERROR_ONLY),
     InputCase("bind-step-size-negative", api_dict(**ON, method="bind", bind_step_size=-1), SAME,
               "AE bind step size: expected a number between 0 and 100, got -1 (int)", ERROR_ONLY),
 ]

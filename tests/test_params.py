@@ -426,8 +426,8 @@ def test_bad_values_are_errors_naming_the_field(name: str, raw: Any) -> None:
         ("thresholds", ["0:0.05"], "AE thresholds: expected text, got ['0:0.05'] (list)"),
         ("thresholds", "0:0.1, 0:0.2", "AE thresholds: step 0 is given more than once"),
         ("thresholds", "0:1.5", "AE thresholds: in '0:1.5' the threshold must be a number between 0 and 1"),
-        ("method", "syngen", "AE method: expected one of excite, bind, excite+bind, conform, initno, initno+selfcross, got 'syngen' (str)"),
-        ("method", 1, "AE method: expected one of excite, bind, excite+bind, conform, initno, initno+selfcross, got 1 (int)"),
+        ("method", "syngen", "AE method: expected one of excite, bind, excite+bind, conform, initno, initno+selfcross, conform+selfcross, got 'syngen' (str)"),
+        ("method", 1, "AE method: expected one of excite, bind, excite+bind, conform, initno, initno+selfcross, conform+selfcross, got 1 (int)"),
         ("bind_step_size", -1, "AE bind step size: expected a number between 0 and 100, got -1 (int)"),
     ],
 )
@@ -565,7 +565,7 @@ def test_constructor_validates_everything() -> None:
         AEParams(enabled=True, subjects="", sigma=0, method="both")  # type: ignore[arg-type]
     assert error.value.messages == [
         "AE sigma: expected a number between 0.05 and 5, got 0 (int)",
-        "AE method: expected one of excite, bind, excite+bind, conform, initno, initno+selfcross, got 'both' (str)",
+        "AE method: expected one of excite, bind, excite+bind, conform, initno, initno+selfcross, conform+selfcross, got 'both' (str)",
     ]
 
 
@@ -599,7 +599,7 @@ def test_to_binding_config_and_the_method_flags() -> None:
     )
     objectives = [objective_for(AEParams(method=m)) for m in METHODS]
     assert [(isinstance(o, (Excite, ExciteBind)), o.uses_modifier_pairs) for o in objectives] == [
-        (True, False), (False, True), (True, True), (False, True), (False, False), (False, False)
+        (True, False), (False, True), (True, True), (False, True), (False, False), (False, False), (False, True)
     ]
     assert [o.method for o in objectives] == list(METHODS)
 

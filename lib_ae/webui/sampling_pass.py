@@ -212,7 +212,7 @@ class SamplingPass:
             # At the first model call: only then are den.steps/total_steps set (launch_sampling runs after
             # process_before_every_sampling).
             steps = int(self.den.steps)
-            self.run.start(steps, max(1, int(self.den.total_steps) // steps), **self._initial_noise(x))
+            self.run.start(steps, max(1, int(self.den.total_steps) // steps), **self._start_options(x))
         index = clock_index(call, plms=self.plms)
         if self.run.due_step(index) is None:
             return
@@ -230,19 +230,22 @@ class SamplingPass:
         run_unet = self._runner(sigma, select_rows(tensor, first_rows), image_cond)
         self.run.apply(index, x, sigma, targets, run_unet, should_stop=host.stop_requested, progress=host.show_progress)
 
-    def _initial_noise(self, x: torch.Tensor) -> dict[str, Any]:
-        """For InitNO: its rounds' noise drawn from each image's seed (`seeded_noise`), scaled as A1111 scales the
-        first latent's (KDiffusionSampler.sample: `noise * sigmas[0]`, or `* sqrt(1 + sigmas[0]^2)` with the
-        "SGM noise multiplier" option; the timestep samplers start from the noise itself); only on txt2img's first
-        pass, whose first latent is noise."""
+    def _start_options(self, x: torch.Tensor) -> dict[str, Any]:
+        """The DDPM timestep of a sigma (k-diffusion's `sigma_to_t`), for Self-Cross on CONFORM; for InitNO: its
+        rounds' noise drawn from each image's seed (`seeded_noise`), scaled as A1111 scales the first latent's
+        (KDiffusionSampler.sample: `noise * sigmas[0]`, or `* sqrt(1 + sigmas[0]^2)` with the "SGM noise
+        multiplier" option; the timestep samplers start from the noise itself), only on txt2img's first pass, whose
+        first latent is noise."""
         p = self.p
         seeds = list(getattr(p, "seeds", None) or [])
         if len(seeds) < x.shape[0]:
             seeds += [int(getattr(p, "seed", 0) or 0) + k for k in range(len(seeds), x.shape[0])]
         sgm = self.run.space == "sigma" and bool(host.option("sgm_noise_multiplier", False))
         txt2img = not getattr(p, "init_images", None) and not self.is_hr
+        sigma_to_t = getattr(self.den.inner_model, "sigma_to_t", None)
         return {
             "fresh_noise": seeded_noise(x.shape[1:], seeds),
+            "timestep_of": sigma_to_t if self.run.space == "sigma" else None,
             "noise_scale": (lambda s: torch.sqrt(1 + s * s)) if sgm else None,
             "optimise_noise": txt2img,
         }
@@ -347,7 +350,8 @@ def install(p: Processing, params: AEParams) -> SamplingPass | None:
         capture = capture_for(p.sd_model.model.diffusion_model)
         graphs = use_cuda_graphs(p)
         guard = graph_safety.guard_for(capture, p.sd_model) if graphs else None
-        engine = AttendAndExcite(capture, objective_for(params), cuda_graphs=graphs, graph_guard=guard)
+        objective = objective_for(params, sd2=host.is_sd2(p.sd_model))
+        engine = AttendAndExcite(capture, objective, cuda_graphs=graphs, graph_guard=guard)
     except (CaptureError, UnsupportedModel) as error:
         report_problem(p, f"A&E was not applied: {error}")
         return None

@@ -58,7 +58,7 @@ def ddim_sigma_euler(
     final = ((1 - model.alphas_cumprod[0]) / model.alphas_cumprod[0]) ** 0.5
     sigmas = torch.cat([sigmas, final[None]])
     excitation = InSamplerExcitation(engine, engine.plan(steps), "sigma", fresh_noise=fresh_noise,
-                                     noise_scale=lambda s: (1 + s * s) ** 0.5)
+                                     noise_scale=lambda s: (1 + s * s) ** 0.5, timestep_of=denoiser.sigma_to_t)
     calls = 0
 
     def cfg_model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
