@@ -86,7 +86,9 @@ from lib_ae import (  # noqa: E402
 )
 from lib_ae.binding import BindingGroup, BindingSelection  # noqa: E402
 from lib_ae.config import BindingConfig  # noqa: E402
-from lib_ae.objectives import Bind, Conform, Excite, ExciteBind, Initno, InitnoSelfCross, Objective  # noqa: E402
+from lib_ae.objectives import (  # noqa: E402
+    Bind, Conform, ConformSelfCross, Excite, ExciteBind, Initno, InitnoSelfCross, Objective,
+)
 from lib_ae.graphs import GraphableRunner  # noqa: E402
 from support.thirdparty import import_k_diffusion  # noqa: E402
 
@@ -100,10 +102,11 @@ BINDING_ROWS = ("bind", "bind_graph", "excite_bind_norefine", "excite_bind_noref
 """Rows of the binding methods: with --binding (or named in --rows)."""
 CONFORM_ROWS = ("conform_norefine", "conform_norefine_graph", "conform", "conform_graph")
 """Rows of CONFORM: with --conform (or named in --rows)."""
-INITNO_ROWS = ("initno", "initno_selfcross")
+INITNO_ROWS = ("initno", "initno_selfcross", "conform_selfcross")
 """Rows of InitNO and Self-Cross on InitNO (eager: their evaluations read the maps on the host): with --initno (or
 named in --rows). Random weights never meet InitNO's targets, so every image makes all 5 rounds of 10 noise steps and
-the 50-step run: the worst case, 100 evaluations before the first step."""
+the 50-step run: the worst case, 100 evaluations before the first step. `conform_selfcross` (Self-Cross on CONFORM,
+also eager) has no noise optimisation; its ratio over `conform` is `ours_conform_selfcross_over_conform`."""
 BINDING = BindingSelection.official(7, [BindingGroup(2, (1,)), BindingGroup(5, (4,))])
 """Two modifier-noun groups whose nouns are the subjects of SUBJECT_COLUMNS (2 and 5), among 7 word pieces."""
 TOKENS = 77
@@ -594,12 +597,14 @@ ROW_CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {
     "conform_graph": ({}, True),
     "initno": ({}, False),
     "initno_selfcross": ({}, False),
+    "conform_selfcross": ({}, False),
 }
 ROW_METHODS: dict[str, type[Objective]] = {
     name: (
         (Bind if name.startswith("bind") else ExciteBind) if name in BINDING_ROWS
         else Conform if name in CONFORM_ROWS
-        else Initno if name == "initno" else InitnoSelfCross if name == "initno_selfcross" else Excite
+        else Initno if name == "initno" else InitnoSelfCross if name == "initno_selfcross"
+        else ConformSelfCross if name == "conform_selfcross" else Excite
     )
     for name in ROW_CONFIGS
 }
@@ -655,7 +660,8 @@ def bench_scenario(
         engine = engines[name] = make_engine(config, graphs, kind)
 
         def run(run_steps: int) -> torch.Tensor:
-            excitation = InSamplerExcitation(engine, engine.plan(run_steps), "sigma", StepClock(1))
+            excitation = InSamplerExcitation(engine, engine.plan(run_steps), "sigma", StepClock(1),
+                                             timestep_of=denoiser.sigma_to_t)
             if name not in syncs:  # the warm-up run: count each A&E step's synchronisations (not timed)
                 sync_counts(excitation, device, syncs.setdefault(name, {}))
             with torch.no_grad():
@@ -771,6 +777,11 @@ def bench_scenario(
         seconds = results.get(name, {}).get("noise_optimisation_seconds_per_image")
         if seconds is not None:
             ratios[f"ours_{name}_noise_optimisation_over_plain"] = seconds / base["seconds_per_image"]
+    if "conform" in results and "conform_selfcross" in results:
+        ratios["ours_conform_selfcross_over_conform"] = (
+            results["conform_selfcross"]["seconds_per_image"] / results["conform"]["seconds_per_image"]
+        )
+        paired["ours_conform_selfcross_over_conform"] = paired_ratio(runs, "conform_selfcross", "conform")
     if "initno" in results and "initno_selfcross" in results:
         ratios["ours_initno_selfcross_over_initno"] = (
             results["initno_selfcross"]["seconds_per_image"] / results["initno"]["seconds_per_image"]
