@@ -97,13 +97,14 @@ class InSamplerExcitation:
         step = self.clock.step_of(call_index)
         if step is None or step >= self.plan.steps or not self.plan.is_active(step):
             return None
-        optimises = self.optimise_noise and self.engine.objective.optimises_initial_noise
+        objective = getattr(self.engine, "objective", None)  # a stand-in engine may have none
+        optimises = self.optimise_noise and bool(getattr(objective, "optimises_initial_noise", False))
         if step == 0 and optimises and not self.noise_reports:
             self._optimise_initial_noise(x, sigma, selections, run_unet, should_stop)
         scale = sigma_space_gradient_scale(sigma) if self.space == "sigma" else None
         # `bindings` only when given: an engine (or stand-in) without binding keeps its call unchanged.
         binding_args: dict[str, Any] = {"bindings": bindings} if bindings is not None else {}
-        if self.engine.objective.reads_timestep:
+        if getattr(objective, "reads_timestep", False):
             binding_args["timestep"] = self._timestep(sigma)
         updated, report = self.engine.step(
             x,
