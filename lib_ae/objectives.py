@@ -203,6 +203,15 @@ class Objective(ABC):
         return bind, list(distributions.reshape(count, len(columns), *size).cpu().unbind(0))
 
 
+def _nothing(
+    attention: torch.Tensor, maxima: torch.Tensor, finite: torch.Tensor, maps: list[torch.Tensor], keep_maps: bool
+) -> Terms:
+    """The terms of rows that have nothing to differentiate: every loss 0, A&E's maxima still reported."""
+    count = attention.shape[0]
+    zero = attention.new_zeros(count)
+    return Terms(zero, maxima, finite, _no_binding(zero), zero, maps, [None] * count if keep_maps else [])
+
+
 def _no_binding(losses: torch.Tensor) -> torch.Tensor:
     return torch.zeros(losses.shape, dtype=torch.promote_types(losses.dtype, torch.float32), device=losses.device)
 
@@ -346,11 +355,8 @@ class Conform(Objective):
         carried: tuple[torch.Tensor, torch.Tensor] | None = None, extras: Extras | None = None,
     ) -> Terms:
         _, maxima, finite, maps = self.excite_terms(group, attention, size, keep_maps)
-        count = attention.shape[0]
-        index = group.objective_index
-        if index is None:  # no subjects: nothing to contrast
-            zero = attention.new_zeros(count)
-            return Terms(zero, maxima, finite, _no_binding(zero), zero, maps, [None] * count if keep_maps else [])
+        if group.objective_index is None:  # no subjects: nothing to contrast
+            return _nothing(attention, maxima, finite, maps, keep_maps)
         losses, embeddings, bind_maps = self.contrast(group, attention, size, keep_maps, carried)
         return Terms(losses, maxima, finite, _no_binding(losses), losses, maps, bind_maps, embeddings.detach())
 
@@ -433,11 +439,9 @@ class ConformSelfCross(Conform):
         carried: tuple[torch.Tensor, torch.Tensor] | None = None, extras: Extras | None = None,
     ) -> Terms:
         _, maxima, finite, maps = self.excite_terms(group, attention, size, keep_maps)
-        count = attention.shape[0]
         index = group.objective_index
         if index is None or extras is None or extras.self_rows is None:
-            zero = attention.new_zeros(count)
-            return Terms(zero, maxima, finite, _no_binding(zero), zero, maps, [None] * count if keep_maps else [])
+            return _nothing(attention, maxima, finite, maps, keep_maps)
         contrast, embeddings, bind_maps = self.contrast(group, attention, size, keep_maps, carried)
         cross, self_cross = self_cross_conform_terms(attention, index, extras.self_rows)
         # Above 881 to within 1e-6: a sigma-space timestep is interpolated from sigma, and DDIM's 881 is not above.

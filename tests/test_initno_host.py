@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from support.webui_host import WebUI, ae_keys
+from support.webui_host import WebUI, ae_keys, emulated_hires_pass
 from test_extension import baseline, direct_lib_ae_run
 
 import lib_ae.objectives
@@ -172,15 +172,8 @@ def test_out_of_memory_in_the_noise_optimisation_keeps_the_image(webui: WebUI, m
 def test_a_hires_pass_samples_with_initno_updates_but_keeps_its_latent_s_noise(webui: WebUI) -> None:
     """The hires pass starts from the upscaled image, not from noise: InitNO's noise optimisation is for txt2img's
     first pass only, and the hires pass gets the sampling updates alone."""
-    host = webui.host
     p, _ = webui.run(webui.args(enabled=True, subjects="cat", method="initno", apply_to_hires=True))
-    p.is_hr_pass = True
-    p.hr_prompts = list(p.prompts)
-    p.sampler = host.processing.sd_samplers.create_sampler("Euler", p.sd_model)
-    noise = p.rng_next()
-    p.scripts.process_before_every_sampling(p=p, x=noise, noise=noise, c=p.c, uc=p.uc)
-    with torch.no_grad():
-        p.sampler.sample(p, noise, p.c, p.uc, image_conditioning=noise.new_zeros(1, 5, 1, 1))
+    emulated_hires_pass(webui, p)
     hires = webui.adapter("run_state").existing_state(p).passes[-1]
     assert hires.is_hr and hires.run.excitation is not None
     assert hires.run.excitation.noise_reports == [] and any(r.active for r in hires.run.reports)

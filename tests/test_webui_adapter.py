@@ -19,7 +19,7 @@ import torch
 
 from lib_ae import AttendAndExcite, AttentionCapture
 from lib_ae.params import PARAMS
-from support.webui_host import ROOT, TITLE, WebUI, ae_keys, embedding, hooks_on
+from support.webui_host import ROOT, TITLE, WebUI, ae_keys, embedding, emulated_hires_pass, hooks_on
 
 LIB = ROOT / "lib_ae"
 
@@ -255,18 +255,11 @@ def test_interrupted_run_says_so_in_the_trace(webui: WebUI, monkeypatch: pytest.
 def test_hires_pass_has_its_own_trace(webui: WebUI) -> None:
     """With "Also on the hires fix pass", the infotext says what A&E did there (emulated hires pass, as in
     test_extension.test_hires_pass_is_excited_only_when_asked)."""
-    host = webui.host
     from modules.scripts import PostSampleArgs
 
     p, _ = webui.run(webui.args(enabled=True, subjects="cat", apply_to_hires=True))
     assert "AE hires trace" not in p.extra_generation_params
-    p.is_hr_pass = True
-    p.hr_prompts = list(p.prompts)
-    p.sampler = host.processing.sd_samplers.create_sampler("Euler", p.sd_model)
-    noise = p.rng_next()
-    p.scripts.process_before_every_sampling(p=p, x=noise, noise=noise, c=p.c, uc=p.uc)
-    with torch.no_grad():
-        sampled = p.sampler.sample(p, noise, p.c, p.uc, image_conditioning=noise.new_zeros(1, 5, 1, 1))
+    sampled = emulated_hires_pass(webui, p)
     p.scripts.post_sample(p, PostSampleArgs(sampled))
     hires = p.extra_generation_params["AE hires trace"](index=0)
     assert re.fullmatch(r"3 steps, refinement \d/\d/\d, final min attention [01]\.\d\d", hires)

@@ -85,3 +85,16 @@ def embedding(host: SimpleNamespace, name: str, vectors: int) -> Any:
 
     modules.sd_hijack.model_hijack.embedding_db.register_embedding(emb, host.shared.sd_model)
     return emb
+
+
+def emulated_hires_pass(webui: WebUI, p: Any) -> torch.Tensor:
+    """The hires fix pass on a finished first pass, as processing.py runs it (p.is_hr_pass set, the hires prompts, a
+    fresh sampler, process_before_every_sampling then sample), with the first pass's conds: its sampled latent."""
+    host = webui.host
+    p.is_hr_pass = True
+    p.hr_prompts = list(p.prompts)
+    p.sampler = host.processing.sd_samplers.create_sampler("Euler", p.sd_model)
+    noise = p.rng_next()
+    p.scripts.process_before_every_sampling(p=p, x=noise, noise=noise, c=p.c, uc=p.uc)
+    with torch.no_grad():
+        return p.sampler.sample(p, noise, p.c, p.uc, image_conditioning=noise.new_zeros(1, 5, 1, 1))
