@@ -33,7 +33,7 @@ from torch.utils.hooks import RemovableHandle
 logger = logging.getLogger(__name__)
 
 
-class _ForwardComplete(BaseException):
+class ForwardComplete(BaseException):
     """Raised from the last needed layer to abort the rest of a gradient forward; never escapes `record`.
 
     A BaseException so that host or third-party wrappers with `except Exception` around the UNet let it through.
@@ -101,6 +101,9 @@ class AttentionCapture:
         if not self._handles:
             raise CaptureError("no attention modules with to_q/to_k/heads found in this UNet")
         self._self_hooked = False
+        # While a recomputed pass's backward recomputes its blocks (`lib_ae.pass_memory`): the map size and whether
+        # self-attention was recorded, so that the hooks repeat the forward's operations (and keep nothing).
+        self._replay: tuple[int, int, bool] | None = None
         logger.debug("attention capture attached to %d modules", len(self._handles))
 
     @property
@@ -157,7 +160,7 @@ class AttentionCapture:
         recording = Recording(accumulator)
         try:
             yield recording
-        except _ForwardComplete:
+        except ForwardComplete:
             pass
         finally:
             self._active = None
@@ -169,14 +172,24 @@ class AttentionCapture:
                 + _available_sizes(accumulator.seen or set())
             )
 
+    @contextlib.contextmanager
+    def replaying(self, height: int, width: int, self_attention: bool = False) -> Iterator[None]:
+        """While a backward recomputes checkpointed blocks of a pass recorded at height x width: each hook repeats the
+        operations it made in the forward, so that the recomputation saves exactly the tensors the forward saved, and
+        keeps nothing."""
+        self._replay = (height, width, self_attention)
+        try:
+            yield
+        finally:
+            self._replay = None
+
     def _on_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         acc = self._active
         if acc is None:
+            if self._replay is not None:
+                self._replay_cross(module, args, kwargs)
             return
-        hidden = args[0] if args else kwargs.get("x", kwargs.get("hidden_states"))
-        context = kwargs.get("context", kwargs.get("encoder_hidden_states"))
-        if context is None and len(args) > 1:
-            context = args[1]
+        hidden, context = _hidden_and_context(args, kwargs)
         if context is None or hidden is None:
             return
         if acc.seen is not None:
@@ -195,23 +208,39 @@ class AttentionCapture:
         assert acc.layers is not None
         acc.layers.append(name)
         if self.early_stop and self._last_layer.get((acc.height, acc.width)) == name:
-            raise _ForwardComplete()
+            raise ForwardComplete()
 
+    def _replay_cross(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        assert self._replay is not None
+        height, width, _ = self._replay
+        hidden, context = _hidden_and_context(args, kwargs)
+        if context is not None and hidden is not None and hidden.shape[1] == height * width:
+            attention_probabilities(module, hidden, context).sum(dim=1)
 
     def _on_self_forward(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> None:
         acc = self._active
+        if acc is None and self._replay is not None and self._replay[2]:
+            hidden, context = _hidden_and_context(args, kwargs)
+            if hidden is not None and context is None and hidden.shape[1] == self._replay[0] * self._replay[1]:
+                _queries_and_keys(module, hidden)
+            return
         if acc is None or not acc.self_attention or acc.self_layers is None:
             return
-        hidden = args[0] if args else kwargs.get("x", kwargs.get("hidden_states"))
-        context = kwargs.get("context", kwargs.get("encoder_hidden_states"))
-        if context is None and len(args) > 1:
-            context = args[1]
+        hidden, context = _hidden_and_context(args, kwargs)
         # An attn1 given a context (ldm's `disable_self_attn`) is not self-attention.
         if hidden is None or context is not None or hidden.shape[1] != acc.height * acc.width:
             return
         acc.self_layers.append(_queries_and_keys(module, hidden))
+
+
+def _hidden_and_context(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    hidden = args[0] if args else kwargs.get("x", kwargs.get("hidden_states"))
+    context = kwargs.get("context", kwargs.get("encoder_hidden_states"))
+    if context is None and len(args) > 1:
+        context = args[1]
+    return hidden, context
 
 
 def _queries_and_keys(module: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -39,6 +39,7 @@ from .graphs import GraphableRunner, GraphBackend, GraphEvaluations, GraphGuard
 from .initno import NoiseOptimisation, optimise_initial_noise
 from .loss import TokenSelection
 from .objectives import Excite, Initno, Objective, Purpose
+from .pass_memory import PassMemory
 from .step_report import StepReport, _DeviceValues
 
 logger = logging.getLogger(__name__)
@@ -62,18 +63,21 @@ class AttendAndExcite:
         cuda_graphs: bool = False,
         graph_guard: GraphGuard | None = None,
         graph_backend: GraphBackend | None = None,
+        pass_memory: PassMemory | None = None,
     ) -> None:
         """`objective`: the method (`lib_ae.objectives`); an `ExciteConfig` or None is Attend-and-Excite with it.
         `cuda_graphs`: evaluate through `GraphableRunner`s as replayed CUDA graphs (`graph_backend`: where, CUDA by
         default); other runners, and CPU tensors, are evaluated eagerly. Graphs live until `release_graphs()`.
         `graph_guard`: asked once per sampling pass (the first graph evaluation after construction or after
         `release_graphs()`); when it gives reasons, the pass is evaluated eagerly and `graph_fallback_reason` says why.
+        `pass_memory`: how the gradient pass bounds its memory (`lib_ae.pass_memory`; default: own attention, and
+        recomputation where keeping the activations would not fit).
         """
         self.objective = objective if isinstance(objective, Objective) else Excite(objective)
         self.config = self.objective.config
         self.capture = capture
         self.capture.early_stop = self.config.early_stop
-        self.evaluator = Evaluator(capture, self.objective)
+        self.evaluator = Evaluator(capture, self.objective, pass_memory)
         self._graphs = GraphEvaluations(self.evaluator, graph_backend, graph_guard) if cuda_graphs else None
         self._carries = CarryStore()
 

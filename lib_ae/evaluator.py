@@ -9,6 +9,7 @@ function runs eagerly and inside a captured graph (`lib_ae.graphs.GraphEvaluatio
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 
@@ -20,16 +21,24 @@ from .capture import AttentionCapture
 from .evaluation import Evaluation, LossGroup, LossPlan, Target
 from .loss import SelectionIndex, TokenSelection
 from .objectives import Extras, Objective, Purpose, Terms
+from .pass_memory import PassMemory, choose_recompute, free_device_memory, keep_estimate, lean_backward, lean_forward
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Evaluator", "Target", "frozen_parameters"]
 
 
 class Evaluator:
-    """`objective` evaluated through `capture`'s UNet."""
+    """`objective` evaluated through `capture`'s UNet, with `memory`'s means of bounding the pass's memory
+    (`lib_ae.pass_memory`)."""
 
-    def __init__(self, capture: AttentionCapture, objective: Objective) -> None:
+    def __init__(self, capture: AttentionCapture, objective: Objective, memory: PassMemory | None = None) -> None:
         self.capture = capture
         self.objective = objective
+        self.memory = memory if memory is not None else PassMemory()
+        # Per sampling pass and number of rows: whether the pass recomputes (decided at the first evaluation, which
+        # is eager also where graphs follow, so that no memory query runs inside a capture).
+        self._recompute: dict[int, bool] = {}
         self._indices: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
         self._selections: dict[tuple[TokenSelection, torch.device], SelectionIndex] = {}
         self._binding_indices: dict[tuple[BindingSelection, torch.device], BindingIndex] = {}
@@ -37,8 +46,29 @@ class Evaluator:
         self._parameter_list: list[nn.Parameter] | None = None
 
     def release(self) -> None:
-        """The end of a sampling pass: the parameter list is read again next time (the weights may change)."""
+        """The end of a sampling pass: the parameter list is read again next time (the weights may change), and the
+        memory mode is chosen again."""
         self._parameter_list = None
+        self._recompute.clear()
+
+    @property
+    def memory_modes_used(self) -> list[str]:
+        """The memory modes this sampling pass's evaluations ran in ("keep", "recompute"), for the trace."""
+        return sorted({"recompute" if r else "keep" for r in self._recompute.values()})
+
+    def recomputes(self, latent: torch.Tensor) -> bool:
+        """Whether evaluations of `latent`'s rows recompute the blocks' activations in the backward."""
+        rows = int(latent.shape[0])
+        decided = self._recompute.get(rows)
+        if decided is None:
+            if latent.is_cuda and torch.cuda.is_current_stream_capturing():
+                return True  # never asked inside a capture (warm-ups decide first); the frugal mode if it were
+            free = free_device_memory(latent.device) if self.memory.mode == "auto" else None
+            decided = choose_recompute(self.memory.mode, free, keep_estimate(rows, *latent.shape[-2:]))
+            self._recompute[rows] = decided
+            logger.debug("A&E pass memory for %d row(s): %s (free: %s)", rows,
+                         "recompute" if decided else "keep", free)
+        return decided
 
     def parameters(self) -> list[nn.Parameter]:
         """The UNet's parameters, listed once per sampling pass (until `release()`): walking the module tree at every
@@ -89,10 +119,38 @@ class Evaluator:
     ) -> Evaluation:
         """The whole evaluation on the device, with no host synchronisation (also what a CUDA graph captures) unless
         the objective reads maps on the host (`Objective.graph_unsafe`). `carried`: for an objective that `carries`,
-        each row's carry (R, W, D) and whether it has one (R,). `purpose`: what the objective differentiates."""
+        each row's carry (R, W, D) and whether it has one (R,). `purpose`: what the objective differentiates.
+
+        Where the mode is "auto" and keeping the activations runs out of memory, the evaluation is made again with
+        recomputation, and so is the rest of the pass: the same result (`lib_ae.pass_memory`)."""
+        recompute = self.recomputes(latent)
+        try:
+            return self._forward_backward(latent, run, loss_plan, size, keep_maps, carried, purpose, recompute)
+        except torch.OutOfMemoryError:
+            if recompute or self.memory.mode != "auto" or (latent.is_cuda and torch.cuda.is_current_stream_capturing()):
+                raise
+        logger.info("A&E pass out of memory keeping its activations; recomputing them from here on")
+        self._recompute[int(latent.shape[0])] = True
+        if latent.is_cuda:
+            torch.cuda.empty_cache()
+        return self._forward_backward(latent, run, loss_plan, size, keep_maps, carried, purpose, True)
+
+    def _forward_backward(
+        self,
+        latent: torch.Tensor,
+        run: Callable[[torch.Tensor], object],
+        loss_plan: LossPlan,
+        size: tuple[int, int],
+        keep_maps: bool,
+        carried: tuple[torch.Tensor, torch.Tensor] | None,
+        purpose: Purpose,
+        recompute: bool,
+    ) -> Evaluation:
         self._probe_last_layer(size, lambda: run(latent.detach()))
         reads_self = self.objective.reads_self_attention
-        with torch.enable_grad(), frozen_parameters(self.parameters()):
+        # The pass's own attention and checkpointed blocks stay in place through the backward, which recomputes them.
+        with torch.enable_grad(), frozen_parameters(self.parameters()), \
+                lean_forward(self.capture.unet, self.capture, self.memory, recompute):
             leaf = latent.detach().requires_grad_(True)
             with self.capture.record(*size, self_attention=reads_self) as recording:
                 run(leaf)
@@ -129,7 +187,8 @@ class Evaluator:
             # A non-finite objective would spread NaN through the sum's gradient: that row contributes 0 instead and
             # is reported as skipped.
             safe_objective = torch.where(objective_finite, objective, torch.zeros_like(objective))
-            (grads,) = torch.autograd.grad(safe_objective.sum(), [leaf])
+            with lean_backward(self.capture, size, reads_self, recompute):
+                (grads,) = torch.autograd.grad(safe_objective.sum(), [leaf])
         finite = maxima_finite & objective_finite & torch.isfinite(grads.flatten(1)).all(dim=1)
         return Evaluation(losses.detach(), maxima.detach(), maxima_finite, finite, grads.detach(),
                           bind_losses.detach(), safe_objective.detach(), kept if keep_maps else None,

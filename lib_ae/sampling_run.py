@@ -70,6 +70,8 @@ class SamplingRun:
         self.finished = False
         self.eager_reason: str | None = None
         """Why this run evaluated eagerly although CUDA graphs were asked for (for the trace)."""
+        self.memory_modes: list[str] = []
+        """How its gradient passes kept their memory ("keep", "recompute"; `lib_ae.pass_memory`), for the trace."""
 
     @property
     def reports(self) -> list[StepReport]:
@@ -184,6 +186,7 @@ class SamplingRun:
             if fallback:
                 self.eager_reason = fallback
         finally:
+            self.memory_modes = self.engine.evaluator.memory_modes_used  # read before the release forgets them
             self.engine.release_graphs()
 
 

@@ -90,6 +90,7 @@ from lib_ae.objectives import (  # noqa: E402
     Bind, Conform, ConformSelfCross, Excite, ExciteBind, Initno, InitnoSelfCross, Objective,
 )
 from lib_ae.graphs import GraphableRunner  # noqa: E402
+from lib_ae.pass_memory import PassMemory  # noqa: E402
 from support.thirdparty import import_k_diffusion  # noqa: E402
 
 logger = logging.getLogger("benchmark")
@@ -103,6 +104,9 @@ BINDING_ROWS = ("bind", "bind_graph", "excite_bind_norefine", "excite_bind_noref
 CONFORM_ROWS = ("conform_norefine", "conform_norefine_graph", "conform", "conform_graph")
 """Rows of CONFORM: with --conform (or named in --rows)."""
 INITNO_ROWS = ("initno", "initno_selfcross", "conform_selfcross")
+MEMORY_ROWS = ("ae_norefine_lowmem", "ae_norefine_lowmem_graph", "ae_lowmem", "ae_lowmem_graph")
+"""The A&E rows with the pass's activations recomputed in its backward (`PassMemory("recompute")`): with --memory (or
+named in --rows). Every other lib_ae row keeps them (`PassMemory("keep")`); both run the pass's own attention."""
 """Rows of InitNO and Self-Cross on InitNO (eager: their evaluations read the maps on the host): with --initno (or
 named in --rows). Random weights never meet InitNO's targets, so every image makes all 5 rounds of 10 noise steps and
 the 50-step run: the worst case, 100 evaluations before the first step. `conform_selfcross` (Self-Cross on CONFORM,
@@ -598,6 +602,10 @@ ROW_CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {
     "initno": ({}, False),
     "initno_selfcross": ({}, False),
     "conform_selfcross": ({}, False),
+    "ae_norefine_lowmem": ({"thresholds": {}}, False),
+    "ae_norefine_lowmem_graph": ({"thresholds": {}}, True),
+    "ae_lowmem": ({}, False),
+    "ae_lowmem_graph": ({}, True),
 }
 ROW_METHODS: dict[str, type[Objective]] = {
     name: (
@@ -642,9 +650,11 @@ def bench_scenario(
             finals["plain"] = k_euler(denoiser, x_t, cond, uncond, run_steps, None)
         return finals["plain"]
 
-    def make_engine(config: ExciteConfig, graphs: bool, kind: type[Objective] = Excite) -> AttendAndExcite:
+    def make_engine(config: ExciteConfig, graphs: bool, kind: type[Objective] = Excite, recompute: bool = False
+                    ) -> AttendAndExcite:
         objective = kind(config, BindingConfig()) if issubclass(kind, Bind) else kind(config)
-        engine = AttendAndExcite(capture, objective, cuda_graphs=graphs)
+        memory = PassMemory("recompute" if recompute else "keep")
+        engine = AttendAndExcite(capture, objective, cuda_graphs=graphs, pass_memory=memory)
         evaluate = engine._evaluate
 
         def counted(*args: Any, **kwargs: Any) -> Any:
@@ -657,7 +667,7 @@ def bench_scenario(
     def ae_row(name: str, config: ExciteConfig, graphs: bool) -> Callable[[int], torch.Tensor]:
         # One engine per row, as a host keeps one per model: graphs are captured in the warm-up run and replayed after.
         kind = ROW_METHODS[name]
-        engine = engines[name] = make_engine(config, graphs, kind)
+        engine = engines[name] = make_engine(config, graphs, kind, recompute=name in MEMORY_ROWS)
 
         def run(run_steps: int) -> torch.Tensor:
             excitation = InSamplerExcitation(engine, engine.plan(run_steps), "sigma", StepClock(1),
@@ -680,7 +690,8 @@ def bench_scenario(
         return run
 
     fns: dict[str, Callable[[int], Any]] = {"plain": plain}
-    for name in ("ae_norefine_graph", "ae_graph", "ae_norefine", "ae", *BINDING_ROWS, *CONFORM_ROWS, *INITNO_ROWS):
+    for name in ("ae_norefine_graph", "ae_graph", "ae_norefine", "ae", *BINDING_ROWS, *CONFORM_ROWS, *INITNO_ROWS,
+                 *MEMORY_ROWS):
         if name in rows:
             overrides, graphs = ROW_CONFIGS[name]
             fns[name] = ae_row(name, ExciteConfig(**overrides), graphs)
@@ -1222,6 +1233,7 @@ def rows_for(scenario: Scenario, batch: int, args: argparse.Namespace) -> set[st
     rows = set(AE_ROWS) | (set(BINDING_ROWS) if args.binding or args.rows else set())
     rows |= set(CONFORM_ROWS) if args.conform or args.rows else set()
     rows |= set(INITNO_ROWS) if args.initno or args.rows else set()
+    rows |= set(MEMORY_ROWS) if args.memory or args.rows else set()
     if not args.all_rows:
         rows -= set(scenario.skip_by_default)
         if batch > 1:
@@ -1280,10 +1292,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--only", choices=("sd15", "sdxl"), default=None)
     parser.add_argument("--rows", type=lambda v: [r for r in v.split(",") if r], default=None,
                         help="comma-separated A&E rows to keep, of "
-                        f"{','.join(AE_ROWS + BINDING_ROWS + CONFORM_ROWS + INITNO_ROWS)} "
+                        f"{','.join(AE_ROWS + BINDING_ROWS + CONFORM_ROWS + INITNO_ROWS + MEMORY_ROWS)} "
                         "(plain always runs)")
     parser.add_argument("--conform", action="store_true", help=f"add the CONFORM rows ({', '.join(CONFORM_ROWS)})")
     parser.add_argument("--initno", action="store_true", help=f"add the InitNO rows ({', '.join(INITNO_ROWS)})")
+    parser.add_argument("--memory", action="store_true",
+                        help=f"add the rows with recomputed activations ({', '.join(MEMORY_ROWS)})")
     parser.add_argument("--binding", action="store_true",
                         help=f"add the binding rows ({', '.join(BINDING_ROWS)}) beside the excite rows")
     parser.add_argument("--no-reference", action="store_true", help="skip the diffusers rows")

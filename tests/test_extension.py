@@ -435,25 +435,20 @@ def test_failure_inside_ae_keeps_the_image(webui: WebUI, monkeypatch: pytest.Mon
     assert webui.host.shared.state.textinfo is None
 
 
-@pytest.mark.parametrize(("attention", "advised"), [("Doggettx", True), ("InvokeAI", True), ("sdp", False),
-                                                    ("xformers", False), (None, False)])
-def test_out_of_memory_names_a_leaner_attention_when_the_hosts_keeps_the_matrices(
-    webui: WebUI, monkeypatch: pytest.MonkeyPatch, attention: str | None, advised: bool
+@pytest.mark.parametrize(("setting", "advised"), [("auto", True), ("keep", True), ("recompute", False)])
+def test_out_of_memory_names_the_low_memory_mode_unless_it_ran(
+    webui: WebUI, monkeypatch: pytest.MonkeyPatch, setting: str, advised: bool
 ) -> None:
-    from modules import sd_hijack
-
     def out_of_memory(self: Any, *args: Any, **kwargs: Any) -> Any:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(AttendAndExcite, "step", out_of_memory)
-    monkeypatch.setattr(sd_hijack, "current_optimizer", None if attention is None else SimpleNamespace(name=attention))
+    monkeypatch.setitem(webui.host.shared.opts.data, "ae_pass_memory", setting)
     p, _ = webui.run(webui.args(enabled=True, subjects="cat"))
     message = p.extra_generation_params["AE error"]
-    assert message.startswith("A&E ran out of memory at step 1 (OutOfMemoryError); sampling went on without A&E: "
-                              "lower the batch size or image size")
-    assert ("--opt-sdp-attention or --xformers" in message) is advised
-    if advised:
-        assert f"than with the {attention} attention" in message
+    assert message.startswith("A&E ran out of memory at step 1 (OutOfMemoryError); sampling went on without A&E: ")
+    assert ("Memory of the A&E gradient pass to 'recompute'" in message) is advised
+    assert "lower the batch size or image size" in message
 
 
 def test_sd3_model_is_refused_with_a_message(webui: WebUI, monkeypatch: pytest.MonkeyPatch) -> None:

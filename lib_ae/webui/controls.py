@@ -8,12 +8,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from lib_ae.params import PARAMS, ParamsError, ParamSpec, parse_value, xyz_params
+from lib_ae.pass_memory import MEMORY_MODES
 
 from . import host
 from .host import gr
 from .report import TITLE
 from .run_state import with_xyz_override
-from .sampling_pass import CUDA_GRAPHS_SETTING
+from .sampling_pass import CUDA_GRAPHS_SETTING, PASS_MEMORY_SETTING
 from .wire import from_infotext
 
 logger = logging.getLogger("lib_ae.webui")
@@ -120,6 +121,13 @@ def on_ui_settings() -> None:
         CUDA_GRAPHS_SETTING, True, "Replay the A&E gradient pass as a CUDA graph", gr.Checkbox, None, SETTINGS_SECTION,
         "same result, about 3x less time per pass at batch 1 on fast GPUs; falls back to eager evaluation by itself "
         "when another extension's hooks on the UNet could not be replayed",
+    )
+    host.add_setting(
+        PASS_MEMORY_SETTING, "auto", "Memory of the A&E gradient pass", gr.Radio, {"choices": list(MEMORY_MODES)},
+        SETTINGS_SECTION,
+        "auto: recompute the pass's activations in its backward only where keeping them would not fit in the free GPU "
+        "memory; keep: always keep them (fastest); recompute: always recompute them (least memory, about one more "
+        "UNet forward per pass on the GPU). The image is the same in every mode",
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import gradio as gr
 import torch
-from modules import devices, extra_networks, images, prompt_parser, script_callbacks, scripts, sd_hijack, shared
+from modules import devices, extra_networks, images, prompt_parser, script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
 from lib_ae.targeting import PromptChunk, TextEncoder
@@ -101,10 +101,30 @@ def free_memory() -> None:
     devices.torch_gc()
 
 
-def attention_optimization() -> str | None:
-    """The name of A1111's active cross-attention optimisation ("Doggettx", "sdp", "xformers", ...):
-    `sd_hijack.current_optimizer`, set when a model is loaded (sd_hijack.apply_optimizations); None before that."""
-    return getattr(getattr(sd_hijack, "current_optimizer", None), "name", None)
+def upcast_attention() -> bool:
+    """Settings > Optimizations > "Upcast cross attention layer to float32" (`upcast_attn`), which every A1111
+    attention optimisation honours (sd_hijack_optimizations.py)."""
+    return bool(option("upcast_attn", False))
+
+
+def attention_context_transform() -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+    """What A1111's attention forwards do to the context before the key and value projections: the loaded
+    hypernetworks (`hypernetwork.apply_hypernetworks(shared.loaded_hypernetworks, context)`), or None without any."""
+    if not getattr(shared, "loaded_hypernetworks", None):
+        return None
+    from modules.hypernetworks import hypernetwork
+
+    def transform(context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return hypernetwork.apply_hypernetworks(shared.loaded_hypernetworks, context)  # type: ignore[no-any-return]
+
+    return transform
+
+
+def blocks_leave_the_device() -> bool:
+    """--lowvram: each UNet block is moved to the GPU by a pre-hook on its top-level block and back when another
+    block runs (lowvram.py `setup_for_low_vram`), so a transformer block recomputed in the backward would find its
+    weights on the CPU. (--medvram moves the UNet as a whole, before the forward.)"""
+    return bool(getattr(getattr(shared, "cmd_opts", None), "lowvram", False))
 
 
 def on_cuda() -> bool:

@@ -58,24 +58,19 @@ def say_once(message: str) -> None:
         logger.warning("%s: %s", TITLE, message)
 
 
-ATTENTION_KEEPING_MATRICES = ("Doggettx", "InvokeAI", "V1")
-"""A1111's attention optimisations that form each attention-probability matrix as a tensor, which autograd keeps for
-A&E's backward: SDXL 1024 needs +6.3 GiB per image for A&E under Doggettx, +2.4 under SDP
-(tests/webui-gpu-h200.json)."""
-
-
-def failure_text(error: BaseException, where: str, attention: str | None = None) -> str:
+def failure_text(error: BaseException, where: str, recomputed: bool = False) -> str:
     """The user's line for an unexpected failure inside the A&E pass at `where` ("step 3"). Out of memory (CUDA's
-    OutOfMemoryError, or the RuntimeError other backends raise) says what to change, including a leaner attention
-    optimisation when the host's (`attention`) is one that keeps the matrices; anything else names the error with the
-    first line of its text (CUDA's out-of-memory text runs over several)."""
+    OutOfMemoryError, or the RuntimeError other backends raise) says what would fit: the pass's low-memory mode where
+    it did not run (`recomputed`), else a smaller batch or image. Anything else names the error with the first line of
+    its text (CUDA's out-of-memory text runs over several)."""
     name = type(error).__name__
     if isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower():
-        advice = "lower the batch size or image size"
-        if attention in ATTENTION_KEEPING_MATRICES:
-            advice += (
-                f", or start the webui with --opt-sdp-attention or --xformers (A&E's backward needs far less memory"
-                f" with them than with the {attention} attention)"
+        if recomputed:
+            advice = "lower the batch size or image size (the pass already recomputed its activations)"
+        else:
+            advice = (
+                "set Settings > Attend and Excite > Memory of the A&E gradient pass to 'recompute' (a fraction of the "
+                "memory, the same image), or lower the batch size or image size"
             )
         return f"A&E ran out of memory at {where} ({name}); sampling went on without A&E: {advice}"
     detail = (str(error).splitlines() or [""])[0][:120]

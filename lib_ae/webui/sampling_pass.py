@@ -22,6 +22,7 @@ from lib_ae.graphs import GraphableRunner
 from lib_ae.in_sampler import LatentSpace, seeded_noise
 from lib_ae.objectives import objective_for
 from lib_ae.params import AEParams
+from lib_ae.pass_memory import MEMORY_MODES, MemoryMode, PassAttention, PassMemory
 from lib_ae.sampling_run import SamplingRun
 from lib_ae.targeting import ImageTargeting, PassSteps, TextEncoder
 
@@ -39,6 +40,7 @@ TIMESTEP_SAMPLERS = frozenset({"DDIM", "DDIM CFG++", "PLMS"})
 """CompVisSampler family (sd_samplers_timesteps.py `samplers_timesteps`): the latent is the VP latent and `sigma` the
 timestep."""
 CUDA_GRAPHS_SETTING = "ae_cuda_graphs"
+PASS_MEMORY_SETTING = "ae_pass_memory"
 
 
 # -- Captures: one per UNet --------------------------------------------------------------------------------------------
@@ -150,6 +152,18 @@ def graphs_refused(p: Processing) -> str | None:
     return reason
 
 
+def pass_memory() -> PassMemory:
+    """How the gradient pass bounds its memory (`lib_ae.pass_memory`): the setting's mode ("auto": recompute only
+    where keeping the activations would not fit the free memory), never recomputation under --lowvram (its blocks
+    leave the GPU after their forward), and the pass's own attention with A1111's upcast rule and hypernetworks."""
+    mode: MemoryMode = host.option(PASS_MEMORY_SETTING, "auto")
+    if mode not in MEMORY_MODES:
+        mode = "auto"
+    if host.blocks_leave_the_device():
+        mode = "keep"
+    return PassMemory(mode, PassAttention(host.upcast_attention(), host.attention_context_transform()))
+
+
 # -- The pass ----------------------------------------------------------------------------------------------------------
 
 
@@ -202,9 +216,10 @@ class SamplingPass:
             report_problem(self.p, failure)
             host.free_memory()
 
-    @staticmethod
-    def _advice(error: Exception, where: str) -> str:
-        return failure_text(error, where, host.attention_optimization())
+    def _advice(self, error: Exception, where: str) -> str:
+        evaluator = self.run.engine.evaluator
+        recomputed = evaluator.memory.mode == "recompute" or "recompute" in evaluator.memory_modes_used
+        return failure_text(error, where, recomputed)
 
     def _update(self, x: torch.Tensor, sigma: torch.Tensor, kwargs: Mapping[str, Any]) -> None:
         call = self.den.step
@@ -351,7 +366,7 @@ def install(p: Processing, params: AEParams) -> SamplingPass | None:
         graphs = use_cuda_graphs(p)
         guard = graph_safety.guard_for(capture, p.sd_model) if graphs else None
         objective = objective_for(params, sd2=host.is_sd2(p.sd_model))
-        engine = AttendAndExcite(capture, objective, cuda_graphs=graphs, graph_guard=guard)
+        engine = AttendAndExcite(capture, objective, cuda_graphs=graphs, graph_guard=guard, pass_memory=pass_memory())
     except (CaptureError, UnsupportedModel) as error:
         report_problem(p, f"A&E was not applied: {error}")
         return None

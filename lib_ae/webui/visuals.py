@@ -101,6 +101,8 @@ def _summaries(sampling_pass: SamplingPass, interrupted: bool) -> dict[int, str]
     cut = interrupted or any(r.interrupted for r in reports)
     eager_reason = sampling_pass.run.eager_reason
     eager = f", no CUDA graph ({eager_reason})" if eager_reason else ""
+    if "recompute" in sampling_pass.run.memory_modes:  # the low-memory mode ran (same result, more GPU time)
+        eager += ", activations recomputed to save memory"
     summaries = {}
     for b, trace in _traces(sampling_pass).items():
         objective = sampling_pass.run.engine.objective
