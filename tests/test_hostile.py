@@ -491,6 +491,12 @@ def off_after_the_failure(log: FaultLog, p: Any) -> None:
     assert log.calls == 1, "A&E is off for the rest of the pass after a failure"
 
 
+def recomputed_then_off(log: FaultLog, p: Any) -> None:
+    """Out of memory while keeping the activations ("auto"): the evaluation is made once more with recomputation
+    (lib_ae.pass_memory), and after that second failure A&E is off for the rest of the pass."""
+    assert log.calls == 2, "one retry with recomputation, then off"
+
+
 FAULT_CASES: list[FaultCase] = [
     FaultCase("nan-attention-maps", fault_nan_maps, SAME,
               "non-finite attention loss or gradient at step 1; that update was skipped"),
@@ -498,8 +504,9 @@ FAULT_CASES: list[FaultCase] = [
               "non-finite attention loss or gradient at step 1; that update was skipped"),
     FaultCase("cuda-oom-in-the-grad-pass", raising_in_ae_pass(torch.cuda.OutOfMemoryError("CUDA out of memory. "
               "Tried to allocate 20.00 GiB\nmore lines")), SAME,
-              ("ran out of memory at step 1", "sampling went on without A&E", "lower the batch size or image size"),
-              check=off_after_the_failure),
+              ("ran out of memory at step 1", "sampling went on without A&E", "lower the batch size or image size",
+               "already recomputed"),
+              check=recomputed_then_off),
     FaultCase("exception-in-the-extra-unet-pass", raising_in_ae_pass(RuntimeError("boom in the UNet")), SAME,
               "A&E stopped at step 1 (RuntimeError: boom in the UNet); sampling went on without it",
               check=off_after_the_failure),
