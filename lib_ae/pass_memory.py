@@ -39,11 +39,12 @@ logger = logging.getLogger(__name__)
 MemoryMode = Literal["auto", "keep", "recompute"]
 MEMORY_MODES: tuple[MemoryMode, ...] = ("auto", "keep", "recompute")
 
-KEEP_BYTES_PER_LATENT_PIXEL = 192 * 1024
+KEEP_BYTES_PER_LATENT_PIXEL = 320 * 1024
 """What keeping the pass's activations costs per conditional row and latent pixel, with own attention, rounded up:
-SDXL 1024 (128 x 128 latent pixels) batch 1 added 2.5 GiB under SDP in A1111 on the H200 (webui-gpu-h200.json,
-`sdxl_attention_memory`), 160 KiB a pixel; SD1.5 512 adds less per pixel (its pass stops earlier). `auto` keeps the
-activations only where twice this estimate is free."""
+SDXL 1024 (128 x 128 latent pixels) added 4.8 GiB at batch 1 and 18.9 GiB at batch 4 in the engine benchmark
+(tests/benchmark-h200.json, "pass_memory"), about 300 KiB a pixel and row; SD1.5 512 adds 0.39 GiB (its pass stops
+earlier, 100 KiB a pixel). `auto` keeps the activations only where twice this estimate is free: SDXL 1024 at batch 1
+then recomputes on cards with less than 10 GiB free while sampling, i.e. 12-16 GB cards."""
 
 
 @dataclass(frozen=True)

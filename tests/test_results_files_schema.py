@@ -54,3 +54,31 @@ def test_conform_cost_rows_are_recorded() -> None:
     assert set(conform["gpu_busy_conform_over_excite"]) == {"eager", "graph"}
     assert all(isinstance(v, float) and v > 0.5 for v in conform["gpu_busy_conform_over_excite"].values())
     assert isinstance(conform["verdict"], str) and conform["verdict"]
+
+
+ATTENTION_OPTIONS = {"Doggettx", "sdp", "sdp-no-mem", "sub-quadratic", "InvokeAI", "V1", "None"}
+
+
+def test_memory_per_attention_optimisation_is_recorded() -> None:
+    """Issue 21: per A1111 attention optimisation, what A&E adds to a request's peak at SD1.5 512 b1 and SDXL 1024 b1/b4
+    (xformers: recorded as unavailable where it does not install)."""
+    memory = json.loads((HERE / "webui-gpu-h200.json").read_text())["memory"]
+    assert ATTENTION_OPTIONS <= set(memory)
+    assert "xformers" in memory
+    for option in ATTENTION_OPTIONS:
+        entry = memory[option]
+        for key in ("sd15_512_b1_added_gib", "sdxl_1024_b1_added_gib", "sdxl_1024_b4_added_gib"):
+            assert isinstance(entry[key], float), (option, key)
+    assert isinstance(memory["targets_met"], bool)
+
+
+def test_pass_memory_and_initno_cost_rows_are_recorded() -> None:
+    results = json.loads((HERE / "benchmark-h200.json").read_text())
+    memory = results["pass_memory"]
+    for config in ("sd15_512_b1", "sdxl_1024_b1", "sdxl_1024_b4"):
+        assert {"keep_graph", "recompute_graph"} <= set(memory["added_gib"][config])
+        assert {"keep_graph", "recompute_graph"} <= set(memory["x_plain"][config])
+    initno = results["initno"]
+    assert set(initno["noise_optimisation_seconds"]) == {"sd15_512_b1", "sdxl_1024_b1"}
+    assert all(v > 0 for rows in initno["noise_optimisation_x_plain"].values() for v in rows.values())
+    assert {"initno_selfcross_over_initno", "conform_selfcross_over_conform"} == set(initno["selfcross_over_base"])
