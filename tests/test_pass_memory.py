@@ -271,3 +271,27 @@ def test_forward_complete_leaves_no_checkpoint_state_behind() -> None:
         after = unet(x, t, context=context)
     assert torch.equal(before, after)
     assert issubclass(ForwardComplete, BaseException)
+
+
+def test_recomputation_inside_a_replayed_graph_equals_eager_keeping() -> None:
+    """The graph path (the CPU stand-in that replays the captured computation) with recomputation gives the eager
+    path's bytes with the activations kept: the fast path and the low-memory mode combine."""
+    from lib_ae import GraphableRunner
+    from test_engine_graphs import ReplayingCpuBackend
+
+    unet = make_unet(SD1_LIKE, seed=4, dtype=torch.float64)
+    x, t, context = inputs(SD1_LIKE, torch.float64)
+    results = []
+    for graphs, mode in ((False, "keep"), (True, "recompute")):
+        capture = AttentionCapture(unet)
+        backend = ReplayingCpuBackend()
+        engine = AttendAndExcite(capture, ExciteConfig(thresholds={}), cuda_graphs=graphs, graph_backend=backend,
+                                 pass_memory=PassMemory(mode))  # type: ignore[arg-type]
+        runner = GraphableRunner(lambda z, tt, c: unet(z, tt, context=c), (t, context), key="memory")
+        z = x
+        for step in (0, 1):
+            z, _ = engine.step(z, step, engine.plan(10), [SELECTION] * 2, runner)
+        capture.remove()
+        assert (backend.replays > 0) is graphs
+        results.append(z)
+    assert torch.equal(results[0], results[1])

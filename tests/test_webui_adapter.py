@@ -371,3 +371,54 @@ def test_engine_fallback_reason_is_in_the_trace(webui: WebUI, monkeypatch: pytes
     assert ae_keys(processed.infotexts[0], webui.host)["AE trace"].endswith(
         "no CUDA graph (a forward hook on input_blocks.4 that is not ours)"
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The pass's memory (lib_ae.pass_memory) from A1111's settings
+
+
+def test_pass_memory_follows_the_settings(webui: WebUI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mode from our setting (an unknown value is `auto`), never recomputation under --lowvram, and the pass's own
+    attention with A1111's upcast setting and, when hypernetworks are loaded, their transform of the context."""
+    import sys
+    import types
+
+    from lib_ae.pass_memory import PassAttention, PassMemory
+    from lib_ae.webui import sampling_pass
+
+    shared = webui.host.shared
+    assert sampling_pass.pass_memory() == PassMemory("auto", PassAttention(False, None))
+    monkeypatch.setitem(shared.opts.data, "ae_pass_memory", "recompute")
+    monkeypatch.setitem(shared.opts.data, "upcast_attn", True)
+    assert sampling_pass.pass_memory() == PassMemory("recompute", PassAttention(True, None))
+    monkeypatch.setitem(shared.opts.data, "ae_pass_memory", "fastest")
+    assert sampling_pass.pass_memory().mode == "auto"
+    monkeypatch.setattr(shared, "cmd_opts", SimpleNamespace(lowvram=True), raising=False)
+    assert sampling_pass.pass_memory().mode == "keep"
+
+    applied: list[Any] = []
+    hypernetwork = types.ModuleType("modules.hypernetworks.hypernetwork")
+
+    def apply_hypernetworks(loaded: Any, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        applied.append(loaded)
+        return context * 2, context * 3
+
+    hypernetwork.apply_hypernetworks = apply_hypernetworks  # type: ignore[attr-defined]
+    package = types.ModuleType("modules.hypernetworks")
+    package.hypernetwork = hypernetwork  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "modules.hypernetworks", package)
+    monkeypatch.setitem(sys.modules, "modules.hypernetworks.hypernetwork", hypernetwork)
+    monkeypatch.setattr(shared, "loaded_hypernetworks", ["a hypernetwork"], raising=False)
+    transform = sampling_pass.pass_memory().attention.context_for_kv  # type: ignore[union-attr]
+    assert transform is not None
+    k, v = transform(torch.ones(1))
+    assert (float(k), float(v)) == (2.0, 3.0) and applied == [["a hypernetwork"]]
+
+
+def test_the_trace_says_when_activations_were_recomputed(webui: WebUI, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(webui.host.shared.opts.data, "ae_pass_memory", "recompute")
+    _, processed = webui.run(webui.args(enabled=True, subjects="cat"))
+    assert "activations recomputed to save memory" in ae_keys(processed.infotexts[0], webui.host)["AE trace"]
+    monkeypatch.setitem(webui.host.shared.opts.data, "ae_pass_memory", "keep")
+    _, processed = webui.run(webui.args(enabled=True, subjects="cat"))
+    assert "recomputed" not in ae_keys(processed.infotexts[0], webui.host)["AE trace"]
