@@ -35,7 +35,7 @@ from .capture import AttentionCapture
 from .config import ExciteConfig, StepPlan
 from .evaluation import CarryStore, Evaluation, HostRead, LossPlan, Target, exact_rows, rows_of
 from .evaluator import Evaluator, frozen_parameters
-from .graphs import GraphableRunner, GraphBackend, GraphEvaluations, GraphGuard
+from .graphs import GraphableRunner, GraphBackend, GraphConditions, GraphEvaluations, GraphGuard
 from .initno import NoiseOptimisation, optimise_initial_noise
 from .loss import TokenSelection
 from .objectives import Excite, Initno, Objective, Purpose
@@ -61,7 +61,7 @@ class AttendAndExcite:
         objective: Objective | ExciteConfig | None = None,
         *,
         cuda_graphs: bool = False,
-        graph_guard: GraphGuard | None = None,
+        graph_guard: GraphGuard | GraphConditions | None = None,
         graph_backend: GraphBackend | None = None,
         pass_memory: PassMemory | None = None,
     ) -> None:
@@ -70,6 +70,7 @@ class AttendAndExcite:
         default); other runners, and CPU tensors, are evaluated eagerly. Graphs live until `release_graphs()`.
         `graph_guard`: asked once per sampling pass (the first graph evaluation after construction or after
         `release_graphs()`); when it gives reasons, the pass is evaluated eagerly and `graph_fallback_reason` says why.
+        As `GraphConditions`, it also names the host's per-call state, each value of which is its own graph.
         `pass_memory`: how the gradient pass bounds its memory (`lib_ae.pass_memory`; default: own attention, and
         recomputation where keeping the activations would not fit).
         """

@@ -27,6 +27,22 @@ GraphGuard = Callable[[], "Sequence[str] | None"]
 """Called once per sampling pass, before the first graph evaluation: reasons why a graph would be wrong (empty or
 None: safe). See `find_graph_hazards`."""
 
+
+@dataclass(frozen=True)
+class GraphConditions:
+    """What a host tells the graph path beyond a `GraphGuard`, for a forward that decides something per call but
+    whose decisions the host can name (e.g. a ControlNet whose units switch on and off with the step).
+
+    `state()` is asked before every graph evaluation and becomes part of the graph's key: each distinct value is
+    captured once and replayed only while the host's per-call decisions are those it names, so a change (a unit's
+    guidance window ending inside A&E's steps) is a new capture, never a stale replay. `capture_scope()` is entered
+    around the warm-up and the capture: the host may swap a call that cannot be captured (a sync, a copy from host
+    memory) for a capturable equivalent there, valid only with the same `state()`."""
+
+    guard: GraphGuard
+    state: Callable[[], Hashable] = lambda: None
+    capture_scope: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+
 logger = logging.getLogger(__name__)
 
 
@@ -209,11 +225,16 @@ class GraphEvaluations:
     or a capture fails, the rest of the pass is evaluated eagerly and `fallback_reason` says why."""
 
     def __init__(
-        self, evaluator: Evaluator, backend: GraphBackend | None = None, guard: GraphGuard | None = None
+        self,
+        evaluator: Evaluator,
+        backend: GraphBackend | None = None,
+        guard: GraphGuard | GraphConditions | None = None,
     ) -> None:
         self.evaluator = evaluator
         self.backend: GraphBackend = backend if backend is not None else CudaGraphBackend()
-        self.guard = guard
+        conditions = guard if isinstance(guard, GraphConditions) else None
+        self.guard: GraphGuard | None = conditions.guard if conditions is not None else guard  # type: ignore[assignment]
+        self.conditions = conditions
         self.fallback_reason: str | None = None
         self._guard_pending = True
         self.graphs: dict[Hashable, _Graph] = {}
@@ -241,12 +262,15 @@ class GraphEvaluations:
         a reference cycle (the GPU webui does), so they would hold their pool until the cyclic collector ran, and be
         destroyed whenever it ran, possibly inside our next capture. A reset graph's later finalization makes no CUDA
         call (tests/webui-gpu-h200.json "capture_failure_found")."""
+        self._drop_graphs()
+        self._guard_pending = True  # a new sampling pass follows
+
+    def _drop_graphs(self) -> None:
         for entry in self.graphs.values():
             entry.graph.reset()
         self.graphs.clear()
         self.pool = None
         self.weights = None
-        self._guard_pending = True  # a new sampling pass follows
 
     def evaluate(
         self,
@@ -277,15 +301,18 @@ class GraphEvaluations:
         key = (
             tuple(rows), size, runner.key, plan.key, _signature(latent), tuple(_signature(t) for t in inputs),
             torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+            self.conditions.state() if self.conditions is not None else None,
         )
         weights = tuple(p.data_ptr() for p in self.evaluator.parameters())
         if weights != self.weights:  # new or moved weights: graphs would read the old addresses
-            self.release()
+            self._drop_graphs()  # within the pass: the guard's answer and a capture failure's reason still hold
             self.weights = weights
         entry = self.graphs.get(key)
         if entry is None and key not in self.failed:
+            scope = self.conditions.capture_scope() if self.conditions is not None else contextlib.nullcontext()
             try:
-                entry, self.pool = self.backend.capture(latent, inputs, compute, self.pool)
+                with scope:
+                    entry, self.pool = self.backend.capture(latent, inputs, compute, self.pool)
                 logger.info("captured the A&E evaluation of %d image(s) as a graph", latent.shape[0])
                 self.graphs[key] = entry
             except Exception as error:  # noqa: BLE001 - any capture failure falls back to the eager computation

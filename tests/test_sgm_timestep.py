@@ -114,3 +114,28 @@ def test_bit_identical_on_cuda_and_capturable() -> None:
         )
     graph.replay()
     assert torch.equal(captured, expected)
+
+
+def test_namespaces_that_imported_sgms_function_get_the_device_embedding_beside_any_unet() -> None:
+    """ControlNet's cldm.py imports sgm's `timestep_embedding` by name (A1111's sgm tree is importable, so even an SD1
+    ControlNet takes it): within the pass its namespace gets the same device-side function, then its own back."""
+    fake = ModuleType(sgm_timestep.SGM_UNET_MODULE)
+    fake.timestep_embedding = sgm_reference  # type: ignore[attr-defined]
+    saved = sys.modules.get(sgm_timestep.SGM_UNET_MODULE)
+    sys.modules[sgm_timestep.SGM_UNET_MODULE] = fake
+    cldm: dict[str, Any] = {"timestep_embedding": sgm_reference}
+    other: dict[str, Any] = {"timestep_embedding": lambda *a, **k: None}
+    try:
+        ldm_unet = torch.nn.Linear(1, 1)
+        with sgm_timestep.device_side_embedding(ldm_unet, lambda t: torch.float32, sys.modules.get, [cldm, other]):
+            assert fake.timestep_embedding is sgm_reference  # type: ignore[attr-defined]  # an SD1 UNet's own
+            inside = cldm["timestep_embedding"]
+            assert inside is not sgm_reference and other["timestep_embedding"] is not inside
+            t = torch.tensor([3.0, 700.0])
+            assert torch.equal(inside(t, 9), sgm_reference(t, 9))
+        assert cldm["timestep_embedding"] is sgm_reference
+    finally:
+        if saved is None:
+            del sys.modules[sgm_timestep.SGM_UNET_MODULE]
+        else:
+            sys.modules[sgm_timestep.SGM_UNET_MODULE] = saved

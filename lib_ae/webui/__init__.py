@@ -12,6 +12,7 @@ script file `scripts/attend_and_excite.py` at load time, while A1111 has the ext
     subjects.py       A1111's text encoder, schedule and syntax for `lib_ae.targeting` (generation and token view)
     sampling_pass.py  one sampler run with A&E: install, the denoiser wrapper, the UNet runner, release
     graph_safety.py   what may stay on the UNet while the A&E pass is replayed as a CUDA graph
+    controlnet.py     sd-webui-controlnet beside the graphs: its per-call state, its uncapturable calls swapped
     sgm_timestep.py   SDXL's timestep embedding computed on the device (graph-capturable, same numbers)
     visuals.py        heatmaps and the excitation trace of a batch
     controls.py       the accordion's controls, settings, infotext paste, X/Y/Z axes

@@ -9,16 +9,17 @@ each one and why), and the engine falls back to eager evaluation when anything e
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
 
 from lib_ae import AttentionCapture
-from lib_ae.graphs import find_graph_hazards, owned_by
+from lib_ae.graphs import GraphConditions, find_graph_hazards, owned_by
 
-from . import host
+from . import controlnet, host
 
 GraphGuard = Callable[[], "list[str] | None"]
 
@@ -79,13 +80,37 @@ def _no_sd_unet_replacement() -> bool:
     return not host.sd_unet_replaced()
 
 
-def guard_for(capture: AttentionCapture, sd_model: Any) -> GraphGuard:
-    """The engine's `graph_guard`: the reasons not to replay (empty/None = safe), checked at the first graph
-    evaluation of a pass. Our own capture hooks are not a hazard."""
+def guard_for(capture: AttentionCapture, sd_model: Any) -> GraphConditions:
+    """The engine's graph conditions: the reasons not to replay (empty/None = safe), checked at the first graph
+    evaluation of a pass, and, beside sd-webui-controlnet, its per-call state and capture scope (controlnet.py).
+    Our own capture hooks are not a hazard."""
     unet: torch.nn.Module = sd_model.model.diffusion_model
+    is_own = owned_by(capture)
 
     def guard() -> list[str] | None:
-        reasons = list(find_graph_hazards(unet, is_own=owned_by(capture), allowed_forward=allowed_forward))
+        hook = controlnet.hook_on(unet)
+        if hook is None:
+            return find_graph_hazards(unet, is_own=is_own, allowed_forward=allowed_forward) or None
+        reasons = controlnet.graph_blockers(hook, unet)
+        if reasons:
+            return reasons
+
+        def allowed(cls: type, fn: Callable[..., Any]) -> bool:
+            return allowed_forward(cls, fn) or controlnet.is_hook_forward(hook, fn)
+
+        reasons = find_graph_hazards(unet, is_own=is_own, allowed_forward=allowed)
+        for index, param in enumerate(hook.control_params or []):
+            if isinstance(param.control_model, torch.nn.Module):
+                found = find_graph_hazards(param.control_model, is_own=is_own, allowed_forward=allowed_forward)
+                reasons += [f"{reason} (ControlNet unit {index}'s network)" for reason in found]
         return reasons or None
 
-    return guard
+    def state() -> Hashable:
+        hook = controlnet.hook_on(unet)
+        return None if hook is None else controlnet.step_state(hook)
+
+    def scope() -> contextlib.AbstractContextManager[None]:
+        hook = controlnet.hook_on(unet)
+        return contextlib.nullcontext() if hook is None else controlnet.capture_scope(hook, unet)
+
+    return GraphConditions(guard, state, scope)

@@ -26,7 +26,7 @@ from lib_ae.pass_memory import MEMORY_MODES, MemoryMode, PassAttention, PassMemo
 from lib_ae.sampling_run import SamplingRun
 from lib_ae.targeting import ImageTargeting, PassSteps, TextEncoder
 
-from . import graph_safety, host, sgm_timestep
+from . import controlnet, graph_safety, host, sgm_timestep
 from .host import Denoiser, Processing
 from .report import TITLE, failure_text, image_in_job, report_problem, say_once
 from .subjects import UnsupportedModel, subject_finder, text_encoder
@@ -282,7 +282,9 @@ class SamplingPass:
             image_rows = rest[0] if has_image_cond else None
             cond_rows = rest[1:] if has_image_cond else rest
             value = dict(zip(names, cond_rows)) if names else cond_rows[0]
-            with sgm_timestep.device_side_embedding(unet, host.unet_output_dtype, host.loaded_module):
+            with sgm_timestep.device_side_embedding(
+                unet, host.unet_output_dtype, host.loaded_module, controlnet.embedding_namespaces(unet)
+            ):
                 return inner(latent_rows, sigma_rows, cond=make_condition_dict(sd_model, value, image_rows))
 
         inputs = (sigma, *((image_cond,) if has_image_cond else ()), *cond_tensors)

@@ -15,7 +15,7 @@ each evaluation.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
@@ -61,12 +61,20 @@ def device_side_embedding(
     unet: Any,
     output_dtype: Callable[[torch.Tensor], torch.dtype],
     loaded_module: Callable[[str], ModuleType | None],
+    also_in: Sequence[dict[str, Any]] = (),
 ) -> Iterator[None]:
-    """Within: an sgm UNet computes its timestep embedding on the device. Other UNets: nothing changes.
-    `loaded_module` finds sgm's module among those the host imported (`host.loaded_module`)."""
-    module = loaded_module(SGM_UNET_MODULE) if type(unet).__module__ == SGM_UNET_MODULE else None
+    """Within: an sgm UNet computes its timestep embedding on the device, and so does every module namespace of
+    `also_in` that imported sgm's function by name (ControlNet's cldm.py, which A1111's sgm tree makes take sgm's
+    even beside an SD1 UNet). Other UNets and namespaces: nothing changes. `loaded_module` finds sgm's module among
+    those the host imported (`host.loaded_module`)."""
+    module = loaded_module(SGM_UNET_MODULE)
     original = getattr(module, "timestep_embedding", None)
-    if module is None or original is None:
+    namespaces: list[dict[str, Any]] = []
+    if module is not None and original is not None:
+        if type(unet).__module__ == SGM_UNET_MODULE:
+            namespaces.append(vars(module))
+        namespaces += [n for n in also_in if n.get("timestep_embedding") is original and n is not vars(module)]
+    if not namespaces or original is None:
         yield
         return
 
@@ -77,8 +85,10 @@ def device_side_embedding(
             timesteps, dim, max_period, repeat_only, original=original, output_dtype=output_dtype
         )
 
-    setattr(module, "timestep_embedding", embedding)  # noqa: B010  # a host module: ModuleType has no such field
+    for namespace in namespaces:
+        namespace["timestep_embedding"] = embedding
     try:
         yield
     finally:
-        setattr(module, "timestep_embedding", original)  # noqa: B010
+        for namespace in namespaces:
+            namespace["timestep_embedding"] = original
