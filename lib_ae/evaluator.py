@@ -21,7 +21,14 @@ from .capture import AttentionCapture
 from .evaluation import Evaluation, LossGroup, LossPlan, Target
 from .loss import SelectionIndex, TokenSelection
 from .objectives import Extras, Objective, Purpose, Terms
-from .pass_memory import PassMemory, choose_recompute, free_device_memory, keep_estimate, lean_backward, lean_forward
+from .pass_memory import (
+    LeanForward,
+    PassMemory,
+    choose_recompute,
+    free_device_memory,
+    keep_estimate,
+    lean_backward,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +51,14 @@ class Evaluator:
         self._binding_indices: dict[tuple[BindingSelection, torch.device], BindingIndex] = {}
         self._loss_plans: dict[tuple[tuple[Target, ...], torch.device], LossPlan] = {}
         self._parameter_list: list[nn.Parameter] | None = None
+        self._lean_forward = LeanForward()
 
     def release(self) -> None:
         """The end of a sampling pass: the parameter list is read again next time (the weights may change), and the
         memory mode is chosen again."""
         self._parameter_list = None
         self._recompute.clear()
+        self._lean_forward.release()
 
     @property
     def memory_modes_used(self) -> list[str]:
@@ -150,7 +159,7 @@ class Evaluator:
         reads_self = self.objective.reads_self_attention
         # The pass's own attention and checkpointed blocks stay in place through the backward, which recomputes them.
         with torch.enable_grad(), frozen_parameters(self.parameters()), \
-                lean_forward(self.capture.unet, self.capture, self.memory, recompute):
+                self._lean_forward(self.capture.unet, self.capture, self.memory, recompute):
             leaf = latent.detach().requires_grad_(True)
             with self.capture.record(*size, self_attention=reads_self) as recording:
                 run(leaf)

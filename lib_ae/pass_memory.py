@@ -109,26 +109,57 @@ def lean_forward(
 ) -> Iterator[None]:
     """The pass's forward inside this block runs with `memory`'s own attention and, with `recompute`, each transformer
     block checkpointed. Instance-level `forward`s, set here and restored on exit (a `forward` another extension had
-    put on an instance is wrapped, and put back)."""
-    patched: list[tuple[nn.Module, Any]] = []
-    try:
-        if memory.attention is not None:
-            for module in unet.modules():
-                if is_attention_module(module) and hasattr(module, "to_v") and hasattr(module, "to_out") \
-                        and not hasattr(module, "processor"):  # diffusers' Attention already runs SDPA
-                    patched.append((module, module.__dict__.get("forward")))
-                    module.forward = _own_attention(module, module.forward, memory.attention)
-        if recompute:
-            for block in transformer_blocks(unet):
-                patched.append((block, block.__dict__.get("forward")))
-                block.forward = _recomputed(block.forward)
+    put on an instance is wrapped, and put back). One-off: an Evaluator keeps a `LeanForward` for a whole pass."""
+    with LeanForward()(unet, capture, memory, recompute):
         yield
-    finally:
-        for module, previous in reversed(patched):
-            if previous is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = previous
+
+
+class LeanForward:
+    """`lean_forward` with its instance forwards built once and set again at every evaluation of a sampling pass
+    (until `release()`): walking the UNet's ~400 modules and building the wrappers took ~9 ms of CPU per evaluation,
+    a tenth of an eager evaluation at batch 1 (cProfile of SD1.5's layout)."""
+
+    def __init__(self) -> None:
+        self._built: dict[tuple[int, bool, bool], list[tuple[nn.Module, Callable[..., Any]]]] = {}
+
+    def release(self) -> None:
+        """The end of a sampling pass: the next one finds the modules and their host forwards again."""
+        self._built.clear()
+
+    def patches(
+        self, unet: nn.Module, memory: PassMemory, recompute: bool
+    ) -> list[tuple[nn.Module, Callable[..., Any]]]:
+        """(module, the forward the pass gives it), in the order they are set."""
+        key = (id(unet), memory.attention is not None, recompute)
+        built = self._built.get(key)
+        if built is None:
+            built = []
+            if memory.attention is not None:
+                for module in unet.modules():
+                    if is_attention_module(module) and hasattr(module, "to_v") and hasattr(module, "to_out") \
+                            and not hasattr(module, "processor"):  # diffusers' Attention already runs SDPA
+                        built.append((module, _own_attention(module, module.forward, memory.attention)))
+            if recompute:
+                built += [(block, _recomputed(block.forward)) for block in transformer_blocks(unet)]
+            self._built[key] = built
+        return built
+
+    @contextlib.contextmanager
+    def __call__(
+        self, unet: nn.Module, capture: AttentionCapture, memory: PassMemory, recompute: bool
+    ) -> Iterator[None]:
+        patched: list[tuple[nn.Module, Any]] = []
+        try:
+            for module, forward in self.patches(unet, memory, recompute):
+                patched.append((module, module.__dict__.get("forward")))
+                module.forward = forward
+            yield
+        finally:
+            for module, previous in reversed(patched):
+                if previous is None:
+                    module.__dict__.pop("forward", None)
+                else:
+                    module.forward = previous
 
 
 @contextlib.contextmanager

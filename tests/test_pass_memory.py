@@ -19,6 +19,7 @@ from lib_ae.pass_memory import (
     PassMemory,
     choose_recompute,
     keep_estimate,
+    LeanForward,
     lean_forward,
     transformer_blocks,
 )
@@ -227,6 +228,42 @@ def test_the_unet_is_left_as_it_was_and_foreign_forwards_are_kept() -> None:
         assert block.forward is mine
         assert calls, "the foreign forward must still run inside the pass"
     assert not any("forward" in vars(m) for m in unet.modules())
+
+
+def test_the_pass_walks_the_unet_once_per_sampling_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`LeanForward` builds its forwards at the first evaluation and sets the same ones at every later one (walking the
+    modules was a tenth of an eager evaluation's CPU time); `release()` (the pass's end) builds them anew. A foreign
+    forward set between evaluations is still what each evaluation wraps and puts back."""
+    unet = make_unet(SD1_LIKE, seed=4, dtype=torch.float32)
+    capture = AttentionCapture(unet)
+    lean = LeanForward()
+    walks = []
+    original_modules = torch.nn.Module.modules
+
+    def counted(self: torch.nn.Module) -> Any:
+        if self is unet:
+            walks.append(1)
+        return original_modules(self)
+
+    monkeypatch.setattr(torch.nn.Module, "modules", counted)
+    memory = PassMemory("recompute")
+    seen = []
+    for _ in range(3):
+        with lean(unet, capture, memory, recompute=True):
+            seen.append([vars(m)["forward"] for m, _ in lean.patches(unet, memory, True)])
+        assert not any("forward" in vars(m) for m in original_modules(unet))
+    assert len(walks) == 2 and seen[0] == seen[1] == seen[2]  # attention modules + transformer blocks, once
+    lean.release()
+    with lean(unet, capture, memory, recompute=True):
+        pass
+    assert len(walks) == 4
+    block = transformer_blocks(unet)[0]
+    with foreign_forward(block):
+        mine = block.forward
+        with lean(unet, capture, memory, recompute=True):
+            assert block.forward is not mine
+        assert block.forward is mine
+    capture.remove()
 
 
 def test_host_forward_serves_what_own_attention_does_not_cover() -> None:
