@@ -196,6 +196,13 @@ def _recomputed(forward: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+def _given(value: Any) -> bool:
+    """An extra argument of an attention forward that changes its result (sgm's `additional_tokens`, a `value`
+    tensor): anything but None and sgm's default `n_times_crossframe_attn_in_self=0`. A tensor is never compared
+    by value (its truth value is ambiguous)."""
+    return value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value == 0)
+
+
 def _own_attention(
     module: nn.Module, host_forward: Callable[..., Any], attention: PassAttention
 ) -> Callable[..., torch.Tensor]:
@@ -209,7 +216,7 @@ def _own_attention(
 
     def forward(x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 **extra: Any) -> torch.Tensor:
-        if mask is not None or any(value not in (None, 0) for value in extra.values()):
+        if mask is not None or any(_given(value) for value in extra.values()):
             return host_forward(x, context=context, mask=mask, **extra)  # type: ignore[no-any-return]
         batch = x.shape[0]
         q_in = to_q(x)

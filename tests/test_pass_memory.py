@@ -332,3 +332,26 @@ def test_recomputation_inside_a_replayed_graph_equals_eager_keeping() -> None:
         assert (backend.replays > 0) is graphs
         results.append(z)
     assert torch.equal(results[0], results[1])
+
+
+def test_a_tensor_among_the_extra_arguments_goes_to_the_host_forward() -> None:
+    """An attention call with a `value` tensor (Forge's patched attention passes one) is the host's to compute: the
+    own attention must not compare the tensor with 0 (its truth value is ambiguous)."""
+    unet = make_unet(SD1_LIKE, seed=4, dtype=torch.float64)
+    attn2 = next(m for n, m in unet.named_modules() if n.endswith("attn2"))
+    served: list[Any] = []
+
+    def host_forward(x: torch.Tensor, context: Any = None, mask: Any = None, **extra: Any) -> torch.Tensor:
+        served.append(extra)
+        return x
+
+    attn2.forward = host_forward  # type: ignore[method-assign]
+    capture = AttentionCapture(unet)
+    hidden = torch.randn(1, 16, attn2.to_q.in_features, dtype=torch.float64)
+    context = torch.randn(1, 77, SD1_LIKE.context_dim, dtype=torch.float64)
+    with lean_forward(unet, capture, PassMemory("keep"), recompute=False):
+        assert attn2(hidden, context=context, value=context) is hidden
+        attn2(hidden, context=context, n_times_crossframe_attn_in_self=0)
+    capture.remove()
+    del attn2.forward
+    assert len(served) == 1 and "value" in served[0]
