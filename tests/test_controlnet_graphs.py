@@ -13,12 +13,15 @@ reading the mark on the host. The real ControlNet runs in the GPU webui suite (t
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+import torch as th
+from ldm.modules.diffusionmodules.util import timestep_embedding
 from support.models import SD1_LIKE, make_unet
 from support.webui_host import WebUI
 from test_engine_graphs import ReplayingCpuBackend
@@ -28,6 +31,7 @@ from lib_ae.graphs import GraphableRunner, GraphConditions, find_graph_hazards, 
 from lib_ae.webui import controlnet
 
 MARK = 1024.0
+LDM_EMBEDDING = timestep_embedding
 HOOK_GLOBALS = globals()
 """The stand-in hook's module namespace (ControlNet's hook.py), where `capture_scope` swaps `unmark_prompt_context`."""
 SIDE = 16
@@ -97,12 +101,16 @@ class UnetHook:
 
         def forward(self: torch.nn.Module, x: torch.Tensor, timesteps: Any = None, context: Any = None) -> Any:
             _, _, _, context = unmark_prompt_context(context)
+            timestep_embedding(timesteps, 8)  # hook.py's own (ldm util's: its table built on the host)
+            residual: Any = 0
             for param in outer.control_params:
                 if param.guidance_stopped:
                     continue
                 hint = param.hint_cond.expand(x.shape[0], -1, -1, -1)
-                x = x + param.weight * param.control_model(torch.cat([x, hint], dim=1))
-            return original(x, timesteps, context=context)
+                residual = residual + param.weight * param.control_model(torch.cat([x, hint], dim=1))
+            with th.no_grad():  # as ControlNet computes the UNet's encoder
+                base = x * 1.0
+            return original(base + residual, timesteps, context=context)
 
         def forward_webui(*args: Any, **kwargs: Any) -> Any:
             return forward(*args, **kwargs)
@@ -179,7 +187,7 @@ def steps_with_a_window_ending(
         for step, t in enumerate((700.0, 650.0, 600.0, 550.0)):
             hook.control_params[0].guidance_stopped = stop_after is not None and step > stop_after
             timestep = torch.tensor([t], dtype=torch.float64)
-            runner: Any = GraphableRunner(lambda z, tt, c: unet(z, tt, context=c), (timestep, context), key="cn")
+            runner: Any = GraphableRunner(lambda z, tt, c: run_with_scope(unet, z, tt, c), (timestep, context), key="cn")
             if not use_graphs:
                 runner = runner.__call__
             latent, _ = engine.step(latent, step, engine.plan(10), SELECTIONS, runner, gradient_scale=[3.0])
@@ -187,6 +195,11 @@ def steps_with_a_window_ending(
     finally:
         capture.remove()
     return latents, backend, engine
+
+
+def run_with_scope(unet: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> Any:
+    with controlnet.pass_scope(unet, sys.modules.get):  # as the webui's cond_forward calls the UNet
+        return unet(z, t, context=c)
 
 
 def conditions_for(unet: torch.nn.Module, *, with_state: bool = True, with_scope: bool = True) -> GraphConditions:
@@ -321,8 +334,11 @@ def test_units_whose_forward_keeps_state_are_not_replayed(
     assert any("low-VRAM" in r for r in controlnet.graph_blockers(hook, unet))
 
 
-def test_the_webui_guard_allows_controlnets_forward_only_for_graph_safe_units(webui: WebUI) -> None:
+def test_the_webui_guard_allows_controlnets_forward_only_for_graph_safe_units(
+    webui: WebUI, monkeypatch: pytest.MonkeyPatch
+) -> None:
     safety = webui.adapter("graph_safety")
+    monkeypatch.setattr(webui.adapter("controlnet"), "GRAPH_REPLAY", True)  # the module the loaded script uses
     unet = make_unet(SD1_LIKE, seed=5)  # float32: no dtype hooks of the float64 test UNet
     capture = AttentionCapture(unet)
     try:
@@ -341,3 +357,65 @@ def test_the_webui_guard_allows_controlnets_forward_only_for_graph_safe_units(we
         assert "ControlNet unit 0's network" in " ".join(conditions.guard() or [])
     finally:
         capture.remove()
+
+
+def test_until_verified_on_a_gpu_the_guard_refuses_controlnets_forward(webui: WebUI) -> None:
+    safety = webui.adapter("graph_safety")
+    unet = make_unet(SD1_LIKE, seed=5)
+    capture = AttentionCapture(unet)
+    try:
+        UnetHook([Unit(1)]).hook(unet)
+        conditions = safety.guard_for(capture, SimpleNamespace(model=SimpleNamespace(diffusion_model=unet)))
+        assert not webui.adapter("controlnet").GRAPH_REPLAY
+        assert "not yet verified" in " ".join(conditions.guard() or [])
+    finally:
+        capture.remove()
+
+
+def test_the_pass_keeps_the_gradient_through_controlnets_no_grad_encoder(unet: torch.nn.Module) -> None:
+    """With every unit outside its window ControlNet's forward leaves nothing of the latent with a gradient (its
+    encoder runs under no_grad): the real webui stopped A&E there. Within `pass_scope` the step is the one the UNet
+    gives without ControlNet."""
+    g = torch.Generator().manual_seed(9)
+    latent = torch.randn(1, 4, SIDE, SIDE, generator=g, dtype=torch.float64)
+    timestep = torch.tensor([700.0], dtype=torch.float64)
+    context = marked_context()
+
+    def step(use_scope: bool) -> torch.Tensor:
+        capture = AttentionCapture(unet)
+        try:
+            engine = AttendAndExcite(capture, ExciteConfig(thresholds={}))
+
+            def run(z: torch.Tensor, rows: torch.Tensor) -> Any:
+                if use_scope:
+                    return run_with_scope(unet, z, timestep, context)
+                return unet(z, timestep, context=context if "forward" in vars(unet) else context[:, 1:])
+
+            moved, _ = engine.step(latent, 0, engine.plan(10), SELECTIONS, run, gradient_scale=[3.0])
+            return moved
+        finally:
+            capture.remove()
+
+    without_controlnet = step(False)
+    hook = UnetHook([Unit(1)])
+    hook.hook(unet)
+    hook.control_params[0].guidance_stopped = True
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        step(False)
+    assert torch.equal(step(True), without_controlnet)
+    assert not torch.equal(without_controlnet, latent)
+    assert HOOK_GLOBALS["th"] is torch and HOOK_GLOBALS["timestep_embedding"] is timestep_embedding
+
+
+def test_the_scope_gives_hook_py_the_device_side_embedding(unet: torch.nn.Module) -> None:
+    hook = UnetHook([Unit(1)])
+    hook.hook(unet)
+    t = torch.tensor([3.0, 700.0], dtype=torch.float64)
+    with controlnet.pass_scope(unet, sys.modules.get):
+        inside = HOOK_GLOBALS["timestep_embedding"]
+        assert inside is not LDM_EMBEDDING and HOOK_GLOBALS["th"] is not torch
+        assert torch.equal(inside(t, 9), LDM_EMBEDDING(t, 9)) and inside(t, 9).dtype == torch.float32
+        with HOOK_GLOBALS["th"].no_grad():
+            assert torch.is_grad_enabled()
+        assert HOOK_GLOBALS["th"].cat is torch.cat
+    assert HOOK_GLOBALS["timestep_embedding"] is LDM_EMBEDDING and HOOK_GLOBALS["th"] is torch

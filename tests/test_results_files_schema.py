@@ -82,3 +82,16 @@ def test_pass_memory_and_initno_cost_rows_are_recorded() -> None:
     assert set(initno["noise_optimisation_seconds"]) == {"sd15_512_b1", "sdxl_1024_b1"}
     assert all(v > 0 for rows in initno["noise_optimisation_x_plain"].values() for v in rows.values())
     assert {"initno_selfcross_over_initno", "conform_selfcross_over_conform"} == set(initno["selfcross_over_base"])
+
+
+def test_controlnet_and_eager_rows_are_recorded() -> None:
+    """Issue 21 parts 2 and 3: the keys the issue names, and a reason wherever a target was missed."""
+    webui = json.loads((HERE / "webui-gpu-h200.json").read_text())["controlnet"]
+    assert isinstance(webui["ratio_norefine_graphs"], float) and isinstance(webui["ratio_norefine_eager"], float)
+    assert isinstance(webui["graph_equals_eager"], bool) and isinstance(webui["graphs_replayed"], bool)
+    if not (webui["target_met"] and webui["graph_equals_eager"] and webui["graphs_replayed"]):
+        assert webui["why_missed"]
+    eager = json.loads((HERE / "benchmark-h200.json").read_text())["eager"]
+    assert {"sd15_512_b1_norefine_eager", "sd15_512_b1_worst_eager"} <= set(eager["ratios"])
+    if not all(eager["targets_met"].values()):
+        assert eager["why_missed"]

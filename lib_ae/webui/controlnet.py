@@ -15,17 +15,33 @@ while it was captured, so it is valid exactly while those decisions are the same
   network takes sgm's timestep embedding, whose table is copied from the host (`sgm_timestep`).
 
 The pass's gradient under ControlNet: its forward computes the UNet's encoder and middle block under
-`torch.no_grad()` (UnetHook.hook's `forward`, "U-Net Encoder"), so A&E's gradient reaches the latent through the
-decoder's maps and ControlNet's residuals only, eager and graph alike (docs/host-notes.md, "ControlNet").
+`th.no_grad()` (UnetHook.hook's `forward`, "U-Net Encoder"), which would leave A&E's gradient only the decoder's
+maps through ControlNet's residuals, and none at all while no unit is active (the real webui stopped A&E with
+"element 0 of tensors does not require grad" when a unit's window started after step 0). `pass_scope` lets the
+gradient through during the pass: the values are the same, the gradient is the UNet's as without ControlNet plus
+ControlNet's path (docs/host-notes.md, "ControlNet").
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Hashable, Iterator
-from typing import Any
+import types
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any, cast
 
 import torch
+
+from . import sgm_timestep
+
+GRAPH_REPLAY = False
+"""Whether the guard lets the pass replay as a graph beside ControlNet. Built and tested on the CPU
+(tests/test_controlnet_graphs.py), not yet shown equal to eager in the real webui: the first GPU run
+(tests/webui-gpu-h200.json, "controlnet") met a host copy in the capture (hook.py's own `timestep_embedding`, ldm's
+util one, which A1111 leaves on the host; now swapped by `pass_scope`), and the failed capture, which ControlNet's
+`forward_webui` answers by moving its models to the CPU, gave other pixels than eager. Until a GPU run shows
+graph == eager, the pass evaluates eagerly beside ControlNet and says why."""
+
+LDM_UTIL_MODULE = "ldm.modules.diffusionmodules.util"
 
 GRAPH_SAFE_UNIT_TYPES = frozenset({"ControlNet", "ControlLoRA", "ControlNetUnion", "T2I_Adapter"})
 """`ControlModelType` names whose per-call work is a pure function of the latent, timestep, context and hint: the
@@ -101,6 +117,54 @@ def embedding_namespaces(unet: torch.nn.Module) -> list[dict[str, Any]]:
         if isinstance(namespace, dict) and all(namespace is not seen for seen in namespaces):
             namespaces.append(namespace)
     return namespaces
+
+
+class _TorchWithGradients(types.ModuleType):
+    """torch as hook.py sees it (`import torch as th`), except that `th.no_grad()` keeps gradients on."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def no_grad() -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+_TORCH_WITH_GRADIENTS = _TorchWithGradients("torch")
+
+
+@contextlib.contextmanager
+def pass_scope(unet: torch.nn.Module, loaded_module: Callable[[str], types.ModuleType | None]) -> Iterator[None]:
+    """Within (the A&E pass's UNet call, eager and captured alike): ControlNet's forward keeps the gradient through
+    the UNet's encoder, and takes its timestep embedding's table from the device (hook.py imports ldm's util
+    `timestep_embedding` by name, which builds the table on the host at every call; the same numbers,
+    tests/test_sgm_timestep.py). Nothing changes without ControlNet. `loaded_module`: `host.loaded_module`."""
+    forward = vars(unet).get("forward")
+    namespace = getattr(getattr(forward, "__func__", forward), "__globals__", None)
+    if hook_on(unet) is None or not isinstance(namespace, dict):
+        yield
+        return
+    swaps: dict[str, Any] = {}
+    if namespace.get("th") is torch:
+        swaps["th"] = _TORCH_WITH_GRADIENTS
+    util = loaded_module(LDM_UTIL_MODULE)
+    original: Any = getattr(util, "timestep_embedding", None)
+    if original is not None and namespace.get("timestep_embedding") is original:
+        host_embedding = cast(Callable[..., torch.Tensor], original)
+
+        def embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000, repeat_only: bool = False
+                      ) -> torch.Tensor:
+            return sgm_timestep.device_timestep_embedding(
+                timesteps, dim, max_period, repeat_only, original=host_embedding, output_dtype=lambda t: torch.float32
+            )
+
+        swaps["timestep_embedding"] = embedding
+    saved = {name: namespace[name] for name in swaps}
+    namespace.update(swaps)
+    try:
+        yield
+    finally:
+        namespace.update(saved)
 
 
 class GraphUnsafe(RuntimeError):

@@ -282,7 +282,7 @@ class SamplingPass:
             image_rows = rest[0] if has_image_cond else None
             cond_rows = rest[1:] if has_image_cond else rest
             value = dict(zip(names, cond_rows)) if names else cond_rows[0]
-            with sgm_timestep.device_side_embedding(
+            with controlnet.pass_scope(unet, host.loaded_module), sgm_timestep.device_side_embedding(
                 unet, host.unet_output_dtype, host.loaded_module, controlnet.embedding_namespaces(unet)
             ):
                 return inner(latent_rows, sigma_rows, cond=make_condition_dict(sd_model, value, image_rows))
