@@ -119,18 +119,19 @@ def embedding_namespaces(unet: torch.nn.Module) -> list[dict[str, Any]]:
     return namespaces
 
 
-class _TorchWithGradients(types.ModuleType):
-    """torch as hook.py sees it (`import torch as th`), except that `th.no_grad()` keeps gradients on."""
+class _WithGradients:
+    """hook.py's `th` (ControlNet's `TorchHijackForUnet`, torch with a resizing `cat`; or torch itself) as it is,
+    except that `th.no_grad()` keeps gradients on."""
+
+    def __init__(self, wrapped: Any) -> None:
+        self._wrapped = wrapped
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(torch, name)
+        return getattr(self._wrapped, name)
 
     @staticmethod
     def no_grad() -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
-
-
-_TORCH_WITH_GRADIENTS = _TorchWithGradients("torch")
 
 
 @contextlib.contextmanager
@@ -145,8 +146,9 @@ def pass_scope(unet: torch.nn.Module, loaded_module: Callable[[str], types.Modul
         yield
         return
     swaps: dict[str, Any] = {}
-    if namespace.get("th") is torch:
-        swaps["th"] = _TORCH_WITH_GRADIENTS
+    th = namespace.get("th")
+    if th is not None and getattr(th, "no_grad", None) is torch.no_grad:
+        swaps["th"] = _WithGradients(th)
     util = loaded_module(LDM_UTIL_MODULE)
     original: Any = getattr(util, "timestep_embedding", None)
     if original is not None and namespace.get("timestep_embedding") is original:
