@@ -218,22 +218,31 @@ def _own_attention(
                 **extra: Any) -> torch.Tensor:
         if mask is not None or any(_given(value) for value in extra.values()):
             return host_forward(x, context=context, mask=mask, **extra)  # type: ignore[no-any-return]
-        batch = x.shape[0]
         q_in = to_q(x)
         context = x if context is None else context
         context_k, context_v = (context, context) if attention.context_for_kv is None \
             else attention.context_for_kv(context)
         k_in, v_in = to_k(context_k), to_v(context_v)
-        head_dim = q_in.shape[-1] // heads
-        q, k, v = (t.view(t.shape[0], -1, heads, head_dim).transpose(1, 2) for t in (q_in, k_in, v_in))
-        if k.shape[0] != batch:  # one context for every row
-            k, v = k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
-        dtype = q.dtype
-        if attention.upcast:  # to float32 at least (A1111's `.float()` would lower a float64 model)
-            upcast = torch.promote_types(dtype, torch.float32)
-            q, k, v = q.to(upcast), k.to(upcast), v.to(upcast)
-        hidden = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
-        hidden = hidden.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(dtype)
-        return to_out(hidden)
+        return to_out(multi_head_sdpa(q_in, k_in, v_in, heads, upcast=attention.upcast))
 
     return forward
+
+
+def multi_head_sdpa(
+    q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor, heads: int, *, upcast: bool = False,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Projected queries, keys and values (B, N, heads * d) -> SDPA's attention output in that layout, the heads
+    split from the last dimension as ldm, sgm and Forge split them; one context serves every row. `upcast`: computed
+    in float32 at least (A1111's `.float()` would lower a float64 model), returned in the queries' dtype."""
+    batch = q_in.shape[0]
+    head_dim = q_in.shape[-1] // heads
+    q, k, v = (t.view(t.shape[0], -1, heads, head_dim).transpose(1, 2) for t in (q_in, k_in, v_in))
+    if k.shape[0] != batch:  # one context for every row
+        k, v = k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
+    dtype = q.dtype
+    if upcast:
+        wide = torch.promote_types(dtype, torch.float32)
+        q, k, v = q.to(wide), k.to(wide), v.to(wide)
+    hidden = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+    return hidden.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(dtype)

@@ -71,6 +71,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..pass_memory import multi_head_sdpa
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -412,14 +414,7 @@ def _sdpa_forward(module: nn.Module) -> Callable[..., torch.Tensor]:
         context = x if context is None else context
         k_in = to_k(context)
         v_in = to_v(context if value is None else value)
-        batch = q_in.shape[0]
-        dim_head = q_in.shape[-1] // heads
-        q, k, v = (t.view(t.shape[0], -1, heads, dim_head).transpose(1, 2) for t in (q_in, k_in, v_in))
-        if k.shape[0] != batch:  # one context for every row
-            k, v = k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0,
-                                                               is_causal=False)
-        return to_out(out.transpose(1, 2).reshape(batch, -1, heads * dim_head))
+        return to_out(multi_head_sdpa(q_in, k_in, v_in, heads, mask=mask))
 
     return forward
 
