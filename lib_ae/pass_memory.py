@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -148,18 +148,26 @@ class LeanForward:
     def __call__(
         self, unet: nn.Module, capture: AttentionCapture, memory: PassMemory, recompute: bool
     ) -> Iterator[None]:
-        patched: list[tuple[nn.Module, Any]] = []
-        try:
-            for module, forward in self.patches(unet, memory, recompute):
-                patched.append((module, module.__dict__.get("forward")))
-                module.forward = forward
+        with instance_forwards(self.patches(unet, memory, recompute)):
             yield
-        finally:
-            for module, previous in reversed(patched):
-                if previous is None:
-                    module.__dict__.pop("forward", None)
-                else:
-                    module.forward = previous
+
+
+@contextlib.contextmanager
+def instance_forwards(forwards: Iterable[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[None]:
+    """`module.forward = forward` for each pair inside this block; on exit the instance attribute is removed, or a
+    `forward` another extension had put on the instance is put back."""
+    patched: list[tuple[nn.Module, Any]] = []
+    try:
+        for module, forward in forwards:
+            patched.append((module, module.__dict__.get("forward")))
+            module.forward = forward
+        yield
+    finally:
+        for module, previous in reversed(patched):
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
 
 
 @contextlib.contextmanager
@@ -208,11 +216,7 @@ def _own_attention(
 ) -> Callable[..., torch.Tensor]:
     """A1111's SDP attention (`sd_hijack_optimizations.scaled_dot_product_attention_forward`) for one ldm/sgm
     attention layer; calls the host's own forward for what it does not cover (a mask, sgm's extra tokens)."""
-    heads = int(module.heads)  # type: ignore[arg-type]
-    to_q: Callable[[torch.Tensor], torch.Tensor] = module.to_q  # type: ignore[assignment]
-    to_k: Callable[[torch.Tensor], torch.Tensor] = module.to_k  # type: ignore[assignment]
-    to_v: Callable[[torch.Tensor], torch.Tensor] = module.to_v  # type: ignore[assignment]
-    to_out: Callable[[torch.Tensor], torch.Tensor] = module.to_out  # type: ignore[assignment]
+    heads, to_q, to_k, to_v, to_out = attention_parts(module)
 
     def forward(x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 **extra: Any) -> torch.Tensor:
@@ -226,6 +230,15 @@ def _own_attention(
         return to_out(multi_head_sdpa(q_in, k_in, v_in, heads, upcast=attention.upcast))
 
     return forward
+
+
+Projection = Callable[[torch.Tensor], torch.Tensor]
+
+
+def attention_parts(module: nn.Module) -> tuple[int, Projection, Projection, Projection, Projection]:
+    """An ldm/sgm/Forge attention layer's head count and its q, k, v and output projections."""
+    parts: tuple[Any, ...] = (module.to_q, module.to_k, module.to_v, module.to_out)
+    return (int(module.heads), *parts)  # type: ignore[arg-type]
 
 
 def multi_head_sdpa(

@@ -71,7 +71,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..pass_memory import multi_head_sdpa
+from ..pass_memory import attention_parts, instance_forwards, multi_head_sdpa
 
 logger = logging.getLogger(__name__)
 
@@ -329,20 +329,9 @@ def _out_of_place_block_forward(block: nn.Module) -> Callable[..., torch.Tensor]
 @contextlib.contextmanager
 def _instance_forwards(modules: Sequence[nn.Module], make: Callable[[nn.Module], Callable[..., Any]]
                        ) -> Iterator[None]:
-    """`module.forward = make(module)` for each module inside this block; on exit the instance attribute is removed,
-    or a `forward` another extension had put on the instance is put back."""
-    patched: list[tuple[nn.Module, Any]] = []
-    try:
-        for module in modules:
-            patched.append((module, module.__dict__.get("forward")))
-            module.forward = make(module)  # type: ignore[method-assign]
+    """`module.forward = make(module)` for each module inside this block (`pass_memory.instance_forwards`)."""
+    with instance_forwards((module, make(module)) for module in modules):
         yield
-    finally:
-        for module, previous in reversed(patched):
-            if previous is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = previous  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -401,11 +390,7 @@ def _sdpa_forward(module: nn.Module) -> Callable[..., torch.Tensor]:
     """Forge's `CrossAttention.forward` with PyTorch's scaled dot-product attention as its kernel, laid out as Forge's
     `attention_pytorch` lays it out (heads split from the last dimension, no upcast; SDPA's own scale
     dim_head ** -0.5, which is Forge's)."""
-    heads = int(module.heads)  # type: ignore[arg-type]
-    to_q: Callable[[torch.Tensor], torch.Tensor] = module.to_q  # type: ignore[assignment]
-    to_k: Callable[[torch.Tensor], torch.Tensor] = module.to_k  # type: ignore[assignment]
-    to_v: Callable[[torch.Tensor], torch.Tensor] = module.to_v  # type: ignore[assignment]
-    to_out: Callable[[torch.Tensor], torch.Tensor] = module.to_out  # type: ignore[assignment]
+    heads, to_q, to_k, to_v, to_out = attention_parts(module)
 
     def forward(x: torch.Tensor, context: torch.Tensor | None = None, value: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, transformer_options: Mapping[str, Any] | None = None
