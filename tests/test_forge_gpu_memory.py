@@ -17,7 +17,7 @@ if __name__ == "__main__":  # lib_ae and tests/support importable when run as a 
 import pytest
 import torch
 
-from lib_ae.forge.unet_pass import WeightMode, differentiable_latent, differentiable_unet
+from lib_ae.comfy_unet import WeightMode, differentiable_latent, differentiable_unet
 from support.forge_standin import make_forge_standin
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""A differentiable pass through Forge's UNet (lib_ae.forge.unet_pass), on the stand-in of
+"""A differentiable pass through Forge's UNet (lib_ae.comfy_unet), on the stand-in of
 tests/support/forge_standin.py (CI) and, where AE_FORGE_DIR names a Forge checkout, on Forge's own `backend.nn.unet` (in
 a subprocess: this file is also its worker, `python tests/test_forge_unet_pass.py FORGE_DIR`).
 
@@ -32,7 +32,7 @@ from torch import nn
 import support.forge_standin as standin
 from lib_ae import AttentionCapture, Excite, ExciteConfig, TokenSelection
 from lib_ae.evaluator import Evaluator
-from lib_ae.forge.unet_pass import (
+from lib_ae.comfy_unet import (
     UnsupportedForgePatch,
     WeightMode,
     differentiable_latent,

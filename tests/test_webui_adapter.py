@@ -95,8 +95,8 @@ def test_only_the_host_facade_imports_the_webui() -> None:
         if DYNAMIC in imported_modules(path)
     }
     # A module found by a run-time name could be a host module: only the facades look modules up like that, and the
-    # Forge pass, which takes Forge's UNet module from the UNet's own class (lib_ae/forge/unet_pass.py).
-    assert dynamic <= {"lib_ae/webui/host.py", "lib_ae/forge/unet_pass.py"}, dynamic
+    # ComfyUI-layout pass, which takes the UNet's module from the UNet's own class (lib_ae/comfy_unet.py).
+    assert dynamic <= {"lib_ae/webui/host.py", "lib_ae/comfy_unet.py"}, dynamic
     core = [path for path in LIB.glob("*.py")]
     for path in core:  # the core imports neither the adapter nor gradio
         assert not any(n.startswith(("lib_ae.webui", "gradio")) for n in imported_modules(path)), path.name

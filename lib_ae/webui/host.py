@@ -9,6 +9,8 @@ replaces them (a model load, the tests' stand-in state).
 from __future__ import annotations
 
 import gc
+import importlib.util
+import inspect
 import sys
 from collections.abc import Callable
 from types import ModuleType
@@ -23,6 +25,9 @@ from lib_ae.targeting import PromptChunk, TextEncoder
 
 Script = scripts.Script
 ALWAYS_VISIBLE = scripts.AlwaysVisible
+FORGE: bool = "modules_forge" in sys.modules or importlib.util.find_spec("modules_forge") is not None
+"""SD WebUI Forge or Forge Neo (their `modules_forge` package; A1111 has none), told once at import: they keep this
+extension surface and differ in the model (`lib_ae.forge`)."""
 __all__ = ["ALWAYS_VISIBLE", "InputAccordion", "PromptChunk", "Script", "TextEncoder", "gr"]
 
 
@@ -181,9 +186,12 @@ def first_subprompt(prompt: str) -> tuple[str, list[str]]:
 
 def prompt_schedule(text: str, base_steps: int, hires_steps: int | None) -> list[tuple[int, str]]:
     """Prompt editing: (last model call, text) entries (prompt_parser.get_learned_conditioning_prompt_schedules)."""
-    schedule = prompt_parser.get_learned_conditioning_prompt_schedules(
-        [text], base_steps, hires_steps, shared.opts.use_old_scheduling
-    )[0]
+    schedules = prompt_parser.get_learned_conditioning_prompt_schedules
+    old_scheduling = (  # Forge Neo dropped the option and the argument
+        (getattr(shared.opts, "use_old_scheduling", False),)
+        if "use_old_scheduling" in inspect.signature(schedules).parameters else ()
+    )
+    schedule = schedules([text], base_steps, hires_steps, *old_scheduling)[0]
     return [(int(end), str(entry)) for end, entry in schedule]
 
 

@@ -7,13 +7,16 @@ Also here: the registry of attention captures (one per UNet) and the UNet runner
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from lib_ae import AttendAndExcite, AttentionCapture, CaptureError, UNetRunner
 from lib_ae.cpu_determinism import check_cpu_reproducibility
@@ -164,6 +167,106 @@ def pass_memory() -> PassMemory:
     return PassMemory(mode, PassAttention(host.upcast_attention(), host.attention_context_transform()))
 
 
+def a1111_runner(p: Processing, den: Denoiser, sigma: torch.Tensor, cond: Any, image_cond: torch.Tensor | None
+                 ) -> UNetRunner:
+    """The cond-only pass of CFGDenoiser.forward for the given batch rows (`cond` holds one row per image);
+    `inner_model` maps the sampler's space (sigma, or the timestep for DDIM/PLMS) to the UNet's input.
+
+    As a `GraphableRunner`: everything that changes between calls (sigma, conditioning, image conditioning) is an
+    explicit batch-first input, so that an engine with CUDA graphs can replay the pass; others call it eagerly.
+    On an sgm (SDXL) UNet the timestep embedding is computed on the device meanwhile (sgm_timestep.py)."""
+    sd_model, inner = p.sd_model, den.inner_model
+    names = sorted(cond) if isinstance(cond, dict) else None
+    cond_tensors = tuple(cond[name] for name in names) if names else (cond,)
+    has_image_cond = image_cond is not None
+    unet = sd_model.model.diffusion_model
+
+    def cond_forward(latent_rows: torch.Tensor, sigma_rows: torch.Tensor, *rest: torch.Tensor) -> object:
+        image_rows = rest[0] if has_image_cond else None
+        cond_rows = rest[1:] if has_image_cond else rest
+        value = dict(zip(names, cond_rows)) if names else cond_rows[0]
+        with controlnet.pass_scope(unet, host.loaded_module), sgm_timestep.device_side_embedding(
+            unet, host.unet_output_dtype, host.loaded_module, controlnet.embedding_namespaces(unet)
+        ):
+            return inner(latent_rows, sigma_rows, cond=make_condition_dict(sd_model, value, image_rows))
+
+    inputs = (sigma, *((image_cond,) if has_image_cond else ()), *cond_tensors)
+    device = sigma.device
+    inputs = tuple(t if t.device == device else t.to(device) for t in inputs)
+    key = ("a1111-cond-pass", id(inner), tuple(names or ()), has_image_cond)
+    return GraphableRunner(cond_forward, inputs, key=key)
+
+
+class UnetHost(Protocol):
+    """What differs between the hosts that keep A1111's extension surface (A1111; Forge and Forge Neo:
+    `lib_ae.forge.model.ForgeUnet`): where the UNet is, how the pass calls its conditional forward, and what must
+    surround the pass. `lib_ae.webui` asks nothing else of a host's model."""
+
+    name: str
+
+    def unsupported_reason(self, p: Processing, sampler: str) -> str | None:
+        """Why A&E cannot run with this model and sampler, from names and attributes only (None: it can)."""
+
+    def unet(self, p: Processing) -> nn.Module:
+        """The module whose attention layers are captured (the same object for as long as the model is loaded)."""
+
+    def cuda_graphs(self, p: Processing) -> tuple[bool, str | None]:
+        """(replay the pass as a CUDA graph, why not although the setting asks for it)."""
+
+    def pass_memory(self) -> PassMemory: ...
+
+    def runner(self, p: Processing, den: Denoiser, sigma: torch.Tensor, cond: Any, image_cond: torch.Tensor | None,
+               space: LatentSpace) -> UNetRunner:
+        """The conditional pass for one row per image (`cond`), in the sampler's `space`."""
+
+    def gradient_scope(self, unet: nn.Module, x: torch.Tensor, sigma: torch.Tensor
+                       ) -> AbstractContextManager[tuple[torch.Tensor, torch.Tensor]]:
+        """Around one step's update: the latent and sigma the update works on, written back into `x` on exit."""
+
+    def outside_inference(self) -> AbstractContextManager[None]:
+        """Around whatever makes tensors the run keeps between steps."""
+
+
+class A1111Unet:
+    """`UnetHost` for A1111: ldm's / sgm's UNet at `sd_model.model.diffusion_model`, called through the denoiser's
+    `inner_model`; the sampler's latent is updated in place, as it is."""
+
+    name = "A1111"
+
+    def unsupported_reason(self, p: Processing, sampler: str) -> str | None:
+        return unsupported_reason(p)
+
+    def unet(self, p: Processing) -> nn.Module:
+        return p.sd_model.model.diffusion_model  # type: ignore[no-any-return]
+
+    def cuda_graphs(self, p: Processing) -> tuple[bool, str | None]:
+        graphs = use_cuda_graphs(p)
+        return graphs, None if graphs else graphs_refused(p)
+
+    def pass_memory(self) -> PassMemory:
+        return pass_memory()
+
+    def runner(self, p: Processing, den: Denoiser, sigma: torch.Tensor, cond: Any, image_cond: torch.Tensor | None,
+               space: LatentSpace) -> UNetRunner:
+        return a1111_runner(p, den, sigma, cond, image_cond)
+
+    def gradient_scope(self, unet: nn.Module, x: torch.Tensor, sigma: torch.Tensor
+                       ) -> AbstractContextManager[tuple[torch.Tensor, torch.Tensor]]:
+        return contextlib.nullcontext((x, sigma))
+
+    def outside_inference(self) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+def unet_host() -> UnetHost:
+    """The running host's `UnetHost`: Forge's where `host.FORGE` (told at import), else A1111's."""
+    if host.FORGE:
+        from lib_ae.forge.model import ForgeUnet
+
+        return ForgeUnet(pass_memory(), bool(host.option(CUDA_GRAPHS_SETTING, True)) and host.on_cuda())
+    return A1111Unet()
+
+
 # -- The pass ----------------------------------------------------------------------------------------------------------
 
 
@@ -181,8 +284,10 @@ class SamplingPass:
         *,
         is_hr: bool,
         plms: bool,
+        unet_host: UnetHost | None = None,
     ) -> None:
         self.p = p
+        self.unet_host: UnetHost = unet_host or A1111Unet()
         self.params = params
         self.den = den
         self.is_hr = is_hr
@@ -227,12 +332,14 @@ class SamplingPass:
             # At the first model call: only then are den.steps/total_steps set (launch_sampling runs after
             # process_before_every_sampling).
             steps = int(self.den.steps)
-            self.run.start(steps, max(1, int(self.den.total_steps) // steps), **self._start_options(x))
+            with self.unet_host.outside_inference():
+                self.run.start(steps, max(1, int(self.den.total_steps) // steps), **self._start_options(x))
         index = clock_index(call, plms=self.plms)
         if self.run.due_step(index) is None:
             return
         assert index is not None
-        if self.p.sd_model.model.diffusion_model is not self.run.engine.capture.unet:
+        unet = self.unet_host.unet(self.p)
+        if unet is not self.run.engine.capture.unet:
             # The refiner (sd_samplers_common.apply_refiner) swapped the model during this pass.
             self.run.stop("the model changed during sampling (refiner); A&E stopped there")
             return
@@ -242,8 +349,11 @@ class SamplingPass:
         # Each image's loss uses its first AND sub-prompt, whose row is the first of its rows in `tensor`
         # (CFGDenoiser.forward: reconstruct_multicond_batch's conds_list, then the rows in that order).
         first_rows = torch.as_tensor([rows[0][0] for rows in conds_list], device=x.device)
-        run_unet = self._runner(sigma, select_rows(tensor, first_rows), image_cond)
-        self.run.apply(index, x, sigma, targets, run_unet, should_stop=host.stop_requested, progress=host.show_progress)
+        run_unet = self.unet_host.runner(self.p, self.den, sigma, select_rows(tensor, first_rows), image_cond,
+                                         self.run.space)
+        with self.unet_host.gradient_scope(unet, x, sigma) as (latent, latent_sigma):
+            self.run.apply(index, latent, latent_sigma, targets, run_unet, should_stop=host.stop_requested,
+                           progress=host.show_progress)
 
     def _start_options(self, x: torch.Tensor) -> dict[str, Any]:
         """The DDPM timestep of a sigma (k-diffusion's `sigma_to_t`), for Self-Cross on CONFORM; for InitNO: its
@@ -264,34 +374,6 @@ class SamplingPass:
             "noise_scale": (lambda s: torch.sqrt(1 + s * s)) if sgm else None,
             "optimise_noise": txt2img,
         }
-
-    def _runner(self, sigma: torch.Tensor, cond: Any, image_cond: torch.Tensor | None) -> UNetRunner:
-        """The cond-only pass of CFGDenoiser.forward for the given batch rows (`cond` holds one row per image);
-        `inner_model` maps the sampler's space (sigma, or the timestep for DDIM/PLMS) to the UNet's input.
-
-        As a `GraphableRunner`: everything that changes between calls (sigma, conditioning, image conditioning) is an
-        explicit batch-first input, so that an engine with CUDA graphs can replay the pass; others call it eagerly.
-        On an sgm (SDXL) UNet the timestep embedding is computed on the device meanwhile (sgm_timestep.py)."""
-        sd_model, inner = self.p.sd_model, self.den.inner_model
-        names = sorted(cond) if isinstance(cond, dict) else None
-        cond_tensors = tuple(cond[name] for name in names) if names else (cond,)
-        has_image_cond = image_cond is not None
-        unet = sd_model.model.diffusion_model
-
-        def cond_forward(latent_rows: torch.Tensor, sigma_rows: torch.Tensor, *rest: torch.Tensor) -> object:
-            image_rows = rest[0] if has_image_cond else None
-            cond_rows = rest[1:] if has_image_cond else rest
-            value = dict(zip(names, cond_rows)) if names else cond_rows[0]
-            with controlnet.pass_scope(unet, host.loaded_module), sgm_timestep.device_side_embedding(
-                unet, host.unet_output_dtype, host.loaded_module, controlnet.embedding_namespaces(unet)
-            ):
-                return inner(latent_rows, sigma_rows, cond=make_condition_dict(sd_model, value, image_rows))
-
-        inputs = (sigma, *((image_cond,) if has_image_cond else ()), *cond_tensors)
-        device = sigma.device
-        inputs = tuple(t if t.device == device else t.to(device) for t in inputs)
-        key = ("a1111-cond-pass", id(inner), tuple(names or ()), has_image_cond)
-        return GraphableRunner(cond_forward, inputs, key=key)
 
     def _targets(self, b: int, cond: Any, call: int) -> Target:
         """Image b's targets in the conditioning row in effect at model call `call` (`ImageTargeting.targets`)."""
@@ -357,18 +439,21 @@ def install(p: Processing, params: AEParams) -> SamplingPass | None:
     post_sample reads and releases, or None when nothing was installed. A refused
     sampler or model installs nothing: no capture, no wrapper, no engine (and an idle capture from an earlier run
     is taken off, so the refused run's model calls meet no hook of ours)."""
-    reason = unsupported_reason(p)
+    unet_host_ = unet_host()
+    reason = unet_host_.unsupported_reason(p, sampler_name(p))
     if reason is not None:
         remove_captures()
         report_problem(p, reason)
         return None
     try:
         encoder = text_encoder(p.sd_model)
-        capture = capture_for(p.sd_model.model.diffusion_model)
-        graphs = use_cuda_graphs(p)
+        capture = capture_for(unet_host_.unet(p))
+        graphs, refused = unet_host_.cuda_graphs(p)
         guard = graph_safety.guard_for(capture, p.sd_model) if graphs else None
         objective = objective_for(params, sd2=host.is_sd2(p.sd_model))
-        engine = AttendAndExcite(capture, objective, cuda_graphs=graphs, graph_guard=guard, pass_memory=pass_memory())
+        with unet_host_.outside_inference():  # the engine keeps tensors (the smoothing kernel) for every step
+            engine = AttendAndExcite(capture, objective, cuda_graphs=graphs, graph_guard=guard,
+                                     pass_memory=unet_host_.pass_memory())
     except (CaptureError, UnsupportedModel) as error:
         report_problem(p, f"A&E was not applied: {error}")
         return None
@@ -384,8 +469,9 @@ def install(p: Processing, params: AEParams) -> SamplingPass | None:
         space="vp" if timesteps else "sigma",
         is_hr=bool(getattr(p, "is_hr_pass", False)),
         plms=name == "PLMS",
+        unet_host=unet_host_,
     )
-    sampling_pass.run.eager_reason = None if graphs else graphs_refused(p)
+    sampling_pass.run.eager_reason = refused
     if not host.on_cuda():
         warning = check_cpu_reproducibility()
         if warning is not None:

@@ -22,6 +22,13 @@ def text_encoder(sd_model: Any) -> TextEncoder:
     conditioner, whose `process_texts`/`tokenize` delegate to its first embedder that has them, CLIP-L
     (sd_models_xl.py `tokenize`); the token ids BOS/EOS/pad live on that embedder (sd_hijack_clip.py
     `FrozenCLIPEmbedderWithCustomWords.__init__`)."""
+    if host.FORGE:
+        from lib_ae.forge.model import text_encoder as forge_text_encoder
+
+        engine = forge_text_encoder(sd_model)
+        if engine is None:
+            raise UnsupportedModel("this model has no text engine that cuts prompts into A1111 chunks")
+        return engine
     model = sd_model.cond_stage_model
     if hasattr(model, "id_start"):
         encoder: TextEncoder = model

@@ -1,5 +1,8 @@
-"""A forward and backward through Forge's UNet (`backend.nn.unet.IntegratedUNet2DConditionModel`), with exact gradients
-with respect to its input, entered while Forge holds the whole generation in `torch.inference_mode()`.
+"""A forward and backward through a ComfyUI-layout UNet, with exact gradients with respect to its input, entered while
+the host holds the whole generation in `torch.inference_mode()`. Written for Forge and Forge Neo
+(`backend.nn.unet.IntegratedUNet2DConditionModel`, derived from ComfyUI's UNet: the same blocks, `transformer_options`
+patches and `apply_control`), whose adapter is `lib_ae.forge`; a host-neutral part of the core, like
+`lib_ae.pass_memory`, because it imports nothing of a host and serves any host of that family.
 
 Forge builds its UNet for inference only; four things stop autograd:
 
@@ -71,7 +74,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..pass_memory import attention_parts, instance_forwards, multi_head_sdpa
+from .pass_memory import attention_parts, instance_forwards, multi_head_sdpa
 
 logger = logging.getLogger(__name__)
 
