@@ -217,3 +217,44 @@ def test_forge_refuses_samplers_without_regular_steps() -> None:
     reason = host.unsupported_reason(p, "Kohaku LoNyu Yog")
     assert reason is not None and "Kohaku LoNyu Yog is not supported" in reason
 
+
+
+class StandInControlNet:
+    """backend.patcher.controlnet.ControlNet, the end of the patcher's chain: `get_control(x, sigma, cond, batched)`
+    gives residuals for the UNet's middle block (a constant times `x`'s mean, so that they depend on the rows asked
+    for), and records how it was called."""
+
+    previous_controlnet = None
+
+    def __init__(self, middle_shape: torch.Size) -> None:
+        self.middle_shape = middle_shape
+        self.transformer_options: dict[str, Any] | None = None
+        self.calls: list[tuple[int, int, bool, list[int]]] = []
+
+    def get_control(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any], batched: int) -> Any:
+        assert self.transformer_options is not None
+        marks = list(self.transformer_options["cond_or_uncond"])
+        self.calls.append((x.shape[0], batched, torch.is_grad_enabled(), marks))
+        shape = (x.shape[0], *self.middle_shape[1:])
+        return {"middle": [torch.full(shape, 0.5, dtype=x.dtype) * x.mean()]}
+
+
+def test_forge_controlnet_residuals_enter_the_pass(forge: ForgeWebUI) -> None:
+    unet = forge.host.model.unet
+    shapes: list[torch.Size] = []
+    handle = unet.middle_block.register_forward_hook(lambda module, args, out: shapes.append(out.shape))
+    try:
+        _, without = forge.run(forge.args(enabled=True, subjects="cat, dog"))
+    finally:
+        handle.remove()
+    control = StandInControlNet(shapes[0])
+    patcher = forge.host.model.forge_objects.unet
+    patcher.controlnet_linked_list = control
+    try:
+        _, processed = forge.run(forge.args(enabled=True, subjects="cat, dog"))
+    finally:
+        patcher.controlnet_linked_list = None
+    assert "AE error" not in ae_keys(processed.infotexts[0], forge.host)
+    # Only the pass reads this chain (the stand-in's plain CFG calls do not): the residuals changed its updates.
+    assert not torch.equal(images(processed), images(without))
+    assert control.calls and all(call == (1, 1, False, [0]) for call in control.calls), control.calls

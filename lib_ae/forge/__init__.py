@@ -1,10 +1,11 @@
-"""The Forge adapter's building blocks: Attend-and-Excite inside SD WebUI Forge / Forge Neo (lllyasviel's Forge 2 and
-its Neo fork, whose UNet is `backend.nn.unet.IntegratedUNet2DConditionModel`).
+"""The Forge adapter: Attend-and-Excite inside SD WebUI Forge and Forge Neo (lllyasviel's Forge 2 and its Neo fork,
+whose UNet is `backend.nn.unet.IntegratedUNet2DConditionModel`).
 
-Nothing here imports Forge: what a module needs from the host it takes from the objects it is handed (a UNet's class
-module, its blocks), so that the package imports, type-checks and is tested without a Forge checkout
-(tests/support/forge_standin.py reproduces the traits of Forge's UNet that matter here).
+Forge keeps A1111's extension surface, so the script and `lib_ae.webui` serve it unchanged; `lib_ae.webui.host.FORGE`
+(told at import) makes `lib_ae.webui.sampling_pass.unet_host` hand the pass this package's `UnetHost`. Nothing here
+imports Forge: what it needs it reads from the objects it is handed (the model, the sampler's denoiser), so the
+package imports, type-checks and is tested without a Forge checkout (tests/test_forge_host.py).
 
-    unet_pass.py   `differentiable_unet`: a forward and backward through Forge's UNet, which Forge builds for
-                   inference only (inference-mode weights, in-place additions, attention kernels without backward)
+    model.py   `ForgeUnet`: where Forge's UNet is, its conditional pass (`KModel.apply_model`), the pass inside
+               `lib_ae.comfy_unet.differentiable_unet`; Forge's text engine; refused models and samplers
 """
