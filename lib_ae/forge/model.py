@@ -2,7 +2,7 @@
 
 Forge keeps A1111's extension surface (the script, its hooks, `p.sampler.model_wrap_cfg`, `prompt_parser`, infotext),
 so `lib_ae.webui` serves it and asks this module only for what `lib_ae.webui.sampling_pass.UnetHost` names. What
-differs (docs/host-notes.md §8):
+differs (docs/host-notes.md §12):
 
 * the model is a `ForgeDiffusionEngine`; its UNet is `forge_objects.unet` (a `UnetPatcher`, cloned per generation by
   LoRA and ControlNet, so read at every model call) `.model` (`KModel`) `.diffusion_model`
