@@ -42,9 +42,13 @@ FORGE_UNET_CLASS = "IntegratedUNet2DConditionModel"
 """Forge's UNet (`backend.nn.unet`), which SD1.5, SD2 and SDXL checkpoints load into; every other family Forge runs
 (Flux, Chroma, SD3, Lumina, Wan, ...) is a transformer without that UNet's cross-attention layers."""
 
-UNSUPPORTED_SAMPLERS = frozenset({"UniPC", "DPM fast", "DPM adaptive", "Restart", "Kohaku LoNyu Yog"})
-"""A1111's refused samplers, plus Neo's Kohaku LoNyu Yog, which makes three model calls per step in its first half
-and one after (a step's first model call cannot be told from the call count)."""
+UNSUPPORTED_SAMPLERS = frozenset({
+    "UniPC", "DPM fast", "DPM adaptive", "Restart", "Kohaku LoNyu Yog", "HeunPP2", "DPM++ 2s a RF", "Flux Realistic",
+})
+"""A1111's refused samplers, plus those whose model calls per step Forge's step count does not tell
+(`launch_sampling` counts two calls per step only for samplers flagged "second_order"): Neo's Kohaku LoNyu Yog (three
+calls per step in its first half, one after), Forge's HeunPP2 (up to three), Neo's "DPM++ 2s a RF" (two, unflagged;
+shown as "Flux Realistic" with one option on). Every other Forge sampler makes one call per step, or two and says so."""
 
 EAGER_REASON = "Forge: the A&E pass runs eagerly there (CUDA graphs are not supported in Forge yet)"
 
