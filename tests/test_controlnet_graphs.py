@@ -359,15 +359,18 @@ def test_the_webui_guard_allows_controlnets_forward_only_for_graph_safe_units(
         capture.remove()
 
 
-def test_until_verified_on_a_gpu_the_guard_refuses_controlnets_forward(webui: WebUI) -> None:
+def test_with_replay_switched_off_the_guard_refuses_controlnets_forward(webui: WebUI,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     safety = webui.adapter("graph_safety")
     unet = make_unet(SD1_LIKE, seed=5)
     capture = AttentionCapture(unet)
     try:
         UnetHook([Unit(1)]).hook(unet)
         conditions = safety.guard_for(capture, SimpleNamespace(model=SimpleNamespace(diffusion_model=unet)))
-        assert not webui.adapter("controlnet").GRAPH_REPLAY
-        assert "not yet verified" in " ".join(conditions.guard() or [])
+        assert webui.adapter("controlnet").GRAPH_REPLAY  # on since the GPU run showed graph == eager
+        assert conditions.guard() is None
+        monkeypatch.setattr(webui.adapter("controlnet"), "GRAPH_REPLAY", False)
+        assert "switched off" in " ".join(conditions.guard() or [])
     finally:
         capture.remove()
 

@@ -33,13 +33,14 @@ import torch
 
 from . import sgm_timestep
 
-GRAPH_REPLAY = False
-"""Whether the guard lets the pass replay as a graph beside ControlNet. Built and tested on the CPU
-(tests/test_controlnet_graphs.py), not yet shown equal to eager in the real webui: the first GPU run
-(tests/webui-gpu-h200.json, "controlnet") met a host copy in the capture (hook.py's own `timestep_embedding`, ldm's
-util one, which A1111 leaves on the host; now swapped by `pass_scope`), and the failed capture, which ControlNet's
-`forward_webui` answers by moving its models to the CPU, gave other pixels than eager. Until a GPU run shows
-graph == eager, the pass evaluates eagerly beside ControlNet and says why."""
+GRAPH_REPLAY = True
+"""Whether the guard lets the pass replay as a graph beside ControlNet (a switch to turn it off without a release).
+Shown in the real webui (tests/webui-gpu-h200.json, "controlnet"; H100, 2026-12-07): with a unit active over all of
+A&E's steps and with windows ending or starting inside them, the graphs setting gave the same PNG bytes as eager,
+twice, and replayed. The first GPU run, before `pass_scope` swapped hook.py's own `timestep_embedding` (ldm's util
+one, whose table A1111 leaves on the host), met a host copy in the capture, and that failed capture, which
+ControlNet's `forward_webui` answers by moving its models to the CPU, gave other pixels: a capture failure inside a
+foreign forward is not harmless, so each such forward needs the same proof."""
 
 LDM_UTIL_MODULE = "ldm.modules.diffusionmodules.util"
 

@@ -92,7 +92,7 @@ def guard_for(capture: AttentionCapture, sd_model: Any) -> GraphConditions:
         if hook is None:
             return find_graph_hazards(unet, is_own=is_own, allowed_forward=allowed_forward) or None
         if not controlnet.GRAPH_REPLAY:
-            return ["ControlNet's UNet forward (graph replay beside it is not yet verified on a GPU)"]
+            return ["ControlNet's UNet forward (graph replay beside it is switched off: controlnet.GRAPH_REPLAY)"]
         reasons = controlnet.graph_blockers(hook, unet)
         if reasons:
             return reasons
