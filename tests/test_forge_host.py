@@ -258,3 +258,18 @@ def test_forge_controlnet_residuals_enter_the_pass(forge: ForgeWebUI) -> None:
     # Only the pass reads this chain (the stand-in's plain CFG calls do not): the residuals changed its updates.
     assert not torch.equal(images(processed), images(without))
     assert control.calls and all(call == (1, 1, False, [0]) for call in control.calls), control.calls
+
+
+def test_token_view_reads_forges_text_engine(forge: ForgeWebUI) -> None:
+    """The token view finds subjects with the same engine generation uses: Forge's `text_processing_engine` (here the
+    stand-in CLIP wrapper under that name; `cond_stage_model` is made unusable to prove it is not read)."""
+    from test_webui_adapter import legend, token_view
+
+    model = forge.host.model
+    saved = model.cond_stage_model
+    model.cond_stage_model = None  # type: ignore[assignment]
+    try:
+        html = token_view(forge, "a cat and a (red car:1.3) <lora:thing:0.8>", "cat, red car, zebra")
+    finally:
+        model.cond_stage_model = saved
+    assert legend(html) == ["cat: column 2", "red car: columns 5-6", "zebra: not found"]
