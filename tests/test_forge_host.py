@@ -273,3 +273,80 @@ def test_token_view_reads_forges_text_engine(forge: ForgeWebUI) -> None:
     finally:
         model.cond_stage_model = saved
     assert legend(html) == ["cat: column 2", "red car: columns 5-6", "zebra: not found"]
+
+
+# -- CUDA graphs in Forge (what can be checked without a GPU) ------------------------------------------------------
+
+
+def test_the_device_timestep_table_gives_forges_bits_and_copies_once() -> None:
+    import support.forge_standin as forge_module
+
+    from lib_ae.forge.model import device_timestep_table
+
+    namespace = vars(forge_module)
+    original = namespace["timestep_embedding"]
+    timesteps = torch.tensor([999.0, 501.5, 3.0])
+    expected = original(timesteps, 320)
+    with device_timestep_table(namespace):
+        swapped = namespace["timestep_embedding"]
+        assert swapped is not original
+        first = swapped(timesteps, 320)
+        copies: list[torch.Tensor] = []
+        real_to = torch.Tensor.to
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(torch.Tensor, "to", lambda self, *a, **k: copies.append(self) or real_to(self, *a, **k))
+            second = swapped(timesteps, 320)
+        odd = swapped(timesteps, 7)
+    assert namespace["timestep_embedding"] is original
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert copies == []  # the table stays where it was put: no host-to-device copy at later calls
+    assert odd.shape == (3, 7) and torch.equal(odd[:, -1], torch.zeros(3))
+
+
+def test_graph_blockers_name_what_decides_per_call() -> None:
+    from lib_ae.forge.model import graph_blockers
+
+    unet = make_forge_standin(SD1_LIKE, None, dtype=torch.float32)
+    patcher = SimpleNamespace(model_options={"transformer_options": {}}, controlnet_linked_list=None)
+    assert graph_blockers(patcher, unet) == []
+    patcher.model_options = {"transformer_options": {"patches": {"attn2_patch": [print]}},
+                             "model_function_wrapper": print}
+    patcher.controlnet_linked_list = object()
+    unet.input_blocks[0][0].parameters_manual_cast = True  # type: ignore[index,union-attr]
+    reasons = " | ".join(graph_blockers(patcher, unet))
+    for expected in ("(patches)", "model_function_wrapper", "ControlNet", "cast or patched at every call"):
+        assert expected in reasons, reasons
+
+
+def test_graph_replay_is_asked_for_only_where_switched_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lib_ae.forge import model as forge_model
+    from lib_ae.pass_memory import PassMemory
+
+    p = SimpleNamespace()
+    assert forge_model.ForgeUnet(PassMemory(), graphs_asked=False).cuda_graphs(p) == (False, None)
+    assert forge_model.ForgeUnet(PassMemory(), graphs_asked=True).cuda_graphs(p) == (False, forge_model.EAGER_REASON)
+    monkeypatch.setattr(forge_model, "GRAPH_REPLAY", True)
+    assert forge_model.ForgeUnet(PassMemory(), graphs_asked=True).cuda_graphs(p) == (True, None)
+
+
+def test_the_graph_guard_accepts_the_pass_own_forwards_and_nothing_foreign() -> None:
+    from lib_ae import AttentionCapture
+    from lib_ae.comfy_unet import differentiable_unet
+    from lib_ae.forge.model import ForgeUnet
+    from lib_ae.pass_memory import PassMemory
+
+    unet = make_forge_standin(SD1_LIKE, None, dtype=torch.float32)
+    capture = AttentionCapture(unet)
+    patcher = SimpleNamespace(model_options={"transformer_options": {}}, controlnet_linked_list=None)
+    p = SimpleNamespace(sd_model=SimpleNamespace(forge_objects=SimpleNamespace(unet=patcher)))
+    try:
+        conditions = ForgeUnet(PassMemory(), graphs_asked=True).graph_conditions(capture, p)
+        with differentiable_unet(unet):  # the guard is asked inside the pass, with its instance forwards set
+            assert conditions.guard() is None
+            handle = unet.middle_block.register_forward_hook(lambda *args: None)
+            try:
+                assert "forward hook" in " ".join(conditions.guard() or [])
+            finally:
+                handle.remove()
+    finally:
+        capture.remove()

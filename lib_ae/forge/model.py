@@ -13,27 +13,33 @@ differs (docs/host-notes.md §12):
 * the whole generation runs under `torch.inference_mode()` with inference-tensor weights: the pass runs inside
   `lib_ae.comfy_unet.differentiable_unet`, on a normal copy of the sampler's latent that is written back inside
   inference mode;
-* no CUDA graphs yet: Forge moves and casts weights per call and builds its timestep table on the host.
+* CUDA graphs only where nothing in Forge's forward decides per call (`graph_conditions`), and with its timestep
+  table kept on the device while a graph is captured; behind `GRAPH_REPLAY` until a GPU run shows graph == eager.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import inspect
+import math
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from lib_ae import comfy_unet, pass_memory
+from lib_ae.capture import AttentionCapture
 from lib_ae.comfy_unet import (
     ForgeUnetError,
     differentiable_latent,
     differentiable_unet,
+    forge_namespace,
     unsupported_patches,
     update_in_inference_mode,
 )
 from lib_ae.engine import UNetRunner
-from lib_ae.graphs import GraphableRunner
+from lib_ae.graphs import GraphableRunner, GraphConditions, find_graph_hazards, owned_by
 from lib_ae.in_sampler import LatentSpace
 from lib_ae.pass_memory import PassAttention, PassMemory
 from lib_ae.targeting import TextEncoder
@@ -50,7 +56,15 @@ UNSUPPORTED_SAMPLERS = frozenset({
 calls per step in its first half, one after), Forge's HeunPP2 (up to three), Neo's "DPM++ 2s a RF" (two, unflagged;
 shown as "Flux Realistic" with one option on). Every other Forge sampler makes one call per step, or two and says so."""
 
-EAGER_REASON = "Forge: the A&E pass runs eagerly there (CUDA graphs are not supported in Forge yet)"
+GRAPH_REPLAY = False
+"""Whether the pass may be replayed as a CUDA graph in Forge (where `graph_conditions` finds nothing that decides per
+call). Off until a GPU run in a real Forge shows graph == eager, as it was for ControlNet in A1111: a capture that
+fails inside a host's forward is not always harmless."""
+
+EAGER_REASON = "Forge: the A&E pass runs eagerly there (CUDA-graph replay in Forge is switched off: GRAPH_REPLAY)"
+
+OWN_FORWARD_MODULES = frozenset({comfy_unet.__name__, pass_memory.__name__})
+"""The pass's own instance forwards (out-of-place blocks, own attention, lean forwards): set for the pass only."""
 
 
 def diffusion_model(sd_model: Any) -> nn.Module | None:
@@ -94,7 +108,23 @@ class ForgeUnet:
         return unet
 
     def cuda_graphs(self, p: Any) -> tuple[bool, str | None]:
-        return False, (EAGER_REASON if self.graphs_asked else None)
+        if not self.graphs_asked:
+            return False, None
+        return (True, None) if GRAPH_REPLAY else (False, EAGER_REASON)
+
+    def graph_conditions(self, capture: AttentionCapture, p: Any) -> GraphConditions:
+        """Why a graph would be wrong in this pass (`graph_blockers`, plus foreign hooks and forwards), asked at its
+        first graph evaluation; around a capture, Forge's timestep table kept on the device (`device_timestep_table`).
+        Nothing of Forge's per-call state keys the graphs: a set-up that has any is refused."""
+        unet = capture.unet
+        namespace = forge_namespace(unet)
+
+        def guard() -> list[str] | None:
+            reasons = graph_blockers(p.sd_model.forge_objects.unet, unet)
+            reasons += find_graph_hazards(unet, is_own=owned_by(capture), allowed_forward=_own_forward)
+            return reasons or None
+
+        return GraphConditions(guard=guard, capture_scope=lambda: device_timestep_table(namespace))
 
     def pass_memory(self) -> PassMemory:
         # Forge's attention ignores A1111's upcast setting and has no hypernetworks; `comfy_unet.own_attention`
@@ -131,7 +161,8 @@ class ForgeUnet:
         device = sigma.device
         # Normal copies on the device: inference tensors cannot be saved for the backward.
         inputs = tuple(differentiable_latent(t.to(device)) for t in inputs)  # type: ignore[arg-type]
-        return GraphableRunner(cond_forward, inputs, key=None)
+        key = ("forge-cond-pass", id(den), tuple(names or ()), inpaint, space)
+        return GraphableRunner(cond_forward, inputs, key=key)
 
     @contextlib.contextmanager
     def gradient_scope(self, unet: nn.Module, x: torch.Tensor, sigma: torch.Tensor
@@ -182,6 +213,68 @@ def _apply_model(patcher: Any, x: torch.Tensor, sigma: torch.Tensor, context: to
     if wrapper is not None:
         return wrapper(patcher.model.apply_model, {"input": x, "timestep": sigma, "c": conds, "cond_or_uncond": [0]})
     return patcher.model.apply_model(x, sigma, **conds)
+
+
+def graph_blockers(patcher: Any, unet: nn.Module) -> list[str]:
+    """What in Forge's set-up decides per call, which a replayed graph would freeze: the patcher's patches and
+    wrappers (Python run at every call), its ControlNet chain (a window in sigma, hints), and weights cast or patched
+    per call (partial loading, fp8/GGUF storage, online LoRA: `weights_manual_cast` on every layer)."""
+    reasons: list[str] = []
+    options = patcher.model_options
+    transformer = options.get("transformer_options", {})
+    patched = sorted(kind for kind in ("patches", "patches_replace", "block_modifiers", "block_inner_modifiers",
+                                       "group_norm_wrapper") if transformer.get(kind))
+    if patched:
+        reasons.append("an extension patches the UNet per call (" + ", ".join(patched) + ")")
+    if options.get("model_function_wrapper") is not None:
+        reasons.append("an extension wraps the UNet call (model_function_wrapper)")
+    if getattr(patcher, "controlnet_linked_list", None) is not None:
+        reasons.append("Forge's ControlNet decides per call (its window and hint)")
+    cast = next((name for name, module in unet.named_modules()
+                 if getattr(module, "parameters_manual_cast", False) or getattr(module, "weight_function", None)
+                 or getattr(module, "bias_function", None)), None)
+    if cast is not None:
+        reasons.append(f"weights are cast or patched at every call (partial loading, fp8/GGUF, online LoRA; {cast})")
+    return reasons
+
+
+def _own_forward(cls: type, fn: Callable[..., Any]) -> bool:
+    return getattr(inspect.unwrap(getattr(fn, "__func__", fn)), "__module__", None) in OWN_FORWARD_MODULES
+
+
+def _timestep_table(dim: int, max_period: float) -> torch.Tensor:
+    """The frequencies of the sinusoidal timestep embedding, computed as Forge computes them (float32, on the host)."""
+    half = dim // 2
+    return torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half)
+
+
+@contextlib.contextmanager
+def device_timestep_table(namespace: MutableMapping[str, Any]) -> Iterator[None]:
+    """Forge's `timestep_embedding` (a module global its UNet looks up at every call) replaced inside this block by one
+    that moves its frequency table to the device once and keeps it there: Forge's builds it on the host and copies it
+    at every call, a copy a CUDA graph cannot capture. The same table, so the same bits as Forge's."""
+    original = namespace["timestep_embedding"]
+    tables: dict[tuple[int, float, torch.device], torch.Tensor] = {}
+
+    def embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000, repeat_only: bool = False,
+                  ) -> torch.Tensor:
+        if repeat_only:
+            return original(timesteps, dim, max_period, repeat_only)  # type: ignore[no-any-return]
+        key = (dim, max_period, timesteps.device)
+        table = tables.get(key)
+        if table is None:
+            table = tables[key] = _timestep_table(dim, max_period).to(timesteps.device)
+        angles = timesteps[:, None].float() * table[None]
+        out = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+        if dim % 2:
+            out = torch.cat([out, torch.zeros_like(out[:, :1])], dim=-1)
+        return out
+
+    namespace["timestep_embedding"] = embedding
+    try:
+        yield
+    finally:
+        namespace["timestep_embedding"] = original
 
 
 def text_encoder(sd_model: Any) -> TextEncoder | None:

@@ -21,7 +21,7 @@ from torch import nn
 from lib_ae import AttendAndExcite, AttentionCapture, CaptureError, UNetRunner
 from lib_ae.cpu_determinism import check_cpu_reproducibility
 from lib_ae.evaluation import Target
-from lib_ae.graphs import GraphableRunner
+from lib_ae.graphs import GraphableRunner, GraphConditions
 from lib_ae.in_sampler import LatentSpace, seeded_noise
 from lib_ae.objectives import objective_for
 from lib_ae.params import AEParams
@@ -215,6 +215,9 @@ class UnetHost(Protocol):
 
     def pass_memory(self) -> PassMemory: ...
 
+    def graph_conditions(self, capture: AttentionCapture, p: Processing) -> GraphConditions:
+        """What the graph path must know in this host (asked only where `cuda_graphs` said yes)."""
+
     def runner(self, p: Processing, den: Denoiser, sigma: torch.Tensor, cond: Any, image_cond: torch.Tensor | None,
                space: LatentSpace) -> UNetRunner:
         """The conditional pass for one row per image (`cond`), in the sampler's `space`."""
@@ -245,6 +248,9 @@ class A1111Unet:
 
     def pass_memory(self) -> PassMemory:
         return pass_memory()
+
+    def graph_conditions(self, capture: AttentionCapture, p: Processing) -> GraphConditions:
+        return graph_safety.guard_for(capture, p.sd_model)
 
     def runner(self, p: Processing, den: Denoiser, sigma: torch.Tensor, cond: Any, image_cond: torch.Tensor | None,
                space: LatentSpace) -> UNetRunner:
@@ -449,7 +455,7 @@ def install(p: Processing, params: AEParams) -> SamplingPass | None:
         encoder = text_encoder(p.sd_model)
         capture = capture_for(unet_host_.unet(p))
         graphs, refused = unet_host_.cuda_graphs(p)
-        guard = graph_safety.guard_for(capture, p.sd_model) if graphs else None
+        guard = unet_host_.graph_conditions(capture, p) if graphs else None
         objective = objective_for(params, sd2=host.is_sd2(p.sd_model))
         with unet_host_.outside_inference():  # the engine keeps tensors (the smoothing kernel) for every step
             engine = AttendAndExcite(capture, objective, cuda_graphs=graphs, graph_guard=guard,
