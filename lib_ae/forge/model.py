@@ -14,7 +14,7 @@ differs (docs/host-notes.md §12):
   `lib_ae.comfy_unet.differentiable_unet`, on a normal copy of the sampler's latent that is written back inside
   inference mode;
 * CUDA graphs only where nothing in Forge's forward decides per call (`graph_conditions`), and with its timestep
-  table kept on the device while a graph is captured; behind `GRAPH_REPLAY` until a GPU run shows graph == eager.
+  table kept on the device while a graph is captured (`GRAPH_REPLAY`: on since the GPU run of tests/forge-gpu-h200.json).
 """
 
 from __future__ import annotations
@@ -56,10 +56,12 @@ UNSUPPORTED_SAMPLERS = frozenset({
 calls per step in its first half, one after), Forge's HeunPP2 (up to three), Neo's "DPM++ 2s a RF" (two, unflagged;
 shown as "Flux Realistic" with one option on). Every other Forge sampler makes one call per step, or two and says so."""
 
-GRAPH_REPLAY = False
+GRAPH_REPLAY = True
 """Whether the pass may be replayed as a CUDA graph in Forge (where `graph_conditions` finds nothing that decides per
-call). Off until a GPU run in a real Forge shows graph == eager, as it was for ControlNet in A1111: a capture that
-fails inside a host's forward is not always harmless."""
+call). A switch because a capture that fails inside a host's forward is not always harmless; on since the first GPU run
+in the real Forge Neo (tests/forge-gpu-h200.json): the graphs setting gave the same PNG bytes as eager for SD1.5
+(with and without refinement) and SDXL, every graph replayed, and beside Forge's ControlNet the guard fell back to
+eager with the same pixels."""
 
 EAGER_REASON = "Forge: the A&E pass runs eagerly there (CUDA-graph replay in Forge is switched off: GRAPH_REPLAY)"
 
