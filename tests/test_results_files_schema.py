@@ -95,3 +95,28 @@ def test_controlnet_and_eager_rows_are_recorded() -> None:
     assert {"sd15_512_b1_norefine_eager", "sd15_512_b1_worst_eager"} <= set(eager["ratios"])
     if not all(eager["targets_met"].values()):
         assert eager["why_missed"]
+
+
+def test_forge_gpu_results_have_the_required_keys() -> None:
+    """Issue 22 part 5: the checks of webui-gpu-h200.json in the real Forge (SD1.5 512 b1 and SDXL 1024 b1, graphs on
+    and off, the same bytes twice, graph on == off) and its built-in ControlNet, with what was not measured."""
+    found = json.loads((HERE / "forge-gpu-h200.json").read_text())
+    assert isinstance(found["host"], str) and "Forge" in found["host"]
+    assert isinstance(found["device"], str) and found["device"]
+    rows = {"sd15_512_b1_norefine", "sd15_512_b1_worst", "sdxl_1024_b1_norefine", "sdxl_1024_b1_worst"}
+    assert set(found["ratios"]) == rows
+    assert all(isinstance(v, float) and v > 0.5 for v in found["ratios"].values()), found["ratios"]
+    assert {"sd15_512_b1_norefine", "sdxl_1024_b1_norefine"} <= set(found["ratios_graphs_off"])
+    assert set(found["graph_equals_eager"]) == {"sd15", "sdxl"}
+    assert all(isinstance(v, bool) for v in found["graph_equals_eager"].values())
+    assert isinstance(found["graphs_replayed"], bool) and found["graphs_replayed_evidence"]
+    assert isinstance(found["reproducible"]["cuda"], bool)
+    controlnet = found["controlnet"]
+    assert isinstance(controlnet["ratio_norefine_eager"], float)
+    assert isinstance(controlnet["graph_setting_equals_eager_pixels"], bool)
+    if not controlnet["graphs_replayed"]:
+        assert controlnet["why_eager"]
+    assert isinstance(found["not_measured"], list) and all(isinstance(line, str) for line in found["not_measured"])
+    columns = found["requests"]["columns"]
+    assert all(len(row) == len(columns) for key, rows_ in found["requests"].items() if key != "columns"
+               for row in rows_)
