@@ -12,13 +12,15 @@ skipped, with the reason). Then:
   Unless those arguments name a checkpoint (`--ckpt`, `--ckpt-dir`, `--ckpt-dirs`), a random-weight SD1.5 checkpoint
   is made by tests/support/forge_checkpoint.py (once; about 4.3 GB, 1.5 min on 2 cores) in AE_FORGE_MODELS_DIR
   (default: <tmp>/forge-models) and passed as `--ckpt-dirs DIR` (Neo has no --ckpt) or `--ckpt FILE` (Forge).
+  Likewise a random ControlNet for SD1.5 for Forge's built-in ControlNet (AE_FORGE_CONTROLNET_DIR, default
+  <tmp>/forge-controlnet, passed as `--controlnet-dir`) unless those arguments name a ControlNet folder.
   If no entry of extensions/ is this repository, a link extensions/sd-webui-attend-and-excite -> this repository is
   made for the session and removed afterwards. AE_FORGE_WEBUI_TIMEOUT: seconds to wait for the start (900).
 
 Generations are tiny (64x64, 4 Euler steps, one refinement iteration: the requests of tests/test_webui_integration.py,
 whose client and helpers this module reuses). Neo loads the checkpoint at the first generation, so the first request
 takes longer (about 25 s on 2 CPU cores, then about 10 s per request without A&E and 17 s with it); the module
-runs in about 8 minutes there, webui start (about 30 s) included.
+runs in about 15 minutes there, webui start (about 30 s) included.
 
 SDXL: a random-weight SDXL checkpoint is about 10 GB in float32 and each step takes many seconds on a CPU, so the SDXL
 case runs only when AE_FORGE_SDXL_CHECKPOINT names an SDXL checkpoint title the webui lists (e.g. one in the same
@@ -27,7 +29,9 @@ case runs only when AE_FORGE_SDXL_CHECKPOINT names an SDXL checkpoint title the 
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 import json
 import os
 import re
@@ -65,6 +69,8 @@ from lib_ae.webui.wire import from_infotext, to_infotext  # noqa: E402
 WEBUI_DIR = os.environ.get("AE_FORGE_WEBUI_DIR", "")
 CHECKPOINT_NAME = "sd15-random.safetensors"
 CHECKPOINT_FLAGS = ("--ckpt", "--ckpt-dir", "--ckpt-dirs")
+CONTROLNET_NAME = "ae-random-controlnet-sd15"
+CONTROLNET_FLAGS = ("--controlnet-dir", "--controlnet-dirs")
 FIXED_ARGS = [
     "--api", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-python-version-check",
     "--skip-version-check",
@@ -100,6 +106,21 @@ def _checkpoint_args(webui_dir: Path, extra: list[str]) -> list[str]:
     return ["--ckpt-dirs", str(models)] if is_neo(webui_dir) else ["--ckpt", str(checkpoint)]
 
 
+def _controlnet_args(extra: list[str]) -> list[str]:
+    """`--controlnet-dir DIR` with a random ControlNet for SD1.5 (made once, about 1.4 GB, half a minute) in
+    AE_FORGE_CONTROLNET_DIR (default: <tmp>/forge-controlnet; a folder of its own: Neo lists checkpoints in the
+    sub-folders of --ckpt-dirs), unless `extra` names a ControlNet folder."""
+    if any(arg.split("=", 1)[0] in CONTROLNET_FLAGS for arg in extra):
+        return []
+    folder = Path(os.environ.get("AE_FORGE_CONTROLNET_DIR") or Path(tempfile.gettempdir()) / "forge-controlnet")
+    model = folder / f"{CONTROLNET_NAME}.safetensors"
+    if not model.is_file():
+        maker = REPO / "tests" / "support" / "forge_checkpoint.py"
+        done = subprocess.run([sys.executable, str(maker), str(model), "--controlnet"], capture_output=True, text=True)
+        assert done.returncode == 0 and model.is_file(), f"making {model} failed:\n{done.stderr[-4000:]}"
+    return ["--controlnet-dir", str(folder)]
+
+
 @pytest.fixture(scope="session")
 def forge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebUI]:
     webui_dir = Path(WEBUI_DIR).resolve()
@@ -114,7 +135,7 @@ def forge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebUI]:
         return
     default_extra = "--cpu" if is_neo(webui_dir) else "--always-cpu"
     extra = os.environ.get("AE_FORGE_WEBUI_ARGS", default_extra).split()
-    extra += _checkpoint_args(webui_dir, extra)
+    extra += _checkpoint_args(webui_dir, extra) + _controlnet_args(extra)
     link = a1111._ensure_extension_link(webui_dir)
     python = os.environ.get("AE_FORGE_WEBUI_PYTHON") or str(webui_dir / "venv" / "bin" / "python")
     port = a1111._free_port()
@@ -283,3 +304,152 @@ def test_sdxl_runs_attend_and_excite(request: pytest.FixtureRequest) -> None:
     assert "AE error" not in fields, fields.get("AE error")
     assert "AE trace" in fields, fields
     assert a1111._pixels(result.image) != a1111._pixels(without.image)
+
+
+def test_png_info_reads_the_ae_parameters(forge: WebUI, enabled_list: Result) -> None:
+    """What paste and "Send to" read: Forge's PNG-info parse of the image (with the infotext-pasted callbacks)
+    gives back every A&E parameter the image was made with."""
+    status, data = forge.request("POST", "/sdapi/v1/png-info", {"image": base64.b64encode(enabled_list.image).decode()})
+    assert status == 200, data
+    assert data["info"] == enabled_list.infotext
+    ae = {key: value for key, value in data["parameters"].items() if key in PARAM_KEYS}
+    ran = dataclasses.replace(ENABLED, normalize_eot="off")
+    assert from_infotext({k: str(v) for k, v in ae.items()}, strict=True) == ran.as_dict()
+
+
+def test_infotext_request_field_restores_the_arguments(forge: WebUI, absent: Result, enabled_list: Result) -> None:
+    # Only the infotext: prompt, seed, size, steps, sampler and the A&E args all come back from it (Forge keeps
+    # A1111's Api.apply_infotext and the script's paste fields).
+    request = {"infotext": absent.infotext, "save_images": False, "send_images": True}
+    status, data = forge.request("POST", "/sdapi/v1/txt2img", request)
+    if status == 500 and "parameterized generic" in str(data):
+        # Forge Neo 2.26's own bug, without this extension's keys: its "Styles" paste field answers gr.skip() (a
+        # gradio 4 update dict) where no style is named, and Api.apply_infotext then calls isinstance(value,
+        # list[str]). No infotext request can succeed there.
+        pytest.skip(f"this Forge's API rejects every `infotext` request field (a host bug): {data.get('message')}")
+    restored = forge.txt2img(base=False, **{**request, "infotext": enabled_list.infotext})
+    assert restored.ae_fields() == enabled_list.ae_fields()
+    assert restored.infotext == enabled_list.infotext
+    assert restored.image == enabled_list.image
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "DPM++ 2M"])
+def test_other_samplers_run_attend_and_excite(forge: WebUI, sampler: str) -> None:
+    """DDIM hands the denoiser Forge's VP latent and timestep (the pass maps them as Forge does); DPM++ 2M is a
+    multistep sampler in sigma space. Both run A&E, and it moves their images."""
+    enabled = forge.txt2img(sampler_name=sampler, alwayson_scripts={TITLE: {"args": ENABLED_DICT}})
+    fields = enabled.ae_fields()
+    assert "AE error" not in fields, f"{fields.get('AE error')}\n{_extension_errors(forge)}"
+    assert "AE trace" in fields, fields
+    assert a1111._pixels(enabled.image) != _without_ae(forge, {"sampler_name": sampler})
+
+
+def _images(forge: WebUI, **fields: Any) -> tuple[list[bytes], list[str]]:
+    """Every image of a txt2img response (grids, cells, our pictures) with its infotext."""
+    status, data = forge.request("POST", "/sdapi/v1/txt2img", {**BASE_REQUEST, **fields})
+    assert status == 200, f"HTTP {status}: {str(data)[:2000]}{forge.log_tail()}"
+    info = json.loads(data["info"])
+    return [base64.b64decode(image) for image in data["images"]], info["infotexts"]
+
+
+def test_heatmaps_are_added_after_the_image(forge: WebUI, enabled_list: Result) -> None:
+    images, infotexts = _images(forge, alwayson_scripts={TITLE: {"args": [{**ENABLED_DICT[0], "heatmaps": True}]}})
+    assert len(images) == 3  # the image, then its heatmap strip and its trace plot
+    assert a1111._pixels(images[0]) == a1111._pixels(enabled_list.image)  # drawing them changes no pixel
+    assert "AE heatmaps: True" in infotexts[0]
+    assert all(a1111._pixels(picture) != a1111._pixels(images[0]) for picture in images[1:])
+
+
+def _xyz_args(forge: WebUI, axis: str, values: str) -> list[Any]:
+    """The X/Y/Z plot's positional arguments: X = `axis` over `values`, Y and Z none, the cells returned. Forge keeps
+    A1111's order of arguments; Neo adds "Row Count" before "Grid Margins"."""
+    status, info = forge.request("GET", "/sdapi/v1/script-info")
+    xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    labels = xyz["args"][0]["choices"]
+    nothing = labels.index("Nothing")
+    # legend off, the cells in, no sub grids, fixed seeds
+    args = [labels.index(axis), values, None, nothing, "", None, nothing, "", None,
+            False, True, False, False, False, False, False]  # fmt: skip
+    has_row_count = [a["label"] for a in xyz["args"]][-3] == "Row Count"
+    return args + ([0, 0, False] if has_row_count else [0, False])
+
+
+def test_xyz_plot_over_an_ae_parameter(forge: WebUI) -> None:
+    """An "[AE] Scale factor" axis over A&E enabled in the request: scale 0 leaves the latent as it is (the image
+    without A&E), 20 moves it, and each cell's infotext records its own value."""
+    plain = _without_ae(forge, {})
+    images, infotexts = _images(
+        forge,
+        script_name="x/y/z plot",
+        script_args=_xyz_args(forge, "[AE] Scale factor", "0, 20"),
+        alwayson_scripts={TITLE: {"args": ENABLED_DICT}},
+    )
+    cells, cell_infotexts = images[1:3], infotexts[1:3]
+    assert len(images) == 3, len(images)  # the grid, then its two cells
+    assert a1111._pixels(cells[0]) == plain
+    assert a1111._pixels(cells[1]) != plain
+    scales = [re.search(r"AE scale factor: ([^,]+)", text) for text in cell_infotexts]
+    assert [m.group(1) if m else None for m in scales] == ["0.0", "20.0"], cell_infotexts
+
+
+def _hint() -> str:
+    """A drawn edge map (ControlNet's module None takes it as it is), base64 PNG."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (64, 64), "black")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((6, 12, 30, 44), outline="white", width=2)
+    draw.rectangle((36, 16, 58, 52), outline="white", width=2)
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def test_beside_forges_builtin_controlnet(forge: WebUI) -> None:
+    """Forge's own ControlNet (sd_forge_controlnet), one unit with a random ControlNet for SD1.5: A&E runs beside it
+    (its residuals enter the pass as constants), moves the image, and the same request gives the same bytes."""
+    status, listed = forge.request("GET", "/controlnet/model_list")
+    assert status == 200, listed
+    model = next((m for m in listed["model_list"] if CONTROLNET_NAME in m), None)
+    assert model is not None, f"{CONTROLNET_NAME} is not among Forge's ControlNet models: {listed}"
+    unit = {"enabled": True, "module": "None", "model": model, "image": _hint(), "weight": 1.0,
+            "resize_mode": "Crop and Resize", "processor_res": 64, "guidance_start": 0.0, "guidance_end": 1.0,
+            "control_mode": "Balanced", "pixel_perfect": False}  # fmt: skip
+    controlnet_only = forge.txt2img(alwayson_scripts={"ControlNet": {"args": [unit]}})
+    assert a1111._pixels(controlnet_only.image) != _without_ae(forge, {}), "the ControlNet unit changed nothing"
+    both = {"ControlNet": {"args": [unit]}, TITLE: {"args": ENABLED_DICT}}
+    enabled = forge.txt2img(alwayson_scripts=both)
+    fields = enabled.ae_fields()
+    assert "AE error" not in fields, f"{fields.get('AE error')}\n{_extension_errors(forge)}"
+    assert "AE trace" in fields, fields
+    assert a1111._pixels(enabled.image) != a1111._pixels(controlnet_only.image)
+    again = forge.txt2img(alwayson_scripts=both)
+    assert again.image == enabled.image and again.infotext == enabled.infotext
+
+
+def test_every_sampler_is_run_or_refused_with_a_message(forge: WebUI, enabled_list: Result) -> None:
+    """Every sampler this Forge offers (its /sdapi/v1/samplers): the refused ones (`lib_ae.forge.model
+    .UNSUPPORTED_SAMPLERS`) say so in "AE error" and keep the image; every other one runs A&E at as many steps as
+    Euler does, with no error. One request per sampler (about 15 s each on a CPU)."""
+    from lib_ae.forge.model import UNSUPPORTED_SAMPLERS
+
+    status, samplers = forge.request("GET", "/sdapi/v1/samplers")
+    assert status == 200, samplers
+    names = [sampler["name"] for sampler in samplers]
+    assert "Euler" in names and "DDIM" in names, names
+    euler_steps = re.match(r'"?(\d+) steps', enabled_list.ae_fields()["AE trace"])
+    assert euler_steps is not None, enabled_list.ae_fields()
+    problems: dict[str, str] = {}
+    for name in names:
+        result = forge.txt2img(sampler_name=name, alwayson_scripts={TITLE: {"args": ENABLED_DICT}})
+        fields = result.ae_fields()
+        if name in UNSUPPORTED_SAMPLERS:
+            if f"sampler {name} is not supported" not in fields.get("AE error", ""):
+                problems[name] = f"refused without the message: {fields}"
+            continue
+        trace = re.match(r'"?(\d+) steps', fields.get("AE trace", ""))
+        if "AE error" in fields or trace is None:
+            problems[name] = f"A&E did not run cleanly: {fields}"
+        elif trace.group(1) != euler_steps.group(1):
+            problems[name] = f"A&E ran at {trace.group(1)} steps, Euler at {euler_steps.group(1)}: {fields['AE trace']}"
+    assert problems == {}, f"{problems}\n{_extension_errors(forge)}"

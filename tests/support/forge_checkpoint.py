@@ -9,13 +9,20 @@ meta device and filled from one seeded generator, N(0, 1/fan_in) for matrices an
 1 + N(0, 0.1^2), biases N(0, 0.1^2) (tests/support/models.py `_randomize_parameters`), so that images are finite
 and depend on the seed only. Full SD1.5 sizes (about 1.07e9 parameters): the detection needs the real widths.
 
-Usable as a script: `python tests/support/forge_checkpoint.py OUT.safetensors [--seed N] [--dtype fp16|fp32]` (with
-the test venv's python: it needs stable-diffusion-sdkit's `ldm`, transformers and safetensors).
+`controlnet_state_dict` makes a random ControlNet for SD1.5 the same way, in the diffusers layout
+(`controlnet_cond_embedding.*`, `controlnet_down_blocks.*`, ...), which Forge's ControlNet loader
+(modules_forge/supported_controlnet.py `ControlNetPatcher.try_build_from_state_dict`) converts to its own `cldm`
+layout: built from diffusers' ControlNetModel class (about 3.6e8 parameters), nothing downloaded.
+
+Usable as a script: `python tests/support/forge_checkpoint.py OUT.safetensors [--seed N] [--dtype fp16|fp32]
+[--controlnet]` (with the test venv's python: it needs stable-diffusion-sdkit's `ldm`, transformers, diffusers and
+safetensors).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -120,17 +127,34 @@ def sd15_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[s
     return state
 
 
-def make_checkpoint(path: str | os.PathLike[str], seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """Write the checkpoint to `path` (atomically: a temporary file renamed) unless it exists; its path."""
+def _sd15_controlnet() -> nn.Module:
+    from diffusers import ControlNetModel
+
+    # SD1.5's widths (ControlNetModel's defaults, but for the text width and the heads of the SD1.5 UNet).
+    return ControlNetModel(cross_attention_dim=SD15_UNET["context_dim"], attention_head_dim=SD15_UNET["num_heads"])
+
+
+def controlnet_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A random ControlNet for SD1.5, keyed as a diffusers ControlNet .safetensors file."""
+    module = _built(_sd15_controlnet, seed)
+    return {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
+
+
+def make_checkpoint(
+    path: str | os.PathLike[str], seed: int = 0, dtype: torch.dtype = torch.float32, controlnet: bool = False
+) -> Path:
+    """Write the checkpoint (or with `controlnet`, the ControlNet) to `path` (atomically: a temporary file renamed)
+    unless it exists; its path."""
     from safetensors.torch import save_file
 
     target = Path(path)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    state = sd15_state_dict(seed, dtype)
+    state = controlnet_state_dict(seed, dtype) if controlnet else sd15_state_dict(seed, dtype)
+    kind = "controlnet-sd15" if controlnet else "sd15"
     partial = target.with_name(target.name + f".partial{os.getpid()}")
-    save_file(state, str(partial), metadata={"format": "pt", "ae_random_checkpoint": f"sd15 seed={seed}"})
+    save_file(state, str(partial), metadata={"format": "pt", "ae_random_checkpoint": f"{kind} seed={seed}"})
     partial.replace(target)
     return target
 
@@ -140,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("fp16", "fp32"), default="fp32")
+    parser.add_argument("--controlnet", action="store_true", help="a ControlNet for SD1.5 instead of a checkpoint")
     args = parser.parse_args(argv)
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
-    print(make_checkpoint(args.out, args.seed, dtype))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger(__name__).info("%s", make_checkpoint(args.out, args.seed, dtype, args.controlnet))
     return 0
 
 
