@@ -14,7 +14,7 @@ differs (docs/host-notes.md §12):
   `lib_ae.comfy_unet.differentiable_unet`, on a normal copy of the sampler's latent that is written back inside
   inference mode;
 * CUDA graphs only where nothing in Forge's forward decides per call (`graph_conditions`), and with its timestep
-  table kept on the device while a graph is captured (`GRAPH_REPLAY`: on since the GPU run of tests/forge-gpu-h200.json).
+  table kept on the device while a graph is captured (`GRAPH_REPLAY`: on since tests/forge-gpu-h200.json's GPU run).
 """
 
 from __future__ import annotations
